@@ -1,0 +1,230 @@
+"""Math shared by every model family: norms, rotary embeddings, the attention core, gated MLP.
+
+Families compose these; anything written twice across families belongs here. All layers keep
+HF-style parameter names so that a family's checkpoint key map is a prefix swap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as llama/baichuan/chatglm/mixtral do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ----------------------------------------------------------------------------- rotary
+def rope_parameters(hf: dict) -> dict:
+    """The rope settings of an HF config dict, old (`rope_theta` + `rope_scaling`) or new
+    (`rope_parameters`) style, as one dict with at least `rope_type` and `rope_theta`."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+def rope_inv_freq(dim: int, params: dict, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for `dim` rotary dims and the cos/sin scale, per rope type.
+
+    Supports default, linear, dynamic (training lengths <= the original length: same as
+    default), llama3 and yarn; anything else is an error rather than a silent default.
+    """
+    base = float(params["rope_theta"])
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = params["rope_type"]
+    if kind in ("default", "dynamic"):
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(params["factor"]), 1.0
+    if kind == "llama3":
+        factor, lo, hi = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        factor = float(params["factor"])
+        old = float(params.get("original_max_position_embeddings") or max_position_embeddings)
+        mscale = params.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        beta_fast, beta_slow = float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1)
+
+        def correction_dim(rot):
+            return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+        low = math.floor(correction_dim(beta_fast))
+        high = math.ceil(correction_dim(beta_slow))
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+        extrapolation = 1 - ramp.clamp(0, 1)
+        inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+        return inv, float(mscale)
+    raise ValueError(f"rope_type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables from position ids (positions restart per packed document)."""
+
+    def __init__(self, dim: int, params: dict, max_position_embeddings: int):
+        super().__init__()
+        inv, self.scale = rope_inv_freq(dim, params, max_position_embeddings)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, S, D]; cos/sin: [B, S, D] (llama's half-split layout)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- attention
+@dataclass(frozen=True)
+class AttnOptions:
+    """How attention runs; chosen once from the training config, the same for every block."""
+
+    packed: bool = False  # rows hold several documents: mask attention across them
+    impl: str = "sdpa"  # sdpa | eager (reference math)
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed rows restart position ids at 0 for each document: number the documents."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+
+
+def attention_mask(position_ids: torch.Tensor, packed: bool, window: int | None = None) -> torch.Tensor | None:
+    """Boolean [B, 1, S, S] mask (True = may attend), or None when plain causal suffices."""
+    if not packed and window is None:
+        return None
+    s = position_ids.shape[-1]
+    i = torch.arange(s, device=position_ids.device)
+    mask = (i[:, None] >= i[None, :])[None]
+    if window is not None:
+        mask = mask & ((i[:, None] - i[None, :]) < window)[None]
+    if packed:
+        doc = document_ids(position_ids)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    return mask[:, None]
+
+
+def attend(q, k, v, mask: torch.Tensor | None, opts: AttnOptions, bias: torch.Tensor | None = None,
+           scale: float | None = None) -> torch.Tensor:
+    """Causal attention. q: [B, H, S, D]; k, v: [B, Hkv, S, D] (grouped-query when Hkv < H).
+
+    mask: boolean [B, 1, S, S] from `attention_mask` or None for plain causal; bias: additive
+    float [B or 1, H, S, S] (ALiBi). Returns [B, S, H*D].
+    """
+    b, h, s, d = q.shape
+    if k.shape[1] != h:
+        rep = h // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if bias is not None:
+        causal = mask if mask is not None else torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
+        full = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
+        mask, is_causal = full, False
+    else:
+        is_causal = mask is None
+    if opts.impl == "eager":
+        scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else d ** -0.5)
+        if is_causal:
+            scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        elif mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.transpose(1, 2).reshape(b, s, h * d)
+
+
+# ----------------------------------------------------------------------------- MLP
+class GatedMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)) with HF llama names."""
+
+    def __init__(self, hidden: int, ffn: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=bias)
+        self.up_proj = nn.Linear(hidden, ffn, bias=bias)
+        self.down_proj = nn.Linear(ffn, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- layer plumbing
+@dataclass(frozen=True)
+class LayerDef:
+    """One pipeline layer of a family: built as `cls(args, opts)`.
+
+    Layers with the same `tie` key share one module (tied embeddings); a twin that is not the
+    first runs `forward_fn(module, inputs)` instead of the module's own forward.
+    """
+
+    cls: type
+    tie: str | None = None
+    forward_fn: Callable | None = None
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Per-run choices every family's layers honour (from the training config)."""
+
+    attn: AttnOptions = AttnOptions()
+    grad_ckpt: bool = False  # recompute each transformer block in backward
+
+
+class BlockBase(nn.Module):
+    """A transformer block as a pipeline layer: maps (hidden, position_ids) -> same.
+
+    Subclasses implement `block(x, position_ids)`. Activation checkpointing is done here,
+    non-reentrant, so it works under DeepSpeed's pipeline without `checkpointable_layers`.
+    """
+
+    def __init__(self, opts: LayerOptions):
+        super().__init__()
+        self.grad_ckpt = opts.grad_ckpt
+
+    def block(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs):
+        x, position_ids = inputs
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(self.block, x, position_ids, use_reentrant=False)
+        else:
+            x = self.block(x, position_ids)
+        return x, position_ids

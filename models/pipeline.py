@@ -1,0 +1,95 @@
+"""Assemble a family's layers into a DeepSpeed PipelineModule (or one plain nn.Module).
+
+`parts` counts user-visible layers (embedding = 1, each block = 1, final norm + head = 1); a
+family may realise one of them as several internal layers (tied head = norm + tied twin), so
+parts are translated into internal layer boundaries here.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .blocks import LayerDef, LayerOptions
+from .loss import causal_lm_loss
+
+
+def layer_groups(family: ModuleType, args) -> list[list[LayerDef]]:
+    return family.layers(args)
+
+
+def flat_layers(family: ModuleType, args) -> list[LayerDef]:
+    return [d for group in layer_groups(family, args) for d in group]
+
+
+def balanced_parts(n_layers: int, n_stages: int) -> list[int]:
+    """Even split of user layers; the remainder goes to the middle stages, since the first and
+    last stages also carry the embedding and the head."""
+    base, extra = divmod(n_layers, n_stages)
+    parts = [base] * n_stages
+    order = sorted(range(n_stages), key=lambda s: (s in (0, n_stages - 1), s))
+    for s in order[:extra]:
+        parts[s] += 1
+    return parts
+
+
+def stage_bounds(family: ModuleType, args, parts: list[int]) -> list[int]:
+    """Internal layer index where each stage starts (+ the end), from user-level parts."""
+    sizes = [len(g) for g in layer_groups(family, args)]
+    if sum(parts) != len(sizes):
+        raise ValueError(f"model_topo.parts sums to {sum(parts)} but the model has {len(sizes)} pipeline layers "
+                         f"(embedding + {len(sizes) - 2} blocks + head)")
+    bounds, g = [0], 0
+    for p in parts:
+        bounds.append(bounds[-1] + sum(sizes[g:g + p]))
+        g += p
+    return bounds
+
+
+def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int,
+                   loss_fn=causal_lm_loss):
+    """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    class _Pipeline(PipelineModule):
+        def _partition_layers(self, method="uniform"):
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self.parts = bounds
+            self._set_bounds(start=bounds[stage], stop=bounds[stage + 1])
+
+    def spec(d: LayerDef):
+        if d.tie is None:
+            return LayerSpec(d.cls, args, opts)
+        return TiedLayerSpec(d.tie, d.cls, args, opts, forward_fn=d.forward_fn, tied_weight_attr=family.TIED_WEIGHTS)
+
+    bounds = stage_bounds(family, args, parts)
+    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=loss_fn,
+                     seed_layers=True, base_seed=int(seed), partition_method="manual")
+
+
+class SequentialModel(nn.Module):
+    """All layers of a family in one module (single process, ZeRO, generation).
+
+    Its state dict keys are `<internal layer index>.<param>`, the same names the pipeline
+    checkpoint files hold, so both load from one checkpoint.
+    """
+
+    def __init__(self, family: ModuleType, args, opts: LayerOptions = LayerOptions()):
+        super().__init__()
+        self.defs = flat_layers(family, args)
+        shared: dict[str, nn.Module] = {}
+        for i, d in enumerate(self.defs):
+            module = shared.get(d.tie) or d.cls(args, opts)
+            if d.tie is not None:
+                shared[d.tie] = module
+            self.add_module(str(i), module)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        x = (input_ids, position_ids)
+        for i, d in enumerate(self.defs):
+            layer = self._modules[str(i)]
+            x = d.forward_fn(layer, x) if d.forward_fn is not None else layer(x)
+        return x
