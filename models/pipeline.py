@@ -47,8 +47,17 @@ def stage_bounds(family: ModuleType, args, parts: list[int]) -> list[int]:
     return bounds
 
 
-def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int,
-                   loss_fn=causal_lm_loss):
+def make_loss(family: ModuleType, args):
+    """The family's loss (an MoE adds its router loss) or the plain causal-LM loss.
+
+    A family's `make_loss(args)` returns a callable `(outputs, (labels, scale)) -> loss`; it
+    may also have `pop_metrics() -> dict[str, float]` (summed since the last call) that the
+    training loop logs each step.
+    """
+    return family.make_loss(args) if hasattr(family, "make_loss") else causal_lm_loss
+
+
+def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int):
     """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
@@ -64,7 +73,7 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
         return TiedLayerSpec(d.tie, d.cls, args, opts, forward_fn=d.forward_fn, tied_weight_attr=family.TIED_WEIGHTS)
 
     bounds = stage_bounds(family, args, parts)
-    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=loss_fn,
+    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=make_loss(family, args),
                      seed_layers=True, base_seed=int(seed), partition_method="manual")
 
 

@@ -1,0 +1,1 @@
+"""Training engine: config, distributed set-up, checkpoints, conversion, the training loop."""
