@@ -89,14 +89,15 @@ def rope_inv_freq(dim: int, params: dict, max_position_embeddings: int) -> tuple
 class Rotary(nn.Module):
     """cos/sin tables from position ids (positions restart per packed document)."""
 
-    def __init__(self, dim: int, params: dict, max_position_embeddings: int):
+    def __init__(self, dim: int, params: dict, max_position_embeddings: int, interleaved: bool = False):
         super().__init__()
         inv, self.scale = rope_inv_freq(dim, params, max_position_embeddings)
         self.register_buffer("inv_freq", inv, persistent=False)
+        self.interleaved = interleaved  # tables for apply_rotary_interleaved: [.., dim/2], one entry per pair
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = freqs if self.interleaved else torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
@@ -109,6 +110,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: [B, H, S, D]; cos/sin: [B, S, D] (llama's half-split layout)."""
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0,x1),(x2,x3)... of the first 2*R dims, pass the rest (chatglm's
+    partial rotary, GPT-J layout). x: [B, H, S, D]; cos/sin: [B, S, R] from Rotary(interleaved=True)."""
+    cos, sin = cos[:, None], sin[:, None]
+    r = 2 * cos.shape[-1]
+    x0, x1 = x[..., 0:r:2], x[..., 1:r:2]
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x[..., r:]), dim=-1)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.; bloom and baichuan-13B): geometric for a power of two
+    heads, else the power-of-two set plus every other slope of the next power of two."""
+    def power_of_2(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_2(closest)
+    if closest != n_heads:
+        slopes += power_of_2(2 * closest)[0::2][:n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Additive ALiBi bias [B, H, 1, S]: slope * key position. Softmax is shift-invariant per query
+    row, so this equals -slope * (query - key) on every causal (and same-document) pair."""
+    return slopes.to(position_ids.device)[None, :, None, None] * position_ids[:, None, None, :].float()
 
 
 # ----------------------------------------------------------------------------- attention
@@ -145,7 +176,7 @@ def attend(q, k, v, mask: torch.Tensor | None, opts: AttnOptions, bias: torch.Te
     """Causal attention. q: [B, H, S, D]; k, v: [B, Hkv, S, D] (grouped-query when Hkv < H).
 
     mask: boolean [B, 1, S, S] from `attention_mask` or None for plain causal; bias: additive
-    float [B or 1, H, S, S] (ALiBi). Returns [B, S, H*D].
+    float, broadcastable to [B, H, S, S] (ALiBi). Returns [B, S, H*D].
     """
     b, h, s, d = q.shape
     if k.shape[1] != h:
