@@ -1,0 +1,319 @@
+"""Training config: YAML -> nested dataclasses, DeepSpeed keys passed through.
+
+One YAML file holds our keys (gdGPT-compatible names) and DeepSpeed's own top-level keys side
+by side. Ours are parsed into `TrainConfig`; DeepSpeed's are kept verbatim in `TrainConfig.ds`
+and handed to `deepspeed.initialize`. A key that is neither is an error naming it, with the
+closest known key as a suggestion. All cross-field checks live in `validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the file and key."""
+
+
+def doc(text: str, **kw):
+    """A dataclass field with a one-line description (shown by `--help-config`)."""
+    return field(metadata={"doc": text}, **kw)
+
+
+# DeepSpeed's top-level config keys (passed through untouched; DeepSpeed validates values).
+DEEPSPEED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown", "dump_state",
+    "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger",
+    "communication_data_type", "data_types", "pipeline", "checkpoint", "memory_breakdown",
+    "disable_allgather", "dataloader_drop_last", "elasticity", "aio", "compile", "timers",
+    "seq_parallel_communication_data_type", "graph_harvesting", "use_node_local_storage",
+}
+ALIASES = {"n_epoches": "n_epochs"}  # gdGPT's spelling
+OPTIMIZERS = ("AdamW", "Adam", "Lion")
+
+
+@dataclass
+class ProcessTopology:
+    axes: list[str] = doc("process grid axes, outermost first", default_factory=lambda: ["pipe", "data"])
+    dims: list[int] = doc("size of each axis; product = number of GPUs", default_factory=lambda: [1, 1])
+
+
+@dataclass
+class ModelTopo:
+    process_topology: ProcessTopology = doc("pipeline x data-parallel grid", default_factory=ProcessTopology)
+    parts: list[int] | str | None = doc(
+        "pipeline layers per stage (embedding=1, each block=1, norm+head=1), or 'auto' for balanced",
+        default="auto")
+
+
+@dataclass
+class TrainConfig:
+    model_path: str = doc("pipeline checkpoint dir written by `convert_model.py hg_to_pp`")
+    data_path: list[str] = doc("training sample files (JSON array or JSONL); a string or a list")
+    save_path: str = doc("where checkpoints, metrics and the resolved config go")
+    max_seq_len: int = doc("tokens per training row", default=2048)
+    n_epochs: int = doc("passes over the data (gdGPT's n_epoches accepted)", default=1)
+    max_steps: int = doc("stop after this many global steps (0 = run all epochs)", default=0)
+    seed: int = doc("seed for weights init, shuffling and dropout", default=42)
+    use_grad_ckpt: bool = doc("recompute transformer blocks in backward to save activation memory", default=False)
+    use_flash_attn: bool = doc("use flash-attn kernels when importable (SDPA otherwise)", default=False)
+    packing: bool = doc("pack several samples per row (no attention across them)", default=False)
+    skip_bad_samples: bool = doc("skip and count malformed samples instead of stopping", default=False)
+    data_weights: list[float] | None = doc("sampling weight per data file (default: 1 each)", default=None)
+    prompt_template: str = doc("'default' or 'chat_template' (the tokenizer's own)", default="default")
+    cache_dir: str | None = doc("tokenized-data cache (default: <save_path>/data_cache)", default=None)
+    save_every_steps: int = doc("checkpoint every N global steps (0 = only at the end)", default=0)
+    keep_last: int = doc("keep the newest N checkpoint tags (0 = keep all)", default=0)
+    resume: bool | str = doc("'auto': continue from save_path if it has a checkpoint; true: must; false: never",
+                             default="auto")
+    model_topo: ModelTopo = doc("pipeline/data-parallel layout", default_factory=ModelTopo)
+    ds: dict = doc("DeepSpeed's own keys, passed through", default_factory=dict)
+    source: str = doc("file the config was read from (set by the loader)", default="<dict>")
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def pipe_dim(self) -> int:
+        return self.model_topo.process_topology.dims[self.model_topo.process_topology.axes.index("pipe")]
+
+    @property
+    def data_dim(self) -> int:
+        return self.model_topo.process_topology.dims[self.model_topo.process_topology.axes.index("data")]
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.ds["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.ds["gradient_accumulation_steps"])
+
+    @property
+    def dtype(self) -> str:
+        if self.ds.get("bf16", {}).get("enabled"):
+            return "bf16"
+        if self.ds.get("fp16", {}).get("enabled"):
+            return "fp16"
+        return "fp32"
+
+
+# ---------------------------------------------------------------------- parsing
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls, raw: dict, where: str, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"ds", "source"}
+    kwargs = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key) if not prefix else key
+        if name not in names:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'"
+                              f"{_suggest(key, names | (DEEPSPEED_KEYS if not prefix else set()))}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, where, f"{prefix}{name}.")
+            continue
+        if name == "data_path" and isinstance(value, str):
+            value = [value]
+        if tp in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{where}: '{prefix}{key}' must be {_type_name(tp)}, got {value!r}")
+        kwargs[name] = value
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name in names and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing required key '{prefix}{missing[0]}'")
+    return cls(**kwargs)
+
+
+def parse_value(text: str):
+    """A CLI override value, read as YAML (so 1e-4, true, [1, 2] work)."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides to a raw config dict (before validation)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        path, text = item.split("=", 1)
+        node = raw
+        *parents, leaf = path.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a mapping")
+        node[leaf] = parse_value(text)
+    return raw
+
+
+def from_dict(raw: dict, where: str = "<dict>") -> TrainConfig:
+    raw = dict(raw or {})
+    ds = {k: raw.pop(k) for k in list(raw) if k in DEEPSPEED_KEYS}
+    cfg = _build(TrainConfig, raw, where)
+    cfg.ds, cfg.source = ds, where
+    _resolve_batch(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{at} not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as one flat YAML-able dict (DeepSpeed keys back at top level)."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source")
+    out.update(out.pop("ds"))
+    return out
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------- cross-field checks
+def _resolve_batch(cfg: TrainConfig) -> None:
+    """Fill in micro batch / grad accumulation from whichever DeepSpeed batch keys were given."""
+    ds, where = cfg.ds, cfg.source
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in ds and (not isinstance(ds[key], int) or isinstance(ds[key], bool) or ds[key] < 1):
+            raise ConfigError(f"{where}: '{key}' must be a positive integer, got {ds[key]!r}")
+    ds.setdefault("train_micro_batch_size_per_gpu", 1)
+    if "gradient_accumulation_steps" not in ds and "train_batch_size" not in ds:
+        ds["gradient_accumulation_steps"] = 1
+
+
+def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = True) -> None:
+    """Every cross-field rule, checked before anything is allocated.
+
+    n_layers counts pipeline layers as `parts` does (embedding + blocks + head).
+    """
+    where = cfg.source
+    topo = cfg.model_topo.process_topology
+    if sorted(topo.axes) != ["data", "pipe"]:
+        raise ConfigError(f"{where}: model_topo.process_topology.axes must be [pipe, data], got {topo.axes}")
+    if len(topo.dims) != 2 or any(d < 1 for d in topo.dims):
+        raise ConfigError(f"{where}: model_topo.process_topology.dims must be two positive sizes, got {topo.dims}")
+    if not pipeline and cfg.pipe_dim != 1:
+        raise ConfigError(f"{where}: the ZeRO path has no pipeline: set model_topo.process_topology.dims to "
+                          f"[1, {world_size}]")
+    if topo.dims[0] * topo.dims[1] != world_size:
+        raise ConfigError(f"{where}: model_topo.process_topology.dims {topo.dims} needs "
+                          f"{topo.dims[0] * topo.dims[1]} processes but {world_size} were launched")
+    parts = cfg.model_topo.parts
+    if isinstance(parts, str) and parts != "auto":
+        raise ConfigError(f"{where}: model_topo.parts must be a list of layer counts or 'auto', got {parts!r}")
+    if isinstance(parts, list):
+        if len(parts) != cfg.pipe_dim:
+            raise ConfigError(f"{where}: model_topo.parts has {len(parts)} stages but dims give pipe={cfg.pipe_dim}")
+        if any(p < 1 for p in parts):
+            raise ConfigError(f"{where}: model_topo.parts {parts}: every stage needs at least one layer")
+        if sum(parts) != n_layers:
+            raise ConfigError(f"{where}: model_topo.parts {parts} sums to {sum(parts)} but the model has {n_layers} "
+                              f"pipeline layers (embedding + {n_layers - 2} blocks + head)")
+    elif n_layers < cfg.pipe_dim:
+        raise ConfigError(f"{where}: {n_layers} pipeline layers cannot fill {cfg.pipe_dim} stages")
+
+    ds, dp = cfg.ds, cfg.data_dim
+    micro = ds["train_micro_batch_size_per_gpu"]
+    if "gradient_accumulation_steps" not in ds:
+        if ds["train_batch_size"] % (micro * dp):
+            raise ConfigError(f"{where}: train_batch_size {ds['train_batch_size']} is not a multiple of "
+                              f"train_micro_batch_size_per_gpu {micro} x data-parallel size {dp}")
+        ds["gradient_accumulation_steps"] = ds["train_batch_size"] // (micro * dp)
+    expected = micro * ds["gradient_accumulation_steps"] * dp
+    if ds.setdefault("train_batch_size", expected) != expected:
+        raise ConfigError(f"{where}: train_batch_size {ds['train_batch_size']} != train_micro_batch_size_per_gpu "
+                          f"{micro} x gradient_accumulation_steps {ds['gradient_accumulation_steps']} x "
+                          f"data-parallel size {dp} = {expected}")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{where}: bf16 and fp16 are both enabled; pick one")
+    opt = ds.get("optimizer", {"type": "AdamW"})
+    if opt.get("type") not in OPTIMIZERS:
+        raise ConfigError(f"{where}: optimizer.type {opt.get('type')!r} is not supported "
+                          f"(one of {', '.join(OPTIMIZERS)}){_suggest(str(opt.get('type')), OPTIMIZERS)}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if pipeline and stage > 1:
+        raise ConfigError(f"{where}: zero_optimization.stage {stage} does not work with pipeline parallelism "
+                          "(DeepSpeed allows 0 or 1); use train_ds_zero.py for ZeRO-2/3")
+    for key in ("max_seq_len", "n_epochs"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{where}: '{key}' must be >= 1, got {getattr(cfg, key)}")
+    if cfg.data_weights is not None and len(cfg.data_weights) != len(cfg.data_path):
+        raise ConfigError(f"{where}: data_weights has {len(cfg.data_weights)} entries for "
+                          f"{len(cfg.data_path)} data_path files")
+    if isinstance(cfg.resume, str) and cfg.resume != "auto":
+        raise ConfigError(f"{where}: resume must be auto, true or false, got {cfg.resume!r}")
+
+
+def help_text() -> str:
+    """Every key we own with its type, default and description."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("ds", "source"):
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+                else repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            lines.append(f"{prefix}{f.name}: {_type_name(hints[f.name])} = {default}\n    {f.metadata.get('doc', '')}")
+
+    walk(TrainConfig, "")
+    lines.append("DeepSpeed keys passed through: " + ", ".join(sorted(DEEPSPEED_KEYS)))
+    return "\n".join(lines)

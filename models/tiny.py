@@ -1,0 +1,76 @@
+"""Tiny random HF models + sentencepiece tokenizers, made locally (nothing is downloaded).
+
+Used by the quickstart and the tests: `make_tiny_hf_model(out_dir, "llama", text_files)` writes
+a directory that looks like any HF checkpoint (config.json, safetensors, tokenizer files).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import get_family
+
+SPECIAL_IDS = dict(pad_id=0, bos_id=1, eos_id=2, unk_id=3)
+
+
+def sample_texts(files: list[str | Path]) -> list[str]:
+    """Every string value in JSON/JSONL sample files (enough text to train a tiny tokenizer)."""
+    texts: list[str] = []
+
+    def walk(x):
+        if isinstance(x, str):
+            texts.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for f in files:
+        raw = Path(f).read_text()
+        try:
+            walk(json.loads(raw))
+        except json.JSONDecodeError:
+            for line in raw.splitlines():
+                if line.strip():
+                    walk(json.loads(line))
+    return [t for t in texts if t not in ("pretrain", "instruct", "conversation", "ref_qa", "conver_has_api")]
+
+
+def make_tiny_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 320):
+    """Train a BPE sentencepiece model on `texts` and save it as a Llama tokenizer in out_dir."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=f"{tmp}/tokenizer", vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **SPECIAL_IDS)
+        tok = LlamaTokenizer.from_pretrained(tmp)
+        tok.pad_token = tok.convert_ids_to_tokens(SPECIAL_IDS["pad_id"])
+        tok.save_pretrained(out_dir)
+        shutil.copy(f"{tmp}/tokenizer.model", out_dir / "tokenizer.model")
+    return tok
+
+
+def make_tiny_hf_model(out_dir: str | Path, family_name: str = "llama", texts: list[str] | None = None,
+                       seed: int = 0, **config_overrides) -> Path:
+    """A random HF model of the family's tiny size + tokenizer, saved like a hub checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    family = get_family(family_name)
+    cfg = family.tiny_hf_config(**config_overrides)
+    model_type = cfg.pop("model_type")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    model.save_pretrained(out_dir)
+    make_tiny_tokenizer(out_dir, texts or ["a tiny model that knows nothing yet"] * 4)
+    return out_dir
