@@ -1,0 +1,171 @@
+"""The training loop shared by train_ds.py (pipeline) and its ZeRO sibling.
+
+One global step = `engine.train_batch` over the loader's micro-batches for that step. The loader
+is a pure function of (seed, step), so resuming at step k replays exactly what an uninterrupted
+run would have seen.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models import family_for_hf_config
+from models.blocks import AttnOptions, LayerOptions
+from models.pipeline import balanced_parts, build_pipeline, layer_groups
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .config import ConfigError, TrainConfig, validate
+from .layout import hf_dir_of, read_hf_config
+from .metrics import PEAK_FLOPS, Metrics, flops_per_token
+from .optim import build_optimizer
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss
+    final_step: int = 0
+    checkpoint: Path | None = None
+
+
+@dataclass
+class Model:
+    """What the loop needs to know about the model being trained."""
+
+    family: object
+    args: object
+    hf_dir: Path
+    n_layers: int  # pipeline layers as `parts` counts them
+
+    @classmethod
+    def from_checkpoint_dir(cls, model_path: str) -> "Model":
+        hf_dir = hf_dir_of(model_path)
+        hf = read_hf_config(hf_dir)
+        family = family_for_hf_config(hf, str(hf_dir / "config.json"))
+        args = family.Args.from_hf_config(hf)
+        return cls(family, args, hf_dir, len(layer_groups(family, args)))
+
+    @property
+    def name(self) -> str:
+        return self.family.__name__.split(".")[-1]
+
+    def n_params(self) -> int:
+        from .convert import expected_shapes
+
+        seen, total = set(), 0
+        for idx, (layer, shapes) in enumerate(zip(self.family.hf_keys(self.args), expected_shapes(self.family, self.args))):
+            for ours, theirs in layer.items():
+                if theirs not in seen:
+                    seen.add(theirs)
+                    total += math.prod(shapes[ours])
+        return total
+
+
+def layer_options(cfg: TrainConfig) -> LayerOptions:
+    return LayerOptions(attn=AttnOptions(packed=cfg.packing), grad_ckpt=bool(cfg.use_grad_ckpt))
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """DeepSpeed's keys minus the optimizer (we pass a client optimizer, see engine.optim)."""
+    ds = {k: v for k, v in cfg.ds.items() if k != "optimizer"}
+    ds.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's prints
+    if ds.get("zero_optimization", {}).get("stage", 0) > 0 or "Lion" == cfg.ds.get("optimizer", {}).get("type"):
+        ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
+    from transformers import AutoTokenizer
+
+    from data.dataset import build_dataset
+    from data.loader import StepLoader
+
+    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
+    dataset = build_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, weights=cfg.data_weights,
+                            packing=cfg.packing, skip_bad_samples=cfg.skip_bad_samples, template=cfg.prompt_template,
+                            cache_dir=cfg.cache_dir or str(Path(cfg.save_path) / "data_cache"), seed=cfg.seed)
+    loader = StepLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.seed, cfg.n_epochs)
+    if loader.steps_per_epoch < 1:
+        raise ConfigError(f"{cfg.source}: {len(dataset)} training rows cannot fill one global batch of "
+                          f"{cfg.ds['train_batch_size']} rows")
+    return dataset, loader
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Train a pipeline model as `cfg` says, resuming from save_path when it holds a checkpoint."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    model = Model.from_checkpoint_dir(cfg.model_path)
+    D.init_distributed()
+    validate(cfg, D.world_size(), model.n_layers)
+    parts = cfg.model_topo.parts if isinstance(cfg.model_topo.parts, list) else balanced_parts(model.n_layers,
+                                                                                                cfg.pipe_dim)
+    topo_cfg = cfg.model_topo.process_topology
+    topology = ProcessTopology(axes=topo_cfg.axes, dims=topo_cfg.dims)
+    resume = cfg.resume is True or (cfg.resume == "auto" and ckpt.has_checkpoint(cfg.save_path))
+    if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
+        raise ConfigError(f"{cfg.source}: resume is true but {cfg.save_path} has no checkpoint")
+
+    torch.manual_seed(cfg.seed)
+    module = build_pipeline(model.family, model.args, layer_options(cfg), topology, parts, cfg.seed)
+    if not resume:
+        ckpt.load_initial_weights(module, cfg.model_path)
+    optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+
+    coord = topology.get_coord(D.rank())
+    dataset, loader = build_data(cfg, model, coord.data, cfg.data_dim)
+    total = min(loader.total_steps, cfg.max_steps) if cfg.max_steps else loader.total_steps
+    is_logger = D.rank() == 0
+    if is_logger:
+        Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
+    ckpt.clean_partial(Path(cfg.save_path), print if is_logger else (lambda _: None))
+    step = ckpt.resume(engine, cfg, model.name, model.n_layers) if resume else 0
+
+    metrics_log = Metrics(cfg.save_path, total, step, enabled=is_logger)
+    metrics_log.message(f"model {model.name}: {model.n_layers} pipeline layers, parts {parts}; data: {dataset.stats}; "
+                        f"{total} steps ({loader.steps_per_epoch}/epoch)" + (f", resumed at step {step}" if step else ""))
+    fpt = flops_per_token(model.n_params(), model.args.num_layers, model.args.hidden_size, cfg.max_seq_len)
+    loss_metrics = getattr(module.loss_fn, "pop_metrics", None)
+    result, start = RunResult(final_step=step), step
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed + step)  # dropout streams independent of where we resumed
+            loss = float(engine.train_batch(iter(loader.micro_batches(step))))
+            dt = time.perf_counter() - t0
+            step += 1
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"step {step}: loss is {loss}; stopping (last checkpoint is kept)")
+            result.losses[step] = loss
+            tokens = loader.tokens(step - 1)
+            tok_s_gpu = tokens / dt / D.world_size()
+            record = {"step": step, "epoch": (step - 1) // loader.steps_per_epoch, "loss": loss,
+                      "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine), "tokens": tokens,
+                      "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tok_s_gpu,
+                      "mfu": tok_s_gpu * fpt / PEAK_FLOPS, "step_time_s": dt}
+            if loss_metrics is not None:
+                record.update(loss_metrics())
+            metrics_log.log(record)
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total:
+                result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
+        if step > start and (result.checkpoint is None or ckpt.tag_step(result.checkpoint.name) != step):
+            result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
+    finally:
+        metrics_log.close()
+    result.final_step = step
+    return result
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
