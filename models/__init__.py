@@ -17,6 +17,8 @@ from types import ModuleType
 
 FAMILIES = {
     "llama": "models.llama",
+    "baichuan": "models.baichuan",
+    "chatglm": "models.chatglm",
 }
 
 

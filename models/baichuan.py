@@ -1,0 +1,171 @@
+"""Baichuan family (Baichuan2-7B/13B, also Baichuan-7B/13B v1): pipeline layers + HF key map.
+
+Differs from llama in three places only: q/k/v are one fused `W_pack` projection; the 13B
+sizes use ALiBi instead of rotary; Baichuan2's lm_head is a NormHead (rows L2-normalised at
+every forward). transformers ships no Baichuan: export writes our remote code (hf_remote/baichuan).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, alibi_bias, alibi_slopes,
+                     apply_rotary, attend, attention_mask)
+from .llama import Embed, FinalNorm
+
+MODEL_TYPES = ("baichuan",)
+HF_ARCHITECTURE = "BaichuanForCausalLM"
+TIED_WEIGHTS: list[str] = []  # baichuan never ties embedding and head
+REMOTE_CODE_DIR = str(Path(__file__).resolve().parent / "hf_remote" / "baichuan")
+V1_VOCAB_SIZE = 64000  # Baichuan v1 (plain lm_head); Baichuan2 has 125696 and a NormHead
+
+
+def position_embedding_of(hf: dict) -> str:
+    """"rope" or "alibi". Public configs do not say: Baichuan ships one modeling file per size
+    (7B rotary, 13B ALiBi) and serving stacks key on hidden_size == 4096. Our exports write the
+    choice as `position_embedding`, which wins when present."""
+    kind = hf.get("position_embedding") or ("rope" if hf["hidden_size"] == 4096 else "alibi")
+    if kind not in ("rope", "alibi"):
+        raise ValueError(f"config.json: position_embedding {kind!r} is not 'rope' or 'alibi'")
+    return kind
+
+
+@dataclass
+class Args:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    rms_norm_eps: float
+    position_embedding: str  # "rope" (7B) | "alibi" (13B)
+    norm_head: bool  # lm_head rows L2-normalised at forward (Baichuan2)
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "Args":
+        if hf.get("tie_word_embeddings"):
+            raise ValueError("config.json: tie_word_embeddings=true is not a Baichuan model")
+        if hf.get("z_loss_weight"):
+            raise ValueError(f"config.json: z_loss_weight={hf['z_loss_weight']} is not supported (public Baichuan2 "
+                             "configs use 0); set it to 0")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            position_embedding=position_embedding_of(hf),
+            norm_head=hf.get("norm_head", hf["vocab_size"] != V1_VOCAB_SIZE),
+            rope_theta=hf.get("rope_theta", 10000.0),
+            max_position_embeddings=hf.get("max_position_embeddings") or hf.get("model_max_length") or 4096,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: Args, attn: AttnOptions):
+        super().__init__()
+        h = args.hidden_size
+        self.n_heads, self.head_dim, self.attn = args.num_heads, h // args.num_heads, attn
+        self.W_pack = nn.Linear(h, 3 * h, bias=False)  # rows: [q; k; v]
+        self.o_proj = nn.Linear(h, h, bias=False)
+        self.alibi = args.position_embedding == "alibi"
+        if not self.alibi:
+            self.rotary = Rotary(self.head_dim, {"rope_type": "default", "rope_theta": args.rope_theta},
+                                 args.max_position_embeddings)
+
+    def forward(self, x, position_ids):
+        b, s, _ = x.shape
+        q, k, v = self.W_pack(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = None
+        if self.alibi:
+            bias = alibi_bias(alibi_slopes(self.n_heads), position_ids)
+        else:
+            cos, sin = self.rotary(position_ids, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = attention_mask(position_ids, self.attn.packed)
+        return self.o_proj(attend(q, k, v, mask, self.attn, bias))
+
+
+class Block(BlockBase):
+    def __init__(self, args: Args, opts: LayerOptions):
+        super().__init__(opts)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, opts.attn)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
+
+    def block(self, x, position_ids):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class NormHead(nn.Module):
+    """Baichuan2's lm_head: logits = x @ normalize(W, rows).T, in training and inference alike
+    (the public code normalises W in place at the first eval forward; same result)."""
+
+    def __init__(self, hidden: int, vocab: int, normalize: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, hidden))
+        nn.init.normal_(self.weight, std=0.02)
+        self.normalize = normalize
+
+    def forward(self, x):
+        return F.linear(x, F.normalize(self.weight, dim=-1) if self.normalize else self.weight)
+
+
+class Head(FinalNorm):
+    """Final norm + NormHead."""
+
+    def __init__(self, args: Args, opts: LayerOptions):
+        super().__init__(args, opts)
+        self.lm_head = NormHead(args.hidden_size, args.vocab_size, args.norm_head)
+
+    def forward(self, inputs):
+        x, _ = super().forward(inputs)
+        return self.lm_head(x)
+
+
+def layers(args: Args) -> list[list[LayerDef]]:
+    """Pipeline layers grouped as `parts` counts them: embedding, each block, norm + head."""
+    return [[LayerDef(Embed)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [[LayerDef(Head)]]
+
+
+def hf_keys(args: Args) -> list[dict[str, str]]:
+    """Per pipeline layer: {our parameter name: HF checkpoint key} (public names, a prefix swap)."""
+    block = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.W_pack.weight",
+             "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    return ([{"embed_tokens.weight": "model.embed_tokens.weight"}]
+            + [{k: f"model.layers.{i}.{k}" for k in block} for i in range(args.num_layers)]
+            + [{"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}])
+
+
+def export_hf_config(hf: dict) -> dict:
+    """config.json of an export: our remote code, with the size-implied choices written out."""
+    out = dict(hf)
+    args = Args.from_hf_config(hf)
+    out.update(position_embedding=args.position_embedding, norm_head=args.norm_head, model_type="baichuan")
+    tokenizer = (hf.get("auto_map") or {}).get("AutoTokenizer")
+    out["auto_map"] = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                       "AutoModel": "modeling_baichuan.BaichuanModel",
+                       "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
+                       **({"AutoTokenizer": tokenizer} if tokenizer else {})}
+    return out
+
+
+def tiny_hf_config(**overrides) -> dict:
+    """A tiny random Baichuan2-7B-shaped config (rotary); pass position_embedding="alibi" for 13B's."""
+    cfg = dict(
+        model_type="baichuan", architectures=[HF_ARCHITECTURE], vocab_size=320, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256,
+        model_max_length=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False, z_loss_weight=0, position_embedding="rope",
+    )
+    cfg.update(overrides)
+    return cfg
