@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,9 +167,17 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; users mean a float."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def parse_value(text: str):
     """A CLI override value, read as YAML (so 1e-4, true, [1, 2] work)."""
-    return yaml.safe_load(text) if text != "" else ""
+    return yaml.load(text, Loader=_Loader) if text != "" else ""
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -201,7 +210,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""

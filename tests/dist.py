@@ -6,12 +6,14 @@ the results ordered by rank. An exception on any rank fails the test with that r
 """
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_mod
 import socket
 import time
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -28,7 +30,9 @@ def _worker(rank, world, port, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, True, fn(*args)))
+        buf = io.BytesIO()  # bytes, not tensors: shared-memory handles die with this process
+        torch.save(fn(*args), buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # report, don't hang the other ranks' collect
         queue.put((rank, False, traceback.format_exc()))
         raise
@@ -55,7 +59,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 600):
                     errors.append(f"timed out after {timeout}s")
                 continue
             if ok:
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{value}")
     finally:
