@@ -133,7 +133,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     slopes = power_of_2(closest)
     if closest != n_heads:
         slopes += power_of_2(2 * closest)[0::2][:n_heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")  # constants: never meta, never bf16
 
 
 def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -252,10 +252,13 @@ class BlockBase(nn.Module):
     def block(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def run_block(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """`block`, recomputed in backward when checkpointing (a family whose block returns more
+        than the hidden states, e.g. MoE router statistics, calls this from its own forward)."""
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.block, x, position_ids, use_reentrant=False)
+        return self.block(x, position_ids)
+
     def forward(self, inputs):
         x, position_ids = inputs
-        if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(self.block, x, position_ids, use_reentrant=False)
-        else:
-            x = self.block(x, position_ids)
-        return x, position_ids
+        return self.run_block(x, position_ids), position_ids

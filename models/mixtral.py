@@ -1,0 +1,269 @@
+"""Mixtral family: llama-style attention (GQA, rope, optional sliding window) with a sparse
+mixture-of-experts MLP (top-k routing) and Switch-style router load-balancing loss.
+
+Pipeline layers exchange `(hidden, position_ids, router_stats)`: every MoE block adds its
+routing statistics (a [2, experts] fp32 tensor: tokens sent to each expert, summed router
+probability per expert) so the aux loss, which transformers computes from all layers' routing
+together, travels through the pipeline to the head. The head returns `(logits, aux_loss)` and
+`make_loss(args)` adds `router_aux_loss_coef * aux_loss` to the LM loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary, attend,
+                     attention_mask, rope_parameters)
+from .loss import causal_lm_loss
+
+MODEL_TYPES = ("mixtral",)
+HF_ARCHITECTURE = "MixtralForCausalLM"
+TIED_WEIGHTS = ["embed_tokens.weight"]  # shared by embedding and head when tie_word_embeddings
+
+
+@dataclass
+class Args:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: dict
+    max_position_embeddings: int
+    num_experts: int
+    top_k: int
+    router_aux_loss_coef: float  # weight of the load-balancing loss (override: dataclasses.replace)
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "Args":
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope=rope_parameters({"rope_theta": 1e6, **hf}),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096 * 32),
+            num_experts=hf.get("num_local_experts", 8),
+            top_k=hf.get("num_experts_per_tok", 2),
+            router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+            sliding_window=hf.get("sliding_window"),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        )
+
+
+class Embed(nn.Module):
+    def __init__(self, args: Args, opts: LayerOptions):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.num_experts = args.num_experts
+
+    def forward(self, inputs):
+        input_ids, position_ids = inputs
+        # requires_grad: DeepSpeed runs backward on every float output of a stage, so the
+        # statistics must be part of the graph even on a stage holding only the embedding
+        stats = torch.zeros(2, self.num_experts, device=input_ids.device, requires_grad=True)
+        return self.embed_tokens(input_ids), position_ids, stats
+
+
+class Attention(nn.Module):
+    def __init__(self, args: Args, attn: AttnOptions):
+        super().__init__()
+        h, d = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv, self.head_dim, self.attn = args.num_heads, args.num_kv_heads, d, attn
+        self.window = args.sliding_window
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.rotary = Rotary(d, args.rope, args.max_position_embeddings)
+
+    def forward(self, x, position_ids):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(position_ids, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = attention_mask(position_ids, self.attn.packed, self.window)
+        return self.o_proj(attend(q, k, v, mask, self.attn))
+
+
+class Expert(nn.Module):
+    """SwiGLU expert with Mixtral's names: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, ffn, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routing with renormalised weights (as transformers' Mixtral). Returns the output
+    and this layer's routing statistics [2, experts], per token: routed slots, router probability."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.top_k = args.top_k
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(args.hidden_size, args.intermediate_size) for _ in range(args.num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            # every expert runs, on an empty slice if no token chose it: ZeRO-3 gathers each
+            # module's parameters in its forward, which must stay collective on every rank
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
+        routed = torch.bincount(chosen.flatten(), minlength=len(self.experts)).to(probs.dtype)
+        return out.view(shape), torch.stack((routed, probs.sum(dim=0))) / x.shape[0]
+
+
+class Block(BlockBase):
+    def __init__(self, args: Args, opts: LayerOptions):
+        super().__init__(opts)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, opts.attn)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.block_sparse_moe = SparseMoE(args)
+        self.num_layers = args.num_layers
+
+    def block(self, x, position_ids):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids)
+        moe, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + moe, stats
+
+    def forward(self, inputs):
+        x, position_ids, stats = inputs
+        x, layer_stats = self.run_block(x, position_ids)
+        return x, position_ids, stats + layer_stats / self.num_layers  # mean over (layer, token) rows
+
+
+def load_balancing_loss(stats: torch.Tensor) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func`: experts * sum_e (routed slots of e) * (router
+    probability of e), both averaged over every (layer, token) row of the micro-batch."""
+    routed, prob = stats
+    return stats.shape[-1] * (routed * prob).sum()
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, args: Args, opts: LayerOptions):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, inputs):
+        x, position_ids, stats = inputs
+        return self.norm(x), position_ids, stats
+
+
+class Head(FinalNorm):
+    """Final norm + lm_head (untied); also turns the routing statistics into the aux loss."""
+
+    def __init__(self, args: Args, opts: LayerOptions):
+        super().__init__(args, opts)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, inputs):
+        x, _, stats = super().forward(inputs)
+        return self.lm_head(x), load_balancing_loss(stats)
+
+
+def tied_logits(embed: Embed, inputs):
+    """Head of a tied model: the embedding matrix projects the (already normed) hidden states."""
+    x, _, stats = inputs
+    return x @ embed.embed_tokens.weight.t(), load_balancing_loss(stats)
+
+
+def layers(args: Args) -> list[list[LayerDef]]:
+    """Pipeline layers grouped as `parts` counts them: embedding, each block, norm + head."""
+    tie = "embed" if args.tie_word_embeddings else None
+    head = [LayerDef(FinalNorm), LayerDef(Embed, tie, tied_logits)] if tie else [LayerDef(Head)]
+    return [[LayerDef(Embed, tie)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [head]
+
+
+class MoELoss:
+    """`(outputs, (labels, scale)) -> loss`: the causal-LM loss plus coef * router aux loss.
+
+    Normalisation: `scale` (= gas * dp / answer tokens of the global batch) turns the LM term
+    into this micro-batch's share of the global token mean, cancelling DeepSpeed's averaging of
+    micro-batch losses over gas (loss / gas) and of gradients over dp ranks. The aux loss is
+    already a mean over its micro-batch's tokens, so it enters with factor 1: DeepSpeed's own
+    1/(gas * dp) averaging then makes the step's objective coef * (mean aux over micro-batches and
+    ranks), which is what transformers optimises per batch. Scaling it by `scale` would weight it
+    by batch size instead.
+
+    `pop_metrics()` returns the LM and aux terms summed over the micro-batches seen by this
+    rank since the last pop (divide by their number for the step mean; only the last pipeline
+    stage computes losses, other stages return zeros).
+    """
+
+    def __init__(self, coef: float):
+        self.coef = coef
+        self._sums: torch.Tensor | None = None
+
+    def __call__(self, outputs, target) -> torch.Tensor:
+        logits, aux = outputs
+        lm = causal_lm_loss(logits, target)
+        terms = torch.stack((lm.detach().float(), aux.detach().float()))
+        self._sums = terms if self._sums is None else self._sums + terms
+        return lm + self.coef * aux.to(lm.dtype)
+
+    def pop_metrics(self) -> dict[str, float]:
+        lm, aux = self._sums.tolist() if self._sums is not None else (0.0, 0.0)
+        self._sums = None
+        return {"lm_loss": lm, "aux_loss": aux}
+
+
+def make_loss(args: Args) -> MoELoss:
+    return MoELoss(args.router_aux_loss_coef)
+
+
+def hf_keys(args: Args) -> list[dict[str, str]]:
+    """Per pipeline layer: {our parameter name: HF checkpoint key} (the on-disk names, with one
+    w1/w2/w3 per expert; transformers 5 fuses experts only in memory)."""
+    block = [
+        "input_layernorm.weight", "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+        "block_sparse_moe.gate.weight",
+    ] + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(args.num_experts) for w in ("w1", "w2", "w3")]
+    keys = [{"embed_tokens.weight": "model.embed_tokens.weight"}]
+    keys += [{k: f"model.layers.{i}.{k}" for k in block} for i in range(args.num_layers)]
+    if args.tie_word_embeddings:
+        keys += [{"norm.weight": "model.norm.weight"}, {"embed_tokens.weight": "model.embed_tokens.weight"}]
+    else:
+        keys += [{"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}]
+    return keys
+
+
+def tiny_hf_config(**overrides) -> dict:
+    """A tiny random config for tests and the quickstart (GQA, 4 experts, top-2)."""
+    cfg = dict(
+        model_type="mixtral", architectures=[HF_ARCHITECTURE], vocab_size=320, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    return cfg
