@@ -17,6 +17,8 @@ from types import ModuleType
 
 FAMILIES = {
     "llama": "models.llama",
+    "bloom": "models.bloom",
+    "mixtral": "models.mixtral",
     "baichuan": "models.baichuan",
     "chatglm": "models.chatglm",
 }
