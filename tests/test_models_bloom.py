@@ -112,9 +112,12 @@ def test_packed_row_equals_documents(hf_dir, impl):
     assert (unmasked[:, cut:] - docs[:, cut:]).abs().max() > 1e-3
 
 
-def _pipeline_rank(hf_config, state, parts, eval_batch, micro_batches, lr):
-    """Eval `eval_batch`, then train one step (SGD) over `micro_batches`; returns the last
-    stage's eval (loss, logits), the step's loss and every local layer's weights."""
+def pipeline_eval_and_step(family_name, hf_config, state, parts, eval_batch, micro_batches, lr):
+    """One rank of a pipeline: eval `eval_batch`, then train one step (SGD) over `micro_batches`.
+
+    Returns a dict: the last stage's eval `loss` and `outputs` (None elsewhere), the step's
+    `step_loss`, the loss hook's `metrics` after eval and after the step (if it has
+    pop_metrics), and every local layer's weights `after` the step ("<layer>.<param>")."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
@@ -122,7 +125,7 @@ def _pipeline_rank(hf_config, state, parts, eval_batch, micro_batches, lr):
     from models.pipeline import build_pipeline
 
     init_distributed()
-    fam = get_family(FAMILY)
+    fam = get_family(family_name)
     args = fam.Args.from_hf_config(hf_config)
     module = build_pipeline(fam, args, LayerOptions(), PipeDataParallelTopology(num_pp=len(parts), num_dp=1), parts,
                             seed=1)
@@ -138,10 +141,15 @@ def _pipeline_rank(hf_config, state, parts, eval_batch, micro_batches, lr):
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=lr),
                                       config={"train_micro_batch_size_per_gpu": eval_batch[0][0].shape[0],
                                               "gradient_accumulation_steps": len(micro_batches)})
-    loss, logits = engine.eval_batch(iter([eval_batch]), return_logits=True, num_micro_batches=1)
+    pop = getattr(module.loss_fn, "pop_metrics", dict)
+    loss, outputs = engine.eval_batch(iter([eval_batch]), return_logits=True, num_micro_batches=1)
+    metrics = [pop()]
     step_loss = engine.train_batch(iter(micro_batches))
+    metrics.append(pop())
     after = {prefix + k: v.detach().clone() for prefix, layer in local_layers() for k, v in layer.state_dict().items()}
-    return float(loss), (logits.detach() if logits is not None else None), float(step_loss), after
+    if outputs is not None:
+        outputs = tuple(t.detach() for t in outputs) if isinstance(outputs, tuple) else outputs.detach()
+    return dict(loss=float(loss), outputs=outputs, step_loss=float(step_loss), metrics=metrics, after=after)
 
 
 def test_pipeline_matches_transformers_and_trains_tied(hf_dir):
@@ -161,8 +169,8 @@ def test_pipeline_matches_transformers_and_trains_tied(hf_dir):
     (ids0, pos0), labels0 = mbs[0]
     eval_batch = ((ids0, pos0), (labels0, torch.tensor(1.0) / (labels0 != -100).sum()))
 
-    ranks = run_ranks(_pipeline_rank, 2, hf_config, state, [1, 4], eval_batch, micro_batches, lr)
-    loss, logits, step_loss, _ = ranks[-1]
+    ranks = run_ranks(pipeline_eval_and_step, 2, FAMILY, hf_config, state, [1, 4], eval_batch, micro_batches, lr)
+    loss, logits, step_loss = ranks[-1]["loss"], ranks[-1]["outputs"], ranks[-1]["step_loss"]
 
     hf = load_hf(hf_dir)
     with torch.no_grad():
@@ -182,7 +190,7 @@ def test_pipeline_matches_transformers_and_trains_tied(hf_dir):
     stepped = {k: v for k, v in hf.state_dict().items()}
     fam = get_family(FAMILY)
     args = fam.Args.from_hf_config(hf_config)
-    after = {**ranks[0][3], **ranks[1][3]}
+    after = {**ranks[0]["after"], **ranks[1]["after"]}
     last = len(fam.hf_keys(args)) - 1
     assert set(after) == set(state)
     moved = 0.0
@@ -193,7 +201,7 @@ def test_pipeline_matches_transformers_and_trains_tied(hf_dir):
             moved = max(moved, float((after[key] - state[key]).abs().max()))
     assert moved > 1e-3
     tied = "word_embeddings.weight"
-    assert torch.equal(ranks[0][3][f"0.{tied}"], ranks[1][3][f"{last}.{tied}"])
+    assert torch.equal(ranks[0]["after"][f"0.{tied}"], ranks[1]["after"][f"{last}.{tied}"])
 
 
 def test_convert_round_trip(hf_dir, tmp_path):

@@ -1,0 +1,238 @@
+"""Mixtral: our layers vs transformers' MixtralForCausalLM on a tiny random model (fp32): logits,
+LM loss and router aux loss on one process and on a 2-stage DeepSpeed pipeline (aux statistics
+carried across stages, normalised over micro-batches), sliding window, packing, unrouted
+experts, and HF -> pipeline -> HF conversion (on-disk per-expert keys)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from models import get_family
+from models.blocks import AttnOptions, LayerOptions
+from models.pipeline import SequentialModel, make_loss
+from tests.dist import run_ranks
+from tests.model_check import shifted_labels
+from tests.test_models_bloom import pipeline_eval_and_step
+
+FAMILY = "mixtral"
+ATOL = 1e-5
+COEF = 0.5  # large, so a wrongly normalised aux term shows in the gradients
+
+
+def make_hf(out_dir, tokenizer=True, **overrides):
+    """A tiny MixtralForCausalLM with random weights, saved (on-disk keys) with a tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from models.tiny import make_tiny_tokenizer
+
+    cfg = get_family(FAMILY).tiny_hf_config(router_aux_loss_coef=COEF, **overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(out_dir)
+    if tokenizer:
+        make_tiny_tokenizer(out_dir, ["a tiny model that knows nothing yet"] * 4)
+    return out_dir
+
+
+def hf_state(hf_dir) -> dict[str, torch.Tensor]:
+    """The HF checkpoint in our layout ("<layer>.<param>"), read by HF key from disk."""
+    fam = get_family(FAMILY)
+    disk = load_file(hf_dir / "model.safetensors")
+    return {f"{i}.{ours}": disk[theirs] for i, names in enumerate(fam.hf_keys(args_of(hf_dir)))
+            for ours, theirs in names.items()}
+
+
+def args_of(hf_dir):
+    return get_family(FAMILY).Args.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_hf(tmp_path_factory.mktemp("mixtral_hf"))
+
+
+def load_hf(hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def ours(hf_dir, opts=LayerOptions()):
+    model = SequentialModel(get_family(FAMILY), args_of(hf_dir), opts).eval()
+    model.load_state_dict(hf_state(hf_dir))
+    return model
+
+
+def batch(seed=1, b=2, s=16):
+    ids = torch.randint(3, 320, (b, s), generator=torch.Generator().manual_seed(seed))
+    labels = shifted_labels(ids)
+    return ids, labels, torch.tensor(1.0) / (labels != -100).sum()
+
+
+def test_tiny_config_and_keys():
+    fam = get_family(FAMILY)
+    args = fam.Args.from_hf_config(fam.tiny_hf_config())
+    assert (args.num_experts, args.top_k, args.num_layers, args.sliding_window) == (4, 2, 3, None)
+    keys = fam.hf_keys(args)
+    assert len(keys) == args.num_layers + 2
+    assert "model.layers.2.block_sparse_moe.experts.3.w2.weight" in keys[3].values()
+    assert fam.make_loss(dataclasses.replace(args, router_aux_loss_coef=0.25)).coef == 0.25  # overridable
+
+
+def test_matches_transformers_with_aux_loss(hf_dir):
+    """Logits, LM + coef * aux loss, and the aux loss reported by pop_metrics equal transformers'."""
+    ids, labels, scale = batch()
+    model, loss_fn = ours(hf_dir), make_loss(get_family(FAMILY), args_of(hf_dir))
+    with torch.no_grad():
+        ref = load_hf(hf_dir)(ids, labels=ids, output_router_logits=True)
+        logits, aux = model(ids)
+        loss = loss_fn((logits, aux), (labels, scale))
+    assert ref.logits.abs().max() > 1
+    assert (logits - ref.logits).abs().max() < ATOL
+    assert abs(float(aux) - float(ref.aux_loss)) < ATOL
+    assert abs(float(loss) - float(ref.loss)) < ATOL  # transformers adds router_aux_loss_coef * aux too
+    metrics = loss_fn.pop_metrics()
+    assert abs(metrics["aux_loss"] - float(ref.aux_loss)) < ATOL
+    assert abs(metrics["lm_loss"] + COEF * metrics["aux_loss"] - float(ref.loss)) < ATOL
+    assert loss_fn.pop_metrics() == {"lm_loss": 0.0, "aux_loss": 0.0}  # popped
+
+
+def test_sliding_window_and_packing(tmp_path):
+    """With a sliding window: logits equal transformers' (sdpa and eager), and a packed row
+    equals its documents run alone."""
+    window = 5
+    hf_dir = make_hf(tmp_path, tokenizer=False, sliding_window=window)
+    ids, _, _ = batch(seed=2, b=1, s=16)
+    with torch.no_grad():
+        ref = load_hf(hf_dir)(ids).logits
+        for impl in ("sdpa", "eager"):
+            logits, _ = ours(hf_dir, LayerOptions(attn=AttnOptions(impl=impl)))(ids)
+            assert (logits - ref).abs().max() < ATOL
+        cut = 9
+        pos = torch.cat([torch.arange(cut), torch.arange(16 - cut)])[None]
+        row, _ = ours(hf_dir, LayerOptions(attn=AttnOptions(packed=True)))(ids, pos)
+        single = ours(hf_dir)
+        docs = torch.cat([single(ids[:, :cut])[0], single(ids[:, cut:])[0]], dim=1)
+        unmasked, _ = single(ids, pos)
+    assert (row - docs).abs().max() < ATOL
+    assert (unmasked[:, cut:] - docs[:, cut:]).abs().max() > 1e-3
+    full = dataclasses.replace(args_of(hf_dir), sliding_window=None)
+    plain = SequentialModel(get_family(FAMILY), full).eval()
+    plain.load_state_dict(hf_state(hf_dir))
+    with torch.no_grad():
+        assert (plain(ids)[0] - ref).abs().max() > 1e-3  # the window matters at this length
+
+
+def test_unrouted_experts_still_run(hf_dir):
+    """Every expert is called in every layer even when no token picks it (ZeRO-3 gathers each
+    module's parameters collectively), and gets a zero gradient, not None."""
+    model = ours(hf_dir).train()
+    calls = {}
+    for i, layer in model.named_children():
+        moe = getattr(layer, "block_sparse_moe", None)
+        if moe is None:
+            continue
+        with torch.no_grad():  # route every token to experts 0 and 1
+            moe.gate.weight.zero_()
+        moe.gate.register_forward_hook(lambda m, a, out: out + torch.tensor([2.0, 1.0, 0.0, 0.0]))
+        for e, expert in enumerate(moe.experts):
+            expert.register_forward_hook(lambda m, a, out, key=(i, e): calls.setdefault(key, []).append(a[0].shape[0]))
+    ids, labels, scale = batch()
+    logits, aux = model(ids)
+    make_loss(get_family(FAMILY), args_of(hf_dir))((logits, aux), (labels, scale)).backward()
+    n_layers = args_of(hf_dir).num_layers
+    assert len(calls) == n_layers * 4 and all(len(v) == 1 for v in calls.values())
+    assert all(calls[(i, e)] == [0] for i, e in calls if e >= 2)
+    assert all(calls[(i, e)] == [ids.numel()] for i, e in calls if e < 2)
+    block = model._modules["1"].block_sparse_moe
+    assert block.experts[3].w1.weight.grad is not None and not block.experts[3].w1.weight.grad.any()
+    assert block.experts[0].w1.weight.grad.abs().max() > 0
+
+
+def test_embedding_stage_output_joins_backward():
+    """A stage holding only the embedding still outputs router statistics that backward accepts."""
+    fam = get_family(FAMILY)
+    args = fam.Args.from_hf_config(fam.tiny_hf_config())
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    _, _, stats = fam.Embed(args, LayerOptions())((ids, torch.arange(4)[None]))
+    assert stats.shape == (2, args.num_experts) and stats.requires_grad
+
+
+def test_pipeline_aux_loss_across_stages_and_micro_batches(hf_dir):
+    """pp=2 (embedding + block 0 | blocks 1-2 + head): eval logits, loss and aux equal
+    transformers'; one SGD step over 2 micro-batches equals transformers' step on
+    sum(token losses)/tokens + coef * mean(aux over micro-batches), the router of stage 0
+    included; pop_metrics reports the aux loss of each micro-batch."""
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    state = hf_state(hf_dir)
+    mbs, n = [], 0
+    for seed in (3, 4):
+        ids, labels, _ = batch(seed=seed)
+        mbs.append(((ids, torch.arange(16).expand_as(ids)), labels))
+        n += int((labels != -100).sum())
+    gas, lr = len(mbs), 1.0
+    scale = torch.tensor(gas / n)  # gas * dp / answer tokens of the global batch
+    micro_batches = [(inp, (labels, scale)) for inp, labels in mbs]
+    (ids0, pos0), labels0 = mbs[0]
+    eval_scale = torch.tensor(1.0) / (labels0 != -100).sum()
+    eval_batch = ((ids0, pos0), (labels0, eval_scale))
+
+    ranks = run_ranks(pipeline_eval_and_step, 2, FAMILY, hf_config, state, [2, 3], eval_batch, micro_batches, lr)
+    last = ranks[-1]
+    logits, aux = last["outputs"]
+
+    hf = load_hf(hf_dir)
+    with torch.no_grad():
+        ref = hf(ids0, labels=ids0, output_router_logits=True)
+    assert (logits - ref.logits).abs().max() < ATOL
+    assert abs(float(aux) - float(ref.aux_loss)) < ATOL
+    assert abs(last["loss"] - float(ref.loss)) < ATOL
+    assert abs(last["metrics"][0]["aux_loss"] - float(ref.aux_loss)) < ATOL
+
+    hf.train()
+    ce, auxes = 0.0, []
+    for (ids, _), labels in mbs:
+        out = hf(ids, output_router_logits=True)
+        ce = ce + F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        auxes.append(out.aux_loss)
+    objective = ce / n + COEF * sum(auxes) / gas
+    objective.backward()
+    assert abs(last["step_loss"] - objective.item()) < ATOL
+    assert abs(last["metrics"][1]["aux_loss"] - sum(a.item() for a in auxes)) < ATOL
+    assert abs(last["metrics"][1]["lm_loss"] - (ce * scale).item()) < ATOL
+    with torch.no_grad():
+        for p in hf.parameters():
+            p -= lr * p.grad
+    hf.save_pretrained(hf_dir.parent / "stepped")
+    stepped = load_file(hf_dir.parent / "stepped" / "model.safetensors")
+    after = {**ranks[0]["after"], **ranks[1]["after"]}
+    assert set(after) == set(state)
+    for i, names in enumerate(get_family(FAMILY).hf_keys(args_of(hf_dir))):
+        for ours_name, theirs in names.items():
+            assert (after[f"{i}.{ours_name}"] - stepped[theirs]).abs().max() < ATOL, theirs
+    gate = "1.block_sparse_moe.gate.weight"  # stage 0's router: its aux gradient crossed the stages
+    assert (after[gate] - state[gate]).abs().max() > 1e-4
+
+
+def test_convert_round_trip(hf_dir, tmp_path):
+    """HF -> pipeline -> HF is bit-exact with the on-disk per-expert names and loads with transformers."""
+    from engine.convert import hf_to_pp, pp_to_hg
+
+    out = pp_to_hg(hf_to_pp(hf_dir, tmp_path / "pp"), tmp_path / "hf_out")
+    original = load_file(hf_dir / "model.safetensors")
+    written = {}
+    for f in sorted(out.glob("*.safetensors")):
+        written.update(load_file(f))
+    assert set(written) == set(original)
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    ids, _, _ = batch(seed=5)
+    with torch.no_grad():
+        assert torch.equal(load_hf(out)(ids).logits, load_hf(hf_dir)(ids).logits)
