@@ -15,13 +15,15 @@ second node sharing the directory never exposes a half-written cache.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import uuid
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,8 @@ from .samples import SampleError, parse_sample
 from .tokenize import SpecialIds, encode_batch
 
 CACHE_VERSION = 1
-BATCH_SIZE = 512  # samples per tokenizer call
+CHUNK_SIZE = 512  # samples per tokenizer call / per worker task
+POOL_AFTER_CHUNKS = 8  # smaller files are encoded in-process: forking workers would cost more
 _CODE_FILES = ("samples.py", "templates.py", "tokenize.py", "cache.py")
 
 
@@ -82,14 +85,14 @@ def cache_key(path: str, tokenizer_fp: str, template: str, max_seq_len: int) -> 
 
 
 def load_or_build(path: str, tokenizer, max_seq_len: int, template: str, cache_dir: str | None,
-                  skip_bad_samples: bool, tokenizer_fp: str | None = None) -> FileCache:
+                  skip_bad_samples: bool, tokenizer_fp: str | None = None, num_workers: int = 1) -> FileCache:
     """The file's cache, built by the first caller (per cache_dir) while the others wait."""
     from filelock import FileLock
 
     if cache_dir is None:  # no cache wanted: build in a scratch dir, keep it mapped, delete the names
         scratch = tempfile.mkdtemp(prefix="data-cache-")
         try:
-            _build(path, tokenizer, max_seq_len, template, os.path.join(scratch, "c"), skip_bad_samples)
+            _build(path, tokenizer, max_seq_len, template, os.path.join(scratch, "c"), skip_bad_samples, num_workers)
             return _load(path, os.path.join(scratch, "c"), skip_bad_samples)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -100,7 +103,7 @@ def load_or_build(path: str, tokenizer, max_seq_len: int, template: str, cache_d
         if not os.path.exists(os.path.join(final, "meta.json")):
             tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
             try:
-                _build(path, tokenizer, max_seq_len, template, tmp, skip_bad_samples)
+                _build(path, tokenizer, max_seq_len, template, tmp, skip_bad_samples, num_workers)
                 try:
                     os.rename(tmp, final)
                 except OSError:  # another node sharing the directory finished first
@@ -110,43 +113,114 @@ def load_or_build(path: str, tokenizer, max_seq_len: int, template: str, cache_d
     return _load(path, final, skip_bad_samples)
 
 
-def _build(path: str, tokenizer, max_seq_len: int, template: str, out_dir: str, skip_bad_samples: bool):
-    os.makedirs(out_dir)
-    special = SpecialIds.of(tokenizer)
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-    stats = {"samples": 0, "skipped": 0, "truncated": 0, "dropped": 0, "first_error": None}
-    offsets, n_loss = array("q", [0]), array("i")
-    with open(os.path.join(out_dir, "ids.bin"), "wb") as ids_f, open(os.path.join(out_dir, "target.bin"), "wb") as tgt_f:
-        def flush(batch):
-            for enc in encode_batch(batch, tokenizer, max_seq_len, template, special):
-                stats["truncated"] += enc.truncated
-                if enc.n_loss == 0:  # truncation left no answer token: nothing to learn from it
-                    stats["dropped"] += 1
-                    continue
-                enc.ids.astype(dtype).tofile(ids_f)
-                enc.target.astype(np.uint8).tofile(tgt_f)
-                offsets.append(offsets[-1] + len(enc.ids))
-                n_loss.append(enc.n_loss)
+@dataclass(frozen=True)
+class _Job:
+    """What a (worker) process needs to encode chunks of one file."""
+    path: str
+    tokenizer: object
+    max_seq_len: int
+    template: str
+    skip_bad_samples: bool
+    dtype: type
 
-        batch = []
-        for index, record in read_records(path):
-            try:
-                if isinstance(record, SampleError):
-                    raise record
-                batch.append(parse_sample(record, path, index))
-            except SampleError as e:
-                if not skip_bad_samples:
-                    raise
-                stats["skipped"] += 1
-                stats["first_error"] = stats["first_error"] or [e.file, e.index, e.field, e.problem]
-                continue
-            stats["samples"] += 1
-            if len(batch) == BATCH_SIZE:
-                flush(batch)
-                batch = []
-        flush(batch)
-    np.save(os.path.join(out_dir, "offsets.npy"), np.frombuffer(offsets, dtype=np.int64))
-    np.save(os.path.join(out_dir, "n_loss.npy"), np.frombuffer(n_loss, dtype=np.int32))
+
+@dataclass
+class _Chunk:
+    """Encoded samples of one chunk, ready to append to the cache files."""
+    ids: np.ndarray
+    target: np.ndarray
+    lengths: np.ndarray
+    n_loss: np.ndarray
+    samples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    errors: list = field(default_factory=list)  # [file, index, field, problem] of skipped samples
+
+
+def _encode_chunk(job: _Job, records: list[tuple[int, object]]) -> _Chunk:
+    samples, errors = [], []
+    for index, record in records:
+        try:
+            if isinstance(record, SampleError):
+                raise record
+            samples.append(parse_sample(record, job.path, index))
+        except SampleError as e:
+            if not job.skip_bad_samples:
+                raise
+            errors.append([e.file, e.index, e.field, e.problem])
+    encoded = encode_batch(samples, job.tokenizer, job.max_seq_len, job.template) if samples else []
+    kept = [e for e in encoded if e.n_loss > 0]  # truncation left no answer token: nothing to learn from it
+    cat = lambda arrays, dtype: np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)  # noqa: E731
+    return _Chunk(ids=cat([e.ids for e in kept], job.dtype), target=cat([e.target for e in kept], np.uint8),
+                  lengths=np.array([len(e.ids) for e in kept], dtype=np.int64),
+                  n_loss=np.array([e.n_loss for e in kept], dtype=np.int32), samples=len(samples),
+                  truncated=sum(e.truncated for e in encoded), dropped=len(encoded) - len(kept), errors=errors)
+
+
+_WORKER_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job):
+    global _WORKER_JOB
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the pool is the parallelism
+    _WORKER_JOB = job
+
+
+def _encode_in_worker(records):
+    return _encode_chunk(_WORKER_JOB, records)
+
+
+def _chunks(path: str):
+    chunk = []
+    for item in read_records(path):
+        chunk.append(item)
+        if len(chunk) == CHUNK_SIZE:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded_chunks(job: _Job, num_workers: int):
+    """Encoded chunks in file order; with workers, a bounded number in flight (a 10 GB file is
+    never queued whole). The pool starts only once the file proves larger than a few chunks."""
+    chunks = _chunks(job.path)
+    head = list(itertools.islice(chunks, POOL_AFTER_CHUNKS))
+    if num_workers <= 1 or len(head) < POOL_AFTER_CHUNKS:
+        for chunk in itertools.chain(head, chunks):
+            yield _encode_chunk(job, chunk)
+        return
+    with multiprocessing.get_context("fork").Pool(num_workers, _init_worker, (job,)) as pool:
+        pending = collections.deque()
+        for chunk in itertools.chain(head, chunks):
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _build(path: str, tokenizer, max_seq_len: int, template: str, out_dir: str, skip_bad_samples: bool,
+           num_workers: int = 1):
+    os.makedirs(out_dir)
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    SpecialIds.of(tokenizer)  # fail before forking workers when the tokenizer cannot terminate answers
+    job = _Job(path, tokenizer, max_seq_len, template, skip_bad_samples, dtype)
+    stats = {"samples": 0, "skipped": 0, "truncated": 0, "dropped": 0, "first_error": None}
+    lengths, n_loss = [], []
+    with open(os.path.join(out_dir, "ids.bin"), "wb") as ids_f, open(os.path.join(out_dir, "target.bin"), "wb") as tgt_f:
+        for chunk in _encoded_chunks(job, num_workers):
+            chunk.ids.tofile(ids_f)
+            chunk.target.tofile(tgt_f)
+            lengths.append(chunk.lengths)
+            n_loss.append(chunk.n_loss)
+            for key in ("samples", "truncated", "dropped"):
+                stats[key] += getattr(chunk, key)
+            stats["skipped"] += len(chunk.errors)
+            stats["first_error"] = stats["first_error"] or (chunk.errors[0] if chunk.errors else None)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else [])]).astype(np.int64)
+    np.save(os.path.join(out_dir, "offsets.npy"), offsets)
+    np.save(os.path.join(out_dir, "n_loss.npy"), np.concatenate(n_loss) if n_loss else np.zeros(0, np.int32))
     meta = {"dtype": np.dtype(dtype).name, "stats": stats, "source": os.path.abspath(path), "template": template,
             "max_seq_len": max_seq_len}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:

@@ -12,6 +12,8 @@ memory-mapped cache, so a large corpus is not held in RAM on any rank.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .cache import FileCache, load_or_build, tokenizer_fingerprint
@@ -81,11 +83,13 @@ def select_docs(sizes: list[int], weights: list[float], seed: int) -> tuple[np.n
 
 def build_dataset(paths: list[str], tokenizer, max_seq_len: int, *, weights: list[float] | None = None,
                   packing: bool = False, skip_bad_samples: bool = False, template: str = "default",
-                  cache_dir: str | None = None, seed: int = 0) -> TokenDataset:
+                  cache_dir: str | None = None, seed: int = 0, num_workers: int | None = None) -> TokenDataset:
     """Read, validate, tokenize (cached) and arrange sample files into fixed-length rows.
 
     Call it on every rank: with a shared `cache_dir` one process per directory tokenizes each
-    file while the others wait, then all memory-map the result.
+    file while the others wait, then all memory-map the result. num_workers: tokenizing
+    processes for large files (default: the CPUs this process may use, at most 16).
+    cache_dir=None tokenizes into a scratch cache that is deleted once mapped (tests, small data).
     """
     if isinstance(paths, str):
         paths = [paths]
@@ -97,7 +101,9 @@ def build_dataset(paths: list[str], tokenizer, max_seq_len: int, *, weights: lis
     if len(weights) != len(paths):
         raise ValueError(f"{len(weights)} weights for {len(paths)} data files")
     fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
-    caches = [load_or_build(p, tokenizer, max_seq_len, template, cache_dir, skip_bad_samples, fingerprint)
+    if num_workers is None:
+        num_workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    caches = [load_or_build(p, tokenizer, max_seq_len, template, cache_dir, skip_bad_samples, fingerprint, num_workers)
               for p in paths]
     doc_file, doc_index = select_docs([len(c) for c in caches], weights, seed)
     if packing:

@@ -36,6 +36,9 @@ class SampleError(ValueError):
         self.file, self.index, self.field, self.problem = file, index, field, problem
         super().__init__(f"{file}: sample {index}: field '{field}': {problem}")
 
+    def __reduce__(self):  # survives the trip back from a tokenizing worker process
+        return SampleError, (self.file, self.index, self.field, self.problem)
+
 
 @dataclass(frozen=True)
 class Pretrain:

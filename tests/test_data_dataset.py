@@ -148,3 +148,18 @@ def test_chat_template_targets_the_assistant_turns(tiny_tokenizer):
     assert render_prompt({"type": "instruct", "instruct": "Hi"}, "chat_template", tok) == "<|user|>\nHi</s>\n<|assistant|>\n"
     with pytest.raises(ValueError, match="chat_template"):
         render(sample, "chat_template", tiny_tokenizer)
+
+
+def test_worker_pool_gives_the_same_cache_and_errors(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(data.cache, "CHUNK_SIZE", 3)
+    monkeypatch.setattr(data.cache, "POOL_AFTER_CHUNKS", 2)
+    lines = [json.dumps(s) for s in SAMPLES]
+    lines.insert(9, '{"type": "instruct", "instruct": "no output"}')
+    path = write(tmp_path / "a.jsonl", "\n".join(lines))
+    build = lambda workers: build_dataset([path], tiny_tokenizer, 256, num_workers=workers,  # noqa: E731
+                                          skip_bad_samples=True)
+    serial, pooled = build(1), build(2)
+    assert rows(serial) == rows(pooled) and len(pooled) == len(SAMPLES)
+    assert serial.stats == pooled.stats and pooled.stats["skipped"] == 1
+    with pytest.raises(SampleError, match="sample 9: field 'output'"):
+        build_dataset([path], tiny_tokenizer, 256, num_workers=2)
