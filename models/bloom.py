@@ -164,7 +164,7 @@ def tiny_hf_config(**overrides) -> dict:
     """A tiny random config for tests and the quickstart (6 heads: exercises ALiBi's
     non-power-of-two slopes)."""
     cfg = dict(
-        model_type="bloom", architectures=[HF_ARCHITECTURE], vocab_size=320, hidden_size=48, n_layer=3, n_head=6,
+        model_type="bloom", architectures=[HF_ARCHITECTURE], vocab_size=320, hidden_size=48, n_layer=4, n_head=6,
         layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
     )
     cfg.update(overrides)

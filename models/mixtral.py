@@ -260,7 +260,7 @@ def tiny_hf_config(**overrides) -> dict:
     """A tiny random config for tests and the quickstart (GQA, 4 experts, top-2)."""
     cfg = dict(
         model_type="mixtral", architectures=[HF_ARCHITECTURE], vocab_size=320, hidden_size=64,
-        intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, max_position_embeddings=256,
         rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=0,
         tie_word_embeddings=False,

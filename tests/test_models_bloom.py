@@ -71,7 +71,7 @@ def batch(seed=1, b=2, s=16):
 def test_tiny_config_and_aliases():
     fam = get_family(FAMILY)
     args = fam.Args.from_hf_config(fam.tiny_hf_config())
-    assert (args.num_layers, args.num_heads, args.hidden_size, args.tie_word_embeddings) == (3, 6, 48, True)
+    assert (args.num_layers, args.num_heads, args.hidden_size, args.tie_word_embeddings) == (4, 6, 48, True)
     # old hub configs say n_embed / num_attention_heads
     old = fam.Args.from_hf_config({"vocab_size": 8, "n_embed": 16, "n_layer": 2, "num_attention_heads": 4})
     assert (old.hidden_size, old.num_heads, old.num_layers) == (16, 4, 2)
@@ -169,7 +169,7 @@ def test_pipeline_matches_transformers_and_trains_tied(hf_dir):
     (ids0, pos0), labels0 = mbs[0]
     eval_batch = ((ids0, pos0), (labels0, torch.tensor(1.0) / (labels0 != -100).sum()))
 
-    ranks = run_ranks(pipeline_eval_and_step, 2, FAMILY, hf_config, state, [1, 4], eval_batch, micro_batches, lr)
+    ranks = run_ranks(pipeline_eval_and_step, 2, FAMILY, hf_config, state, [1, 5], eval_batch, micro_batches, lr)
     loss, logits, step_loss = ranks[-1]["loss"], ranks[-1]["outputs"], ranks[-1]["step_loss"]
 
     hf = load_hf(hf_dir)

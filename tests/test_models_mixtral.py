@@ -80,7 +80,7 @@ def batch(seed=1, b=2, s=16):
 def test_tiny_config_and_keys():
     fam = get_family(FAMILY)
     args = fam.Args.from_hf_config(fam.tiny_hf_config())
-    assert (args.num_experts, args.top_k, args.num_layers, args.sliding_window) == (4, 2, 3, None)
+    assert (args.num_experts, args.top_k, args.num_layers, args.sliding_window) == (4, 2, 4, None)
     keys = fam.hf_keys(args)
     assert len(keys) == args.num_layers + 2
     assert "model.layers.2.block_sparse_moe.experts.3.w2.weight" in keys[3].values()
@@ -167,7 +167,7 @@ def test_embedding_stage_output_joins_backward():
 
 
 def test_pipeline_aux_loss_across_stages_and_micro_batches(hf_dir):
-    """pp=2 (embedding + block 0 | blocks 1-2 + head): eval logits, loss and aux equal
+    """pp=2 (embedding + block 0 | blocks 1-3 + head): eval logits, loss and aux equal
     transformers'; one SGD step over 2 micro-batches equals transformers' step on
     sum(token losses)/tokens + coef * mean(aux over micro-batches), the router of stage 0
     included; pop_metrics reports the aux loss of each micro-batch."""
@@ -185,7 +185,7 @@ def test_pipeline_aux_loss_across_stages_and_micro_batches(hf_dir):
     eval_scale = torch.tensor(1.0) / (labels0 != -100).sum()
     eval_batch = ((ids0, pos0), (labels0, eval_scale))
 
-    ranks = run_ranks(pipeline_eval_and_step, 2, FAMILY, hf_config, state, [2, 3], eval_batch, micro_batches, lr)
+    ranks = run_ranks(pipeline_eval_and_step, 2, FAMILY, hf_config, state, [2, 4], eval_batch, micro_batches, lr)
     last = ranks[-1]
     logits, aux = last["outputs"]
 
