@@ -58,8 +58,11 @@ def write_corpus(path: str, n: int, seed: int = 0):
             f.write(json.dumps(make_sample(rng)) + "\n")
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mib() -> str:
+    """Peak RSS of this process, and of the largest tokenizing worker (if any ran)."""
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return f"{mine:.0f} MiB" + (f" (largest worker {worker:.0f} MiB)" if worker else "")
 
 
 def load_tokenizer(path: str | None, workdir: str):
@@ -90,27 +93,27 @@ def main():
     cache = os.path.join(workdir, "cache")
     base_rss = peak_rss_mib()
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     plain = build_dataset([corpus], tokenizer, a.max_seq_len, cache_dir=cache)
-    tok_s = time.perf_counter() - t
-    print(f"tokenize+cache: {a.samples / tok_s:,.0f} samples/s ({tok_s:.1f}s), "
-          f"{plain.stats['tokens'] / tok_s:,.0f} tokens/s, peak RSS {peak_rss_mib():.0f} MiB "
-          f"(before: {base_rss:.0f} MiB); truncated {plain.stats['truncated']}, padding {plain.stats['padding']:.1%}")
+    tok_s, tok_cpu = time.perf_counter() - t, time.process_time() - cpu
+    print(f"tokenize+cache: {a.samples / tok_s:,.0f} samples/s ({tok_s:.1f}s wall, main process CPU {tok_cpu:.1f}s, "
+          f"{os.cpu_count()} CPUs), {plain.stats['tokens'] / tok_s:,.0f} tokens/s, peak RSS {peak_rss_mib()} "
+          f"(before: {base_rss}); truncated {plain.stats['truncated']}, padding {plain.stats['padding']:.1%}")
 
     t = time.perf_counter()
     packed = build_dataset([corpus], tokenizer, a.max_seq_len, cache_dir=cache, packing=True)
     pack_s = time.perf_counter() - t
     print(f"load cache+pack: {packed.stats['docs'] / pack_s:,.0f} samples/s ({pack_s:.1f}s), {len(packed)} rows "
-          f"(padding {packed.stats['padding']:.1%}), peak RSS {peak_rss_mib():.0f} MiB")
+          f"(padding {packed.stats['padding']:.1%}), peak RSS {peak_rss_mib()}")
 
     rows = random.Random(0).sample(range(len(packed)), min(a.rows, len(packed)))
     t = time.perf_counter()
     for i in rows:
         packed[i]
     row_s = time.perf_counter() - t
-    print(f"row assembly: {len(rows) / row_s:,.0f} rows/s of {a.max_seq_len} tokens, peak RSS {peak_rss_mib():.0f} MiB")
-    print(f"cache on disk: {sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs) / 2**20:.0f} MiB "
-          f"in {cache}")
+    print(f"row assembly: {len(rows) / row_s:,.0f} rows/s of {a.max_seq_len} tokens, peak RSS {peak_rss_mib()}")
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(cache) for f in files)
+    print(f"cache on disk: {on_disk / 2**20:.0f} MiB in {cache}")
 
 
 if __name__ == "__main__":

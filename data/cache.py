@@ -63,8 +63,8 @@ class FileCache:
 def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
+    if backend is not None:  # canonical JSON: the same tokenizer hashes alike in every process
+        h.update(json.dumps(json.loads(backend.to_str()), sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
@@ -208,7 +208,8 @@ def _build(path: str, tokenizer, max_seq_len: int, template: str, out_dir: str, 
     job = _Job(path, tokenizer, max_seq_len, template, skip_bad_samples, dtype)
     stats = {"samples": 0, "skipped": 0, "truncated": 0, "dropped": 0, "first_error": None}
     lengths, n_loss = [], []
-    with open(os.path.join(out_dir, "ids.bin"), "wb") as ids_f, open(os.path.join(out_dir, "target.bin"), "wb") as tgt_f:
+    with open(os.path.join(out_dir, "ids.bin"), "wb") as ids_f, \
+            open(os.path.join(out_dir, "target.bin"), "wb") as tgt_f:
         for chunk in _encoded_chunks(job, num_workers):
             chunk.ids.tofile(ids_f)
             chunk.target.tofile(tgt_f)

@@ -108,7 +108,8 @@ def build_dataset(paths: list[str], tokenizer, max_seq_len: int, *, weights: lis
     doc_file, doc_index = select_docs([len(c) for c in caches], weights, seed)
     if packing:
         # shuffle first: packing keeps input order among equal lengths, and rows should mix sources
-        mix = np.random.default_rng([seed, len(paths), 1]).permutation(len(doc_file))
+        # (stream [seed, len(paths)] is disjoint from select_docs' per-file streams [seed, f])
+        mix = np.random.default_rng([seed, len(paths)]).permutation(len(doc_file))
         doc_file, doc_index = doc_file[mix], doc_index[mix]
         row_ptr, row_docs = pack_rows(per_doc(caches, "lengths", doc_file, doc_index), max_seq_len)
     else:

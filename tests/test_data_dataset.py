@@ -145,7 +145,8 @@ def test_chat_template_targets_the_assistant_turns(tiny_tokenizer):
     assert ids[0] == 1 and ids.count(2) == 2, "the template's end-of-turn EOS is kept and not doubled"
     assert tok.decode(enc.ids[enc.target]).replace(" ", "") == (
         "Thought:Look.\nAction:search\nActionInput:{}\nObservation:FinalAnswer:Yes.</s>\n")
-    assert render_prompt({"type": "instruct", "instruct": "Hi"}, "chat_template", tok) == "<|user|>\nHi</s>\n<|assistant|>\n"
+    prompt = render_prompt({"type": "instruct", "instruct": "Hi"}, "chat_template", tok)
+    assert prompt == "<|user|>\nHi</s>\n<|assistant|>\n"
     with pytest.raises(ValueError, match="chat_template"):
         render(sample, "chat_template", tiny_tokenizer)
 
