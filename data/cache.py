@@ -183,7 +183,9 @@ def _chunks(path: str):
 
 def _encoded_chunks(job: _Job, num_workers: int):
     """Encoded chunks in file order; with workers, a bounded number in flight (a 10 GB file is
-    never queued whole). The pool starts only once the file proves larger than a few chunks."""
+    never queued whole). The pool starts only once the file proves larger than a few chunks.
+    Workers are forked, as torch's DataLoader does: they run only Python and a single-threaded
+    tokenizer (a fork server would re-import torch/transformers per worker: ~10 s here)."""
     chunks = _chunks(job.path)
     head = list(itertools.islice(chunks, POOL_AFTER_CHUNKS))
     if num_workers <= 1 or len(head) < POOL_AFTER_CHUNKS:
