@@ -36,3 +36,34 @@ def build_optimizer(spec: dict | None, params) -> torch.optim.Optimizer:
     except TypeError as e:
         raise ConfigError(f"optimizer.params: {e}") from None
     raise ConfigError(f"optimizer.type {kind!r} is not supported (AdamW, Adam, Lion)")
+
+
+class GlobalGradClip:
+    """Gradient norm (and clipping) over the whole pipeline, for plain fp32 optimizers.
+
+    DeepSpeed's fp32 path (no bf16/fp16/ZeRO wrapper) clips with a norm that counts only the
+    first stage's gradients under pipeline parallelism and records no norm; its bf16 and ZeRO
+    wrappers do it right. Here, as an optimizer-step pre-hook: sum squares over this stage (tied
+    twins counted once), all-reduce over the stages, clip, remember the norm.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, module, max_norm: float, group):
+        self.module, self.max_norm, self.group = module, max_norm, group
+        self.norm: float | None = None
+        optimizer.register_step_pre_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs):
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.module.parameters()
+                 if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        if self.group is not None and dist.is_initialized():
+            dist.all_reduce(sq, group=self.group)
+        norm = sq.sqrt()
+        self.norm = float(norm)
+        if self.max_norm > 0 and self.norm > self.max_norm:
+            coef = self.max_norm / (norm + 1e-6)
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)

@@ -22,7 +22,7 @@ from . import distributed as D
 from .config import ConfigError, TrainConfig, validate
 from .layout import hf_dir_of, read_hf_config
 from .metrics import PEAK_FLOPS, Metrics, flops_per_token
-from .optim import build_optimizer
+from .optim import GlobalGradClip, build_optimizer
 
 
 class NonFiniteLoss(RuntimeError):
@@ -73,9 +73,21 @@ def layer_options(cfg: TrainConfig) -> LayerOptions:
     return LayerOptions(attn=AttnOptions(packed=cfg.packing), grad_ckpt=bool(cfg.use_grad_ckpt))
 
 
+def wrapped_optimizer(cfg: TrainConfig) -> bool:
+    """Whether DeepSpeed wraps the optimizer (bf16/fp16/ZeRO: it then clips and records the norm)."""
+    return cfg.dtype != "fp32" or cfg.ds.get("zero_optimization", {}).get("stage", 0) > 0
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     """DeepSpeed's keys minus the optimizer (we pass a client optimizer, see engine.optim)."""
     ds = {k: v for k, v in cfg.ds.items() if k != "optimizer"}
+    if not wrapped_optimizer(cfg):
+        ds.pop("gradient_clipping", None)  # done by GlobalGradClip instead
+    if cfg.dtype == "bf16" and ds.get("zero_optimization", {}).get("stage", 0) == 0:
+        # DeepSpeed's stage-0 bf16 optimizer partitions fp32 master weights over data-parallel
+        # ranks but checkpoints only rank 0's share, and cannot load it back (KeyError 0).
+        # ZeRO-1 keeps the same memory layout and saves every share.
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 1}
     ds.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's prints
     if ds.get("zero_optimization", {}).get("stage", 0) > 0 or "Lion" == cfg.ds.get("optimizer", {}).get("type"):
         ds.setdefault("zero_allow_untested_optimizer", True)
@@ -121,6 +133,8 @@ def train(cfg: TrainConfig) -> RunResult:
         ckpt.load_initial_weights(module, cfg.model_path)
     optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters())
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+    clip = None if wrapped_optimizer(cfg) else GlobalGradClip(
+        optimizer, module, float(cfg.ds.get("gradient_clipping", 0.0)), engine.grid.get_model_parallel_group())
 
     coord = topology.get_coord(D.rank())
     dataset, loader = build_data(cfg, model, coord.data, cfg.data_dim)
@@ -150,7 +164,7 @@ def train(cfg: TrainConfig) -> RunResult:
             tokens = loader.tokens(step - 1)
             tok_s_gpu = tokens / dt / D.world_size()
             record = {"step": step, "epoch": (step - 1) // loader.steps_per_epoch, "loss": loss,
-                      "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine), "tokens": tokens,
+                      "lr": engine.get_lr()[0], "grad_norm": clip.norm if clip else _grad_norm(engine), "tokens": tokens,
                       "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tok_s_gpu,
                       "mfu": tok_s_gpu * fpt / PEAK_FLOPS, "step_time_s": dt}
             if loss_metrics is not None:

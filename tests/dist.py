@@ -33,6 +33,9 @@ def _worker(rank, world, port, fn, args, queue):
         buf = io.BytesIO()  # bytes, not tensors: shared-memory handles die with this process
         torch.save(fn(*args), buf)
         queue.put((rank, True, buf.getvalue()))
+        queue.close()
+        queue.join_thread()
+        os._exit(0)  # skip interpreter/process-group teardown: seconds per rank, nothing to keep
     except BaseException:  # report, don't hang the other ranks' collect
         queue.put((rank, False, traceback.format_exc()))
         raise
