@@ -177,13 +177,15 @@ def test_public_layout_round_trip_loads_and_generates(tmp_path, variant):
     args = baichuan.Args.from_hf_config(hf)
     state = random_state(baichuan, args, seed=8)
     src = write_public_dir(baichuan, hf, state, tmp_path / "public",
-                           side_files={"modeling_baichuan.py": "raise ImportError('the public file: replaced')\n"})
+                           side_files={"modeling_baichuan.py": "raise ImportError('the public file: replaced')\n",
+                                       "tokenization_baichuan.py": "# the public tokenizer code: carried over\n"})
     out, source, pp_state = round_trip(src, tmp_path)
     written = written_tensors(out)
     assert set(written) == set(source)
     for k in source:
         assert written[k].dtype == source[k].dtype and torch.equal(written[k], source[k]), k
     assert (out / "configuration_baichuan.py").is_file() and "replaced" not in (out / "modeling_baichuan.py").read_text()
+    assert "carried over" in (out / "tokenization_baichuan.py").read_text()
     model = load_remote(out)
     assert type(model).__name__ == "BaichuanForCausalLM"
     assert model.config.position_embedding == VARIANTS[variant].get("position_embedding", "rope")
