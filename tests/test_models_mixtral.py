@@ -215,9 +215,10 @@ def test_pipeline_aux_loss_across_stages_and_micro_batches(hf_dir):
     stepped = load_file(hf_dir.parent / "stepped" / "model.safetensors")
     after = {**ranks[0]["after"], **ranks[1]["after"]}
     assert set(after) == set(state)
-    for i, names in enumerate(get_family(FAMILY).hf_keys(args_of(hf_dir))):
-        for ours_name, theirs in names.items():
-            assert (after[f"{i}.{ours_name}"] - stepped[theirs]).abs().max() < ATOL, theirs
+    diff = {theirs: float((after[f"{i}.{ours_name}"] - stepped[theirs]).abs().max())
+            for i, names in enumerate(get_family(FAMILY).hf_keys(args_of(hf_dir))) for ours_name, theirs in names.items()}
+    worst = max(diff, key=diff.get)
+    assert diff[worst] < ATOL, (worst, diff[worst])
     gate = "1.block_sparse_moe.gate.weight"  # stage 0's router: its aux gradient crossed the stages
     assert (after[gate] - state[gate]).abs().max() > 1e-4
 
@@ -236,3 +237,15 @@ def test_convert_round_trip(hf_dir, tmp_path):
     ids, _, _ = batch(seed=5)
     with torch.no_grad():
         assert torch.equal(load_hf(out)(ids).logits, load_hf(hf_dir)(ids).logits)
+
+
+def test_grad_ckpt_same_gradients(hf_dir):
+    """Recomputing blocks in backward (router statistics included) gives the same gradients."""
+    ids, labels, scale = batch()
+    grads = []
+    for ckpt in (False, True):
+        model = ours(hf_dir, LayerOptions(grad_ckpt=ckpt)).train()
+        make_loss(get_family(FAMILY), args_of(hf_dir))(model(ids), (labels, scale)).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    assert all(grads[1][k] is not None and torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+    assert grads[1]["1.block_sparse_moe.gate.weight"].abs().max() > 0
