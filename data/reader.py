@@ -14,6 +14,7 @@ from .samples import SampleError
 
 _CHUNK = 1 << 20
 _WHITESPACE = " \t\r\n"
+_DELIMITERS = _WHITESPACE + ",]"
 
 
 def read_records(path: str) -> Iterator[tuple[int, object]]:
@@ -90,8 +91,9 @@ def _json_array(path: str, f, head: str) -> Iterator[tuple[int, object]]:
         while True:
             try:
                 value, end = decoder.raw_decode(buf, pos)
-                # a number or literal cut at the buffer's end would decode short: make sure it ended
-                if end < len(buf) or eof:
+                # a number cut by the buffer's end ("12" of "12.5") decodes short: trust a value
+                # only when a delimiter follows it
+                if eof or (end < len(buf) and buf[end] in _DELIMITERS):
                     break
             except json.JSONDecodeError as e:
                 if eof:

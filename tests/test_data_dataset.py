@@ -34,6 +34,14 @@ def test_json_array_and_jsonl_read_the_same_samples_across_chunk_edges(tmp_path,
     assert list(data.reader.read_records(write(tmp_path / "e.json", " [ ] "))) == []
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8])
+def test_json_array_values_cut_by_a_read_are_not_decoded_short(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(data.reader, "_CHUNK", chunk)
+    values = [{"n": 12.5e3, "s": "a, ]"}, 1234.5, True, None, [1, 2.25], "x", -7]
+    path = write(tmp_path / "v.json", json.dumps(values, separators=(",", ":")))
+    assert [v for _, v in data.reader.read_records(path)] == values
+
+
 @pytest.mark.parametrize("text", ['[{"type": "pretrain", "text": "a"},]', '[{"type": "pretrain", "text": "a"} {}]',
                                   '[{"type": "pretrain", "text": "a"}', '[1, 2'])
 def test_broken_json_array_is_an_error(tmp_path, text):
