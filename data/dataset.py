@@ -46,8 +46,8 @@ class TokenDataset:
                           self.pad_id)
 
     def _stats(self) -> dict:
-        per_file = {c.path: {k: v for k, v in c.stats.items() if k != "first_error"} for c in self.caches}
-        totals = {k: sum(s[k] for s in per_file.values()) for k in ("samples", "skipped", "truncated", "dropped")}
+        per_file = [{"path": c.path, **{k: v for k, v in c.stats.items() if k != "first_error"}} for c in self.caches]
+        totals = {k: sum(s[k] for s in per_file) for k in ("samples", "skipped", "truncated", "dropped")}
         real = int(self.n_tokens.sum())
         return {**totals, "docs": len(self.doc_file), "rows": len(self), "tokens": real,
                 "loss_tokens": int(self.n_loss_tokens.sum()),

@@ -80,6 +80,8 @@ def test_resume_mid_epoch_sees_exactly_the_remaining_rows(dataset):
         after.extend(int(i) for i in resumed[0].global_rows(step))
     assert not seen_before & set(after)
     assert len(seen_before) + len(after) == spe * full[0].global_batch
+    later = spe + k  # the same in a later epoch
+    np.testing.assert_array_equal(loaders(dataset, 2)[1].rank_rows(later), full[1].rank_rows(later))
 
 
 def test_too_small_dataset_is_an_error(dataset):
