@@ -91,3 +91,14 @@ def test_truncation_is_flagged_and_keeps_the_prefix(tiny_tokenizer):
     assert cut.truncated and not full.truncated
     np.testing.assert_array_equal(cut.ids, full.ids[:len(full.ids) - 3])
     assert EOS not in cut.ids.tolist()
+
+
+def test_tiny_tokenizer_matches_the_tiny_llama_config(tiny_tokenizer):
+    from models.llama import tiny_hf_config
+
+    cfg = tiny_hf_config()
+    assert len(tiny_tokenizer) == cfg["vocab_size"]
+    assert (tiny_tokenizer.pad_token_id, tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id,
+            tiny_tokenizer.unk_token_id) == (cfg["pad_token_id"], cfg["bos_token_id"], cfg["eos_token_id"], 3)
+    text = "The lighthouse keeper lit the lamp.\nIt rains."
+    assert tiny_tokenizer.decode(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]) == text
