@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, alibi_bias, alibi_slopes,
-                     apply_rotary, attend, attention_mask)
+                     apply_rotary, attend)
 from .llama import Embed, FinalNorm
 
 MODEL_TYPES = ("baichuan",)
@@ -80,7 +80,7 @@ class Attention(nn.Module):
             self.rotary = Rotary(self.head_dim, {"rope_type": "default", "rope_theta": args.rope_theta},
                                  args.max_position_embeddings)
 
-    def forward(self, x, position_ids):
+    def forward(self, x, position_ids, mask):
         b, s, _ = x.shape
         q, k, v = self.W_pack(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         bias = None
@@ -89,7 +89,6 @@ class Attention(nn.Module):
         else:
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = attention_mask(position_ids, self.attn.packed)
         return self.o_proj(attend(q, k, v, mask, self.attn, bias))
 
 
@@ -101,8 +100,8 @@ class Block(BlockBase):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
 
-    def block(self, x, position_ids):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids)
+    def block(self, x, position_ids, mask):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -5,7 +5,9 @@ HF-style parameter names so that a family's checkpoint key map is a prefix swap.
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -148,7 +150,20 @@ class AttnOptions:
     """How attention runs; chosen once from the training config, the same for every block."""
 
     packed: bool = False  # rows hold several documents: mask attention across them
-    impl: str = "sdpa"  # sdpa | eager (reference math)
+    impl: str = "sdpa"  # sdpa | flex (document-masked kernel, GPU) | flash (flash-attn) | eager (reference)
+
+
+def attn_impl(packed: bool, use_flash_attn: bool, on_gpu: bool) -> str:
+    """The fastest attention available: flash-attn when asked for and importable, else on GPU
+    FlexAttention for packed rows (skips cross-document blocks) and SDPA's flash/cuDNN kernels
+    for plain causal rows; SDPA with a boolean mask on CPU."""
+    if use_flash_attn and on_gpu:
+        try:
+            import flash_attn  # noqa: F401
+            return "flash"
+        except ImportError:
+            pass
+    return "flex" if (on_gpu and packed) else "sdpa"
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -156,38 +171,90 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
 
 
-def attention_mask(position_ids: torch.Tensor, packed: bool, window: int | None = None) -> torch.Tensor | None:
-    """Boolean [B, 1, S, S] mask (True = may attend), or None when plain causal suffices."""
-    if not packed and window is None:
+class _LastMask:
+    """The mask of the last position_ids tensor seen. Every block of a pipeline stage gets the
+    same position_ids object for a micro-batch, so the mask is built once per stage and step."""
+
+    def __init__(self):
+        self.ref, self.key, self.mask = None, None, None
+
+    def get(self, position_ids, key, build):
+        if self.ref is not None and self.ref() is position_ids and self.key == key:
+            return self.mask
+        self.mask = build()
+        self.ref, self.key = weakref.ref(position_ids), key
+        return self.mask
+
+
+_last_mask = _LastMask()
+
+
+def attention_mask(position_ids: torch.Tensor, opts: AttnOptions, window: int | None = None):
+    """The causal (+ per-document, + sliding-window) mask in the form `opts.impl` wants: None for
+    plain causal, a boolean [B, 1, S, S] tensor (True = may attend) for SDPA/eager, a BlockMask for
+    flex. Built outside compiled code and shared by all blocks of a stage."""
+    if not opts.packed and window is None:
         return None
-    s = position_ids.shape[-1]
+    return _last_mask.get(position_ids, (opts, window), lambda: _build_mask(position_ids, opts, window))
+
+
+def _build_mask(position_ids, opts: AttnOptions, window):
+    b, s = position_ids.shape
+    doc = document_ids(position_ids) if opts.packed else None
+    if opts.impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(bi, hi, qi, ki):
+            keep = qi >= ki
+            if doc is not None:
+                keep = keep & (doc[bi, qi] == doc[bi, ki])
+            if window is not None:
+                keep = keep & (qi - ki < window)
+            return keep
+
+        return create_block_mask(mask_mod, b, None, s, s, device=position_ids.device)
     i = torch.arange(s, device=position_ids.device)
     mask = (i[:, None] >= i[None, :])[None]
     if window is not None:
         mask = mask & ((i[:, None] - i[None, :]) < window)[None]
-    if packed:
-        doc = document_ids(position_ids)
+    if doc is not None:
         mask = mask & (doc[:, :, None] == doc[:, None, :])
     return mask[:, None]
 
 
-def attend(q, k, v, mask: torch.Tensor | None, opts: AttnOptions, bias: torch.Tensor | None = None,
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+
+
+def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
            scale: float | None = None) -> torch.Tensor:
     """Causal attention. q: [B, H, S, D]; k, v: [B, Hkv, S, D] (grouped-query when Hkv < H).
 
-    mask: boolean [B, 1, S, S] from `attention_mask` or None for plain causal; bias: additive
-    float, broadcastable to [B, H, S, S] (ALiBi). Returns [B, S, H*D].
+    mask: from `attention_mask` (None = plain causal); bias: additive float, broadcastable to
+    [B, H, S, S] (ALiBi; runs through SDPA with a dense mask). Returns [B, S, H*D].
     """
     b, h, s, d = q.shape
-    if k.shape[1] != h:
-        rep = h // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    gqa = k.shape[1] != h
+    if opts.impl == "flex" and bias is None and mask is not None:
+        out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2).reshape(b, s, h * d)
+    if opts.impl == "flash" and bias is None and mask is None:
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=scale)
+        return out.reshape(b, s, h * d)
+    if bias is not None or opts.impl == "eager":
+        if gqa:
+            rep = h // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
     if bias is not None:
         causal = mask if mask is not None else torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
-        full = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
-        mask, is_causal = full, False
-    else:
-        is_causal = mask is None
+        mask = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
+    is_causal = mask is None
     if opts.impl == "eager":
         scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else d ** -0.5)
         if is_causal:
@@ -198,7 +265,7 @@ def attend(q, k, v, mask: torch.Tensor | None, opts: AttnOptions, bias: torch.Te
             scores = scores + mask
         out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(b, s, h * d)
 
 
@@ -241,23 +308,32 @@ class LayerOptions:
 class BlockBase(nn.Module):
     """A transformer block as a pipeline layer: maps (hidden, position_ids) -> same.
 
-    Subclasses implement `block(x, position_ids)`. Activation checkpointing is done here,
-    non-reentrant, so it works under DeepSpeed's pipeline without `checkpointable_layers`.
+    Subclasses implement `block(x, position_ids, mask)`; the attention mask comes from
+    `attention_mask`, built here outside the block so the block itself can be compiled with
+    fixed shapes. Activation checkpointing is done here, non-reentrant, so it works under
+    DeepSpeed's pipeline without `checkpointable_layers`.
     """
+
+    window: int | None = None  # sliding-window attention span, for families that have one
 
     def __init__(self, opts: LayerOptions):
         super().__init__()
-        self.grad_ckpt = opts.grad_ckpt
+        self.grad_ckpt, self.attn_opts = opts.grad_ckpt, opts.attn
 
-    def block(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor, position_ids: torch.Tensor, mask) -> torch.Tensor:
         raise NotImplementedError
+
+    def compile_block(self) -> None:
+        """Compile `block` for fixed shapes (one graph per block; no recompiles per step)."""
+        self.block = torch.compile(self.block, dynamic=False)
 
     def run_block(self, x: torch.Tensor, position_ids: torch.Tensor):
         """`block`, recomputed in backward when checkpointing (a family whose block returns more
         than the hidden states, e.g. MoE router statistics, calls this from its own forward)."""
+        mask = attention_mask(position_ids, self.attn_opts, self.window)
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.block, x, position_ids, use_reentrant=False)
-        return self.block(x, position_ids)
+            return torch.utils.checkpoint.checkpoint(self.block, x, position_ids, mask, use_reentrant=False)
+        return self.block(x, position_ids, mask)
 
     def forward(self, inputs):
         x, position_ids = inputs

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnOptions, BlockBase, LayerDef, LayerOptions, alibi_bias, alibi_slopes, attend, attention_mask
+from .blocks import AttnOptions, BlockBase, LayerDef, LayerOptions, alibi_bias, alibi_slopes, attend
 
 MODEL_TYPES = ("bloom",)
 HF_ARCHITECTURE = "BloomForCausalLM"
@@ -72,12 +72,11 @@ class Attention(nn.Module):
         self.dense = nn.Linear(h, h)
         self.slopes = alibi_slopes(self.n_heads)  # fp32 always (not a buffer: a bf16 cast would round it)
 
-    def forward(self, x, position_ids):
+    def forward(self, x, position_ids, mask):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.n_heads, 3, self.head_dim)
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
         bias = alibi_bias(self.slopes, position_ids)  # per-document distances: positions restart per document
-        mask = attention_mask(position_ids, self.attn.packed)
         return self.dense(attend(q, k, v, mask, self.attn, bias=bias))
 
 
@@ -100,9 +99,9 @@ class Block(BlockBase):
         self.mlp = MLP(args)
         self.residual_post_layernorm = args.residual_post_layernorm
 
-    def block(self, x, position_ids):
+    def block(self, x, position_ids, mask):
         h = self.input_layernorm(x)
-        x = (h if self.residual_post_layernorm else x) + self.self_attention(h, position_ids)
+        x = (h if self.residual_post_layernorm else x) + self.self_attention(h, position_ids, mask)
         h = self.post_attention_layernorm(x)
         return (h if self.residual_post_layernorm else x) + self.mlp(h)
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary_interleaved, attend,
-                     attention_mask)
+from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary_interleaved, attend)
 
 MODEL_TYPES = ("chatglm",)
 HF_ARCHITECTURE = "ChatGLMModel"  # what the public config.json says (auto_map picks the class)
@@ -87,7 +86,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(d // 2, {"rope_type": "default", "rope_theta": args.rope_theta}, args.seq_length,
                              interleaved=True)
 
-    def forward(self, x, position_ids):
+    def forward(self, x, position_ids, mask):
         b, s, _ = x.shape
         d = self.head_dim
         q, k, v = self.query_key_value(x).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
@@ -96,7 +95,6 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, d).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
-        mask = attention_mask(position_ids, self.attn.packed)
         return self.dense(attend(q, k, v, mask, self.attn))
 
 
@@ -121,8 +119,8 @@ class Block(BlockBase):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.layernorm_epsilon)
         self.mlp = MLP(args)
 
-    def block(self, x, position_ids):
-        x = x + self.self_attention(self.input_layernorm(x), position_ids)
+    def block(self, x, position_ids, mask):
+        x = x + self.self_attention(self.input_layernorm(x), position_ids, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

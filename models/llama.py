@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary, attend,
-                     attention_mask, rope_parameters)
+                     rope_parameters)
 
 MODEL_TYPES = ("llama",)
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -74,14 +74,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.attention_bias)
         self.rotary = Rotary(d, args.rope, args.max_position_embeddings)
 
-    def forward(self, x, position_ids):
+    def forward(self, x, position_ids, mask):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = attention_mask(position_ids, self.attn.packed)
         return self.o_proj(attend(q, k, v, mask, self.attn))
 
 
@@ -93,8 +92,8 @@ class Block(BlockBase):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
 
-    def block(self, x, position_ids):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids)
+    def block(self, x, position_ids, mask):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary, attend,
-                     attention_mask, rope_parameters)
+                     rope_parameters)
 from .loss import causal_lm_loss
 
 MODEL_TYPES = ("mixtral",)
@@ -83,21 +83,19 @@ class Attention(nn.Module):
         super().__init__()
         h, d = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.attn = args.num_heads, args.num_kv_heads, d, attn
-        self.window = args.sliding_window
         self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
         self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
         self.rotary = Rotary(d, args.rope, args.max_position_embeddings)
 
-    def forward(self, x, position_ids):
+    def forward(self, x, position_ids, mask):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = attention_mask(position_ids, self.attn.packed, self.window)
         return self.o_proj(attend(q, k, v, mask, self.attn))
 
 
@@ -130,14 +128,16 @@ class SparseMoE(nn.Module):
         probs = F.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
+        # group the (token, slot) pairs by expert: one host sync for the group sizes per layer
+        routed = torch.bincount(chosen.flatten(), minlength=len(self.experts))
+        order = chosen.flatten().argsort(stable=True)
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
+        for expert, pairs in zip(self.experts, order.split(routed.tolist())):
             # every expert runs, on an empty slice if no token chose it: ZeRO-3 gathers each
             # module's parameters in its forward, which must stay collective on every rank
-            token, slot = torch.where(chosen == e)
+            token, slot = pairs // self.top_k, pairs % self.top_k
             out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
-        routed = torch.bincount(chosen.flatten(), minlength=len(self.experts)).to(probs.dtype)
-        return out.view(shape), torch.stack((routed, probs.sum(dim=0))) / x.shape[0]
+        return out.view(shape), torch.stack((routed.to(probs.dtype), probs.sum(dim=0))) / x.shape[0]
 
 
 class Block(BlockBase):
@@ -147,10 +147,11 @@ class Block(BlockBase):
         self.self_attn = Attention(args, opts.attn)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.block_sparse_moe = SparseMoE(args)
+        self.window = args.sliding_window
         self.num_layers = args.num_layers
 
-    def block(self, x, position_ids):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids)
+    def block(self, x, position_ids, mask):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask)
         moe, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
         return x + moe, stats
 
