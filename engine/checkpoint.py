@@ -15,8 +15,8 @@ from pathlib import Path
 
 from . import distributed as D
 from .config import TrainConfig, save_config
-from .layout import (LayoutError, check_layer, copy_hf_side_files, fsync_tree, layer_file, load_layer, resolve_tag,
-                     write_text_atomic)
+from .layout import (LayoutError, check_layer, copy_hf_side_files, fsync_tree, is_pipeline_dir, layer_file, load_layer,
+                     resolve_tag, write_text_atomic)
 
 META = "meta.json"  # {"family", "n_layers", "step"}: lets resume refuse another model's checkpoint
 
@@ -34,14 +34,26 @@ def has_checkpoint(save_path: str | Path) -> bool:
     return (Path(save_path) / "latest").is_file()
 
 
-def load_initial_weights(module, model_path: str | Path) -> None:
-    """Load this stage's layers from a pipeline checkpoint dir, checking keys and shapes first."""
-    tag_dir = resolve_tag(model_path)
+def load_initial_weights(module, model_path: str | Path, family, args) -> None:
+    """Load this stage's layers, checking keys and shapes first, from a pipeline checkpoint dir
+    (its layer files) or straight from an HF model dir (only this stage's tensors are read)."""
+    if is_pipeline_dir(model_path):
+        tag_dir = resolve_tag(model_path)
+
+        def layer_state(idx):
+            path = layer_file(tag_dir, idx)
+            return path, load_layer(path)
+    else:
+        from .convert import HFWeights
+
+        weights, keys = HFWeights(Path(model_path)), family.hf_keys(args)
+
+        def layer_state(idx):
+            return Path(model_path), {ours: weights.get(theirs) for ours, theirs in keys[idx].items()}
     for local_idx, layer in enumerate(module.forward_funcs):
         if not hasattr(layer, "state_dict"):
             continue
-        path = layer_file(tag_dir, local_idx + module._local_start)
-        state = load_layer(path)
+        path, state = layer_state(local_idx + module._local_start)
         check_layer(path, state, {k: v.shape for k, v in layer.state_dict().items()})
         layer.load_state_dict(state)
     module._synchronize_tied_weights()

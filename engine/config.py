@@ -66,8 +66,11 @@ class TrainConfig:
     n_epochs: int = doc("passes over the data (gdGPT's n_epoches accepted)", default=1)
     max_steps: int = doc("stop after this many global steps (0 = run all epochs)", default=0)
     seed: int = doc("seed for weights init, shuffling and dropout", default=42)
-    use_grad_ckpt: bool = doc("recompute transformer blocks in backward to save activation memory", default=False)
-    use_flash_attn: bool = doc("use flash-attn kernels when importable (SDPA otherwise)", default=False)
+    use_grad_ckpt: bool | str = doc("activation recompute: false, true (= full blocks) or selective (keep matmul/"
+                                    "attention outputs, recompute the elementwise ops)", default=False)
+    use_flash_attn: bool = doc("use flash-attn kernels when importable (SDPA/FlexAttention otherwise)", default=False)
+    compile_blocks: bool = doc("torch.compile each transformer block and the loss (GPU; fixed shapes)", default=False)
+    from_scratch: bool = doc("random init (pretraining): model_path needs only config + tokenizer", default=False)
     packing: bool = doc("pack several samples per row (no attention across them)", default=False)
     skip_bad_samples: bool = doc("skip and count malformed samples instead of stopping", default=False)
     data_weights: list[float] | None = doc("sampling weight per data file (default: 1 each)", default=None)
@@ -303,6 +306,8 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     if cfg.data_weights is not None and len(cfg.data_weights) != len(cfg.data_path):
         raise ConfigError(f"{where}: data_weights has {len(cfg.data_weights)} entries for "
                           f"{len(cfg.data_path)} data_path files")
+    if isinstance(cfg.use_grad_ckpt, str) and cfg.use_grad_ckpt not in ("none", "full", "selective"):
+        raise ConfigError(f"{where}: use_grad_ckpt must be true, false, full or selective, got {cfg.use_grad_ckpt!r}")
     if isinstance(cfg.resume, str) and cfg.resume != "auto":
         raise ConfigError(f"{where}: resume must be auto, true or false, got {cfg.resume!r}")
 

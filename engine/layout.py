@@ -54,11 +54,16 @@ def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> Path:
     return tag_dir
 
 
-def hf_dir_of(ckpt_dir: str | Path) -> Path:
-    hf = Path(ckpt_dir) / "hf"
-    if not (hf / "config.json").is_file():
-        raise LayoutError(f"{ckpt_dir}: no hf/config.json (was it written by convert_model.py hg_to_pp?)")
-    return hf
+def hf_dir_of(model_dir: str | Path) -> Path:
+    """Where config + tokenizer live: <dir>/hf for a pipeline checkpoint, or an HF model dir itself."""
+    for hf in (Path(model_dir) / "hf", Path(model_dir)):
+        if (hf / "config.json").is_file():
+            return hf
+    raise LayoutError(f"{model_dir}: neither a pipeline checkpoint (hf/config.json) nor an HF model dir (config.json)")
+
+
+def is_pipeline_dir(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / "latest").is_file()
 
 
 def load_layer(path: Path) -> dict[str, torch.Tensor]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from models import family_for_hf_config
-from models.blocks import AttnOptions, LayerOptions
-from models.pipeline import balanced_parts, build_pipeline, layer_groups
+from models.blocks import AttnOptions, LayerOptions, attn_impl
+from models.pipeline import balanced_parts, build_pipeline, init_weights, layer_groups
 
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -70,7 +70,9 @@ class Model:
 
 
 def layer_options(cfg: TrainConfig) -> LayerOptions:
-    return LayerOptions(attn=AttnOptions(packed=cfg.packing), grad_ckpt=bool(cfg.use_grad_ckpt))
+    impl = attn_impl(cfg.packing, cfg.use_flash_attn, D.on_gpu())
+    return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
+                        compile=cfg.compile_blocks)
 
 
 def wrapped_optimizer(cfg: TrainConfig) -> bool:
@@ -129,8 +131,10 @@ def train(cfg: TrainConfig) -> RunResult:
 
     torch.manual_seed(cfg.seed)
     module = build_pipeline(model.family, model.args, layer_options(cfg), topology, parts, cfg.seed)
-    if not resume:
-        ckpt.load_initial_weights(module, cfg.model_path)
+    if cfg.from_scratch:
+        init_weights(module, cfg.seed)
+    elif not resume:
+        ckpt.load_initial_weights(module, cfg.model_path, model.family, model.args)
     optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters())
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
     clip = None if wrapped_optimizer(cfg) else GlobalGradClip(

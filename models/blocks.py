@@ -302,7 +302,35 @@ class LayerOptions:
     """Per-run choices every family's layers honour (from the training config)."""
 
     attn: AttnOptions = AttnOptions()
-    grad_ckpt: bool = False  # recompute each transformer block in backward
+    # Activation recompute in backward: False/"none", True/"full" (whole block), or "selective"
+    # (keep matmul and attention outputs, recompute the cheap elementwise ops between them).
+    grad_ckpt: bool | str = False
+    compile: bool = False  # torch.compile each block (fixed shapes, one graph per block)
+
+    @property
+    def ckpt_mode(self) -> str:
+        mode = {True: "full", False: "none"}.get(self.grad_ckpt, self.grad_ckpt)
+        if mode not in CKPT_MODES:
+            raise ValueError(f"use_grad_ckpt must be one of true, false, {', '.join(CKPT_MODES)}; got {self.grad_ckpt!r}")
+        return mode
+
+
+CKPT_MODES = ("none", "full", "selective")
+# Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else in a block
+# (norms, rotary, activations, residual adds) is recomputed from them in backward.
+_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+              "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward")
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = {getattr(torch.ops.aten, name).default for name in _SAVED_OPS if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class BlockBase(nn.Module):
@@ -318,7 +346,9 @@ class BlockBase(nn.Module):
 
     def __init__(self, opts: LayerOptions):
         super().__init__()
-        self.grad_ckpt, self.attn_opts = opts.grad_ckpt, opts.attn
+        self.ckpt_mode, self.attn_opts = opts.ckpt_mode, opts.attn
+        if opts.compile:
+            self.compile_block()
 
     def block(self, x: torch.Tensor, position_ids: torch.Tensor, mask) -> torch.Tensor:
         raise NotImplementedError
@@ -331,9 +361,10 @@ class BlockBase(nn.Module):
         """`block`, recomputed in backward when checkpointing (a family whose block returns more
         than the hidden states, e.g. MoE router statistics, calls this from its own forward)."""
         mask = attention_mask(position_ids, self.attn_opts, self.window)
-        if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.block, x, position_ids, mask, use_reentrant=False)
-        return self.block(x, position_ids, mask)
+        if self.ckpt_mode == "none" or not (self.training and torch.is_grad_enabled()):
+            return self.block(x, position_ids, mask)
+        extra = {"context_fn": _selective_context} if self.ckpt_mode == "selective" else {}
+        return torch.utils.checkpoint.checkpoint(self.block, x, position_ids, mask, use_reentrant=False, **extra)
 
     def forward(self, inputs):
         x, position_ids = inputs

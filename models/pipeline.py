@@ -73,8 +73,31 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
         return TiedLayerSpec(d.tie, d.cls, args, opts, forward_fn=d.forward_fn, tied_weight_attr=family.TIED_WEIGHTS)
 
     bounds = stage_bounds(family, args, parts)
-    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=make_loss(family, args),
+    loss = make_loss(family, args)
+    if opts.compile and torch.cuda.is_available() and not hasattr(loss, "pop_metrics"):
+        loss = torch.compile(loss)  # fused cross-entropy: no fp32 copy of the logits is kept
+    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=loss,
                      seed_layers=True, base_seed=int(seed), partition_method="manual")
+
+
+def init_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Random init for training from scratch (HF's scheme: N(0, std) matrices and embeddings,
+    zero biases, unit norms). Seeded per layer index, so every pipeline layout gets the same
+    weights; tied twins are then synchronised from their first owner."""
+    layers = module.forward_funcs if hasattr(module, "forward_funcs") else list(module._modules.values())
+    start = getattr(module, "_local_start", 0)
+    for idx, layer in enumerate(layers):
+        if not isinstance(layer, nn.Module):
+            continue
+        gen = torch.Generator().manual_seed(seed * 100_003 + start + idx)
+        for name, p in layer.named_parameters():
+            with torch.no_grad():
+                if p.ndim >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                else:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+    if hasattr(module, "_synchronize_tied_weights"):
+        module._synchronize_tied_weights()
 
 
 class SequentialModel(nn.Module):

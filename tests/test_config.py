@@ -48,7 +48,7 @@ def test_gdgpt_spelling_and_string_data_path():
     (base(train_micro_batch_size_per_gpus=1), "did you mean 'train_micro_batch_size_per_gpu'?"),
     (base(model_topo={"partz": [3, 3]}), "unknown key 'model_topo.partz' (did you mean 'parts'?)"),
     (base(max_seq_len="long"), "'max_seq_len' must be int"),
-    (base(use_grad_ckpt="yes"), "'use_grad_ckpt' must be bool"),
+    (base(use_grad_ckpt=3), "'use_grad_ckpt' must be bool | str"),
     (base(train_micro_batch_size_per_gpu=0), "'train_micro_batch_size_per_gpu' must be a positive integer"),
     ({"data_path": "d", "save_path": "s"}, "missing required key 'model_path'"),
 ])
@@ -68,6 +68,7 @@ def test_parse_errors_name_the_key(raw, message):
     ({"optimizer": {"type": "Adamw"}}, 2, "optimizer.type 'Adamw' is not supported"),
     ({"zero_optimization": {"stage": 3}}, 2, "use train_ds_zero.py"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 2, "bf16 and fp16 are both enabled"),
+    ({"use_grad_ckpt": "yes"}, 2, "use_grad_ckpt must be true, false, full or selective"),
 ])
 def test_cross_field_rules(over, world, message):
     cfg = from_dict(base(**over), "x.yml")

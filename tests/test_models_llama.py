@@ -77,3 +77,18 @@ def test_packed_row_equals_documents_alone():
         unmasked = SequentialModel(llama, args).eval()
         unmasked.load_state_dict(state)
         assert not torch.allclose(unmasked(ids, pos)[0], row, atol=1e-3)  # the mask is doing something
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_gradients(mode):
+    hf = llama.tiny_hf_config()
+    _, state = reference(hf)
+    args = llama.Args.from_hf_config(hf)
+    ids = torch.randint(0, hf["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for m in ("none", mode):
+        model = SequentialModel(llama, args, LayerOptions(grad_ckpt=m)).train()
+        model.load_state_dict(state)
+        model(ids).float().logsumexp(-1).sum().backward()
+        grads[m] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.equal(grads["none"], grads[mode])

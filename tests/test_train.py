@@ -72,3 +72,13 @@ def test_resume_is_bitwise_identical(tiny_pp, tmp_path, precision):
     second = run(config(tiny_pp, tmp_path / "split", steps=6, **precision))
     assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]  # second run resumed, did not restart
     assert {**first, **second} == full  # exact float equality, step by step
+
+
+def test_train_straight_from_hf_dir_and_from_scratch(tiny_pp, tmp_path):
+    hf_dir = Path(tiny_pp).parent / "hf"
+    from_pp = run(config(tiny_pp, tmp_path / "a", steps=2))
+    from_hf = run(config(hf_dir, tmp_path / "b", steps=2))
+    assert from_hf == from_pp  # same weights whether converted first or read per stage from HF shards
+    scratch = run(config(hf_dir, tmp_path / "c", steps=2, from_scratch=True))
+    assert abs(scratch[1] - from_pp[1]) > 1e-3  # random init really replaced the checkpoint's weights
+    assert (tmp_path / "b" / "hf" / "config.json").is_file()  # export-ready: pp_to_hg finds config + tokenizer
