@@ -46,7 +46,7 @@ def load_initial_weights(module, model_path: str | Path, family, args) -> None:
     else:
         from .convert import HFWeights
 
-        weights, keys = HFWeights(Path(model_path)), family.hf_keys(args)
+        weights, keys = HFWeights(Path(model_path), getattr(family, "HF_BASE_PREFIX", "")), family.hf_keys(args)
 
         def layer_state(idx):
             return Path(model_path), {ours: weights.get(theirs) for ours, theirs in keys[idx].items()}

@@ -36,8 +36,8 @@ def expected_shapes(family, args) -> list[dict[str, torch.Size]]:
 class HFWeights:
     """Random access to the tensors of an HF model dir (safetensors or .bin, sharded or not)."""
 
-    def __init__(self, hf_dir: Path):
-        self.dir = hf_dir
+    def __init__(self, hf_dir: Path, base_prefix: str = ""):
+        self.dir, self.base_prefix = hf_dir, base_prefix
         self.where: dict[str, Path] = {}
         for index_name in INDEX_NAMES:
             if (hf_dir / index_name).is_file():
@@ -52,6 +52,7 @@ class HFWeights:
         if not self.where:
             raise LayoutError(f"{hf_dir}: no weights found (*.safetensors or pytorch_model*.bin)")
         self._bin_cache: tuple[Path, dict] | None = None
+        self._alias: dict[str, str] = {}
 
     @staticmethod
     def _keys(f: Path):
@@ -62,6 +63,7 @@ class HFWeights:
 
     def shape(self, key: str) -> tuple[int, ...]:
         f = self._file(key)
+        key = self._alias.get(key, key)
         if f.suffix == ".safetensors":
             with safe_open(f, "pt") as fh:
                 return tuple(fh.get_slice(key).get_shape())
@@ -69,12 +71,18 @@ class HFWeights:
 
     def get(self, key: str) -> torch.Tensor:
         f = self._file(key)
+        key = self._alias.get(key, key)
         if f.suffix == ".safetensors":
             with safe_open(f, "pt") as fh:
                 return fh.get_tensor(key)
         return self._bin(f)[key].clone()
 
     def _file(self, key: str) -> Path:
+        if key not in self.where and self.base_prefix and key.startswith(self.base_prefix):
+            bare = key[len(self.base_prefix):]  # some hub checkpoints store the base model unprefixed
+            if bare in self.where:
+                self.where[key] = self.where[bare]
+                self._alias[key] = bare
         if key not in self.where:
             raise LayoutError(f"{self.dir}: tensor '{key}' missing — not a checkpoint of this model family/size")
         f = self.where[key]
@@ -101,7 +109,7 @@ def hf_to_pp(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if not any((hf_dir / name).is_file() for name in TOKENIZER_FILES):
         raise LayoutError(f"{hf_dir}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}); "
                           "save the tokenizer with save_pretrained into this dir")
-    weights = HFWeights(hf_dir)
+    weights = HFWeights(hf_dir, getattr(family, "HF_BASE_PREFIX", ""))
     for idx, (names, want) in enumerate(zip(keys, shapes)):  # verify everything before writing
         if set(names) != set(want):
             raise LayoutError(f"family {family.__name__}: key map of layer {idx} does not match its parameters")
@@ -162,17 +170,23 @@ def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     family = family_for_hf_config(hf, str(hf_src / "config.json"))
     args = family.Args.from_hf_config(hf)
     keys, shapes = family.hf_keys(args), expected_shapes(family, args)
-    dtypes = set()
-    for idx, want in enumerate(shapes):  # verify every layer file before writing anything
+    dtypes, seen, twins = set(), set(), set()
+    for idx, (want, names) in enumerate(zip(shapes, keys)):  # verify every layer file before writing anything
+        if set(names.values()) <= seen and not layer_file(tag_dir, idx).exists():
+            twins.add(idx)  # a tied twin: DeepSpeed writes no file for it, its owner holds the weight
+            continue
         state = load_layer(layer_file(tag_dir, idx))
         check_layer(layer_file(tag_dir, idx), state, want)
         dtypes |= {t.dtype for t in state.values()}
+        seen |= set(names.values())
     extra = layer_file(tag_dir, len(shapes))
     if extra.exists():
         raise LayoutError(f"{extra}: checkpoint has more layers than config.json describes — another model")
     with StagingDir(out_dir) as tmp:
         writer, written = ShardWriter(tmp, max_shard_bytes), set()
         for idx, names in enumerate(keys):
+            if idx in twins:
+                continue
             state = load_layer(layer_file(tag_dir, idx))
             for ours, theirs in names.items():
                 if theirs not in written:  # a tied twin repeats its key

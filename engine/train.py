@@ -172,7 +172,7 @@ def train(cfg: TrainConfig) -> RunResult:
                       "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tok_s_gpu,
                       "mfu": tok_s_gpu * fpt / PEAK_FLOPS, "step_time_s": dt}
             if loss_metrics is not None:
-                record.update(loss_metrics())
+                record.update(last_stage_metrics(engine, loss_metrics, cfg.grad_accum))
             metrics_log.log(record)
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total:
                 result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
@@ -182,6 +182,18 @@ def train(cfg: TrainConfig) -> RunResult:
         metrics_log.close()
     result.final_step = step
     return result
+
+
+def last_stage_metrics(engine, pop_metrics, grad_accum: int) -> dict:
+    """The loss function's own metrics (e.g. MoE aux loss), computed on the last stage: popped
+    there, sent to every stage of this pipeline, averaged over the step's micro-batches."""
+    import torch.distributed as dist
+
+    box = [{k: v / grad_accum for k, v in pop_metrics().items()} if engine.is_last_stage() else None]
+    if engine.num_stages > 1:
+        src = engine.grid.stage_to_global(engine.num_stages - 1)
+        dist.broadcast_object_list(box, src=src, group=engine.grid.get_pipe_parallel_group())
+    return box[0]
 
 
 def _grad_norm(engine) -> float | None:

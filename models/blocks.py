@@ -238,8 +238,14 @@ def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
     """
     b, h, s, d = q.shape
     gqa = k.shape[1] != h
-    if opts.impl == "flex" and bias is None and mask is not None:
-        out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    if opts.impl == "flex" and mask is not None:
+        score_mod = None
+        if bias is not None:  # ALiBi as a score modifier: flex still skips cross-document tiles
+            full = bias.to(q.dtype).expand(b, h, 1, s)
+
+            def score_mod(score, bi, hi, qi, ki):
+                return score + full[bi, hi, 0, ki]
+        out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b, s, h * d)
     if opts.impl == "flash" and bias is None and mask is None:
         from flash_attn import flash_attn_func

@@ -16,6 +16,7 @@ from .blocks import AttnOptions, BlockBase, LayerDef, LayerOptions, alibi_bias, 
 
 MODEL_TYPES = ("bloom",)
 HF_ARCHITECTURE = "BloomForCausalLM"
+HF_BASE_PREFIX = "transformer."  # bigscience's hub checkpoints store the base model's keys without it
 TIED_WEIGHTS = ["word_embeddings.weight"]  # shared by embedding and head when tie_word_embeddings
 
 

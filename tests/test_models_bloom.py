@@ -95,7 +95,7 @@ def test_matches_transformers(hf_dir, impl):
     assert abs(float(loss) - float(ref.loss)) < ATOL
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex"])
 def test_packed_row_equals_documents(hf_dir, impl):
     """Two documents packed in one row (positions restart) give each document's own logits:
     no attention across them, ALiBi distances within each."""

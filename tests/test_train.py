@@ -82,3 +82,18 @@ def test_train_straight_from_hf_dir_and_from_scratch(tiny_pp, tmp_path):
     scratch = run(config(hf_dir, tmp_path / "c", steps=2, from_scratch=True))
     assert abs(scratch[1] - from_pp[1]) > 1e-3  # random init really replaced the checkpoint's weights
     assert (tmp_path / "b" / "hf" / "config.json").is_file()  # export-ready: pp_to_hg finds config + tokenizer
+
+
+def test_moe_aux_loss_reaches_the_metrics_under_pp(tmp_path):
+    from engine.convert import hf_to_pp
+    from models.tiny import make_tiny_hf_model, sample_texts
+
+    make_tiny_hf_model(tmp_path / "hf", "mixtral", sample_texts(DATA))
+    hf_to_pp(tmp_path / "hf", tmp_path / "pp")
+    losses = run(config(tmp_path / "pp", tmp_path / "run", steps=2))
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:  # logged on rank 0 (first stage); computed on the last stage
+        assert m["aux_loss"] > 0.5 and m["lm_loss"] > 1.0
+        assert abs(m["loss"] - losses[m["step"]]) < 1e-6
+        coef = json.loads((tmp_path / "hf" / "config.json").read_text())["router_aux_loss_coef"]
+        assert abs(m["loss"] - (m["lm_loss"] + coef * m["aux_loss"])) < 1e-4  # the parts add up to the loss
