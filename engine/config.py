@@ -77,6 +77,7 @@ class TrainConfig:
     prompt_template: str = doc("'default' or 'chat_template' (the tokenizer's own)", default="default")
     cache_dir: str | None = doc("tokenized-data cache (default: <save_path>/data_cache)", default=None)
     save_every_steps: int = doc("checkpoint every N global steps (0 = only at the end)", default=0)
+    save_at_end: bool = doc("write a checkpoint when training ends (benchmarks turn it off)", default=True)
     keep_last: int = doc("keep the newest N checkpoint tags (0 = keep all)", default=0)
     resume: bool | str = doc("'auto': continue from save_path if it has a checkpoint; true: must; false: never",
                              default="auto")

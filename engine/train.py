@@ -102,7 +102,7 @@ def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
     from data.dataset import build_dataset
     from data.loader import StepLoader
 
-    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir, trust_remote_code=True)  # public baichuan/chatglm ship theirs as code
     dataset = build_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, weights=cfg.data_weights,
                             packing=cfg.packing, skip_bad_samples=cfg.skip_bad_samples, template=cfg.prompt_template,
                             cache_dir=cfg.cache_dir or str(Path(cfg.save_path) / "data_cache"), seed=cfg.seed)
@@ -176,7 +176,7 @@ def train(cfg: TrainConfig) -> RunResult:
             metrics_log.log(record)
             if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total:
                 result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
-        if step > start and (result.checkpoint is None or ckpt.tag_step(result.checkpoint.name) != step):
+        if cfg.save_at_end and step > start and (result.checkpoint is None or ckpt.tag_step(result.checkpoint.name) != step):
             result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
     finally:
         metrics_log.close()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels, check the fast path's numerics, then time the cases
+# given as arguments ("name seq [--set k=v ...]" per case, ';'-separated) and print the table.
+# Example (2 GPUs): bash bench/run_gpu.sh "pp2_s2048 2048 --set model_topo.process_topology.dims=[2,1]"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUTDIR=${OUT:-/tmp/out}; mkdir -p "$OUTDIR"
+BENCH=/tmp/bench
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+[ -n "${SKIP_CHECK:-}" ] || python3 bench/gpu_check.py 2>&1 | grep -v Warning | tail -6
+[ -d $BENCH/llama7b ] || python3 bench/bench_train.py prepare --out $BENCH --samples ${SAMPLES:-4000} ${SHAPE:+--shape $SHAPE} | tail -1
+IFS=';' read -ra CASES <<< "$1"
+for case in "${CASES[@]}"; do
+  read -ra parts <<< "$case"
+  name=${parts[0]}; seq=${parts[1]}; rest=("${parts[@]:2}")
+  echo "=== $name (seq $seq) $(date +%T)"
+  timeout ${CASE_TIMEOUT:-400} torchrun --nproc_per_node "$NGPU" bench/bench_train.py run --out $BENCH --name "$name" \
+    --seq "$seq" "${rest[@]}" > "$OUTDIR/$name.log" 2>&1
+  echo "exit $? $(date +%T)"; grep -E "Error|error:|Traceback|OutOfMemory" "$OUTDIR/$name.log" | grep -v Warning | tail -3
+done
+python3 bench/bench_train.py table --out $BENCH --warmup ${WARMUP:-3} | tee "$OUTDIR/table.txt"
