@@ -68,9 +68,17 @@ def make_tiny_hf_model(out_dir: str | Path, family_name: str = "llama", texts: l
     out_dir = Path(out_dir)
     family = get_family(family_name)
     cfg = family.tiny_hf_config(**config_overrides)
-    model_type = cfg.pop("model_type")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    if hasattr(family, "REMOTE_CODE_DIR"):  # transformers lacks the family: our remote code builds it
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in Path(family.REMOTE_CODE_DIR).glob("*.py"):
+            shutil.copy2(f, out_dir / f.name)
+        (out_dir / "config.json").write_text(json.dumps(family.export_hf_config(cfg), indent=2))
+        config = AutoConfig.from_pretrained(out_dir, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    else:
+        model_type = cfg.pop("model_type")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
     model.save_pretrained(out_dir)
     make_tiny_tokenizer(out_dir, texts or ["a tiny model that knows nothing yet"] * 4)
     return out_dir
