@@ -11,14 +11,19 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
+import torch
+
 from . import distributed as D
+from . import faults, reshape
 from .config import TrainConfig, save_config
 from .layout import (LayoutError, check_layer, copy_hf_side_files, fsync_tree, is_pipeline_dir, layer_file, load_layer,
                      resolve_tag, write_text_atomic)
 
-META = "meta.json"  # {"family", "n_layers", "step"}: lets resume refuse another model's checkpoint
+META = "meta.json"  # {"family", "n_layers", "step", "layout", "files"}: refuse another model's or a damaged
+#                     checkpoint; "layout" (pp, dp, parts, ZeRO stage, dtype) picks the reshape path
 
 
 def tag_name(step: int) -> str:
@@ -59,67 +64,165 @@ def load_initial_weights(module, model_path: str | Path, family, args) -> None:
     module._synchronize_tied_weights()
 
 
+def layout_of(cfg: TrainConfig, n_layers: int) -> dict:
+    """What DeepSpeed's own optimizer files depend on; any change needs the reshape path."""
+    from models.pipeline import balanced_parts
+
+    parts = cfg.model_topo.parts if isinstance(cfg.model_topo.parts, list) else balanced_parts(n_layers, cfg.pipe_dim)
+    zero = cfg.ds.get("zero_optimization", {}).get("stage", 0)
+    if cfg.dtype == "bf16":
+        zero = max(zero, 1)  # what train.deepspeed_config runs
+    return {"pp": cfg.pipe_dim, "dp": cfg.data_dim, "parts": list(parts), "zero_stage": zero, "dtype": cfg.dtype}
+
+
+def _shared_storage(root: Path, tmp: Path) -> bool:
+    """Whether every node sees rank 0's files under save_path (one publisher) or each node has its
+    own disk (one publisher per node, as with DeepSpeed's use_node_local_storage)."""
+    import torch.distributed as tdist
+
+    if D.world_size() == 1 or not tdist.is_initialized():
+        return True
+    nonce = [None]
+    if D.rank() == 0:
+        nonce[0] = f".probe-{os.getpid()}-{time.time_ns()}"
+        (tmp / nonce[0]).write_text("")
+    tdist.broadcast_object_list(nonce, src=0)
+    seen = torch.tensor([int((tmp / nonce[0]).exists())])
+    tdist.all_reduce(seen, op=tdist.ReduceOp.MIN)
+    D.barrier()
+    if D.rank() == 0:
+        (tmp / nonce[0]).unlink()
+    return bool(seen.item())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def manifest(tag_dir: Path) -> dict[str, int]:
+    """{relative path: size} of every file in a tag (meta.json itself excluded)."""
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != META}
+
+
 def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, hf_dir: Path) -> Path:
-    """Save a complete, atomically published checkpoint tag for `step` (call on every rank)."""
+    """Save a complete, atomically published checkpoint tag for `step` (call on every rank).
+
+    DeepSpeed writes `.tmp-<tag>/`; the publisher (global rank 0 on a shared filesystem, local
+    rank 0 of each node on node-local disks) adds config.yml and meta.json (with a size manifest
+    of every file), fsyncs the tree, renames it to `<tag>` and only then replaces `latest`.
+    """
     root = Path(cfg.save_path)
     tag = tag_name(step)
     tmp_tag = f".tmp-{tag}"
+    tmp = root / tmp_tag
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    D.barrier()
     if D.rank() == 0:
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        tmp.mkdir(parents=True)
     D.barrier()
+    publisher = D.rank() == 0 if _shared_storage(root, tmp) else int(os.environ.get("LOCAL_RANK", "0")) == 0
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    if cfg.reshape_state:
+        reshape.save(engine, tmp)
+    layout = layout_of(cfg, n_layers)
     D.barrier()
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one publisher per node (save_path may be node-local)
-        tmp = root / tmp_tag
-        if tmp.is_dir():
-            save_config(cfg, tmp / "config.yml")
-            (tmp / META).write_text(json.dumps({"family": family_name, "n_layers": n_layers, "step": step}))
-            if not (root / "hf").is_dir():
-                copy_hf_side_files(hf_dir, root / "hf")
-            fsync_tree(tmp)
-            stale = root / tag  # a tag `latest` never pointed at (crash before it moved)
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            try:
-                os.replace(tmp, root / tag)
-            except FileNotFoundError:  # another node's publisher on a shared filesystem won the race
-                pass
-            write_text_atomic(root / "latest", tag)
-            rotate(root, cfg.keep_last)
+    if publisher and tmp.is_dir():
+        faults.pause_in_save(root, step)  # test hook: a kill "while writing a checkpoint" made deterministic
+        save_config(cfg, tmp / "config.yml")
+        meta = {"family": family_name, "n_layers": n_layers, "step": step, "layout": layout, "files": manifest(tmp)}
+        (tmp / META).write_text(json.dumps(meta))
+        if not (root / "hf").is_dir():
+            copy_hf_side_files(hf_dir, root / "hf")
+        fsync_tree(tmp)
+        stale = root / tag  # a tag `latest` never pointed at (crash between rename and `latest`)
+        if stale.is_dir() and _latest(root) != tag:
+            shutil.rmtree(stale)
+        os.replace(tmp, root / tag)
+        fsync_dir(root)
+        write_text_atomic(root / "latest", tag)
+        fsync_dir(root)
+        rotate(root, cfg.keep_last)
     D.barrier()
     return root / tag
+
+
+def _latest(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def rotate(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` tags; never the one `latest` names."""
     if keep_last <= 0:
         return
-    current = (root / "latest").read_text().strip()
-    tags = sorted((p for p in root.iterdir() if p.is_dir() and tag_step(p.name) >= 0), key=lambda p: tag_step(p.name))
+    current = _latest(root)
+    newest = tag_step(current) if current else 10**18  # tags past `latest` are not ours to count or delete
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and 0 <= tag_step(p.name) <= newest),
+                  key=lambda p: tag_step(p.name))
     for old in tags[:-keep_last]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def clean_partial(root: Path, log) -> None:
-    """Report and remove half-written tags left by a crash (never loaded: `latest` cannot name them)."""
+    """Report and remove what a crash mid-save leaves: `.tmp-<tag>` dirs (never loaded: `latest`
+    cannot name them) and half-written `latest` replacements. A tag renamed into place just before
+    the crash (newer than `latest`) is kept until that step is saved again, which replaces it."""
     if not root.is_dir() or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     for p in sorted(root.glob(".tmp-*")):
         log(f"removing partial checkpoint {p} (interrupted while saving)")
         shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".latest.tmp-*"):
+        p.unlink(missing_ok=True)
 
 
-def resume(engine, cfg: TrainConfig, family_name: str, n_layers: int) -> int:
-    """Load the checkpoint `latest` names into the engine; return the next step to run."""
+def _checked_meta(cfg: TrainConfig, family_name: str, n_layers: int) -> tuple[Path, dict]:
     tag_dir = resolve_tag(cfg.save_path)
     meta_path = tag_dir / META
     if not meta_path.is_file():
         raise LayoutError(f"{tag_dir}: not a training checkpoint of ours (no {META})")
-    meta = json.loads(meta_path.read_text())
-    if meta["family"] != family_name or meta["n_layers"] != n_layers:
-        raise LayoutError(f"{tag_dir}: checkpoint of a {meta['family']} model with {meta['n_layers']} layers, "
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise LayoutError(f"{meta_path}: not valid JSON (damaged checkpoint)") from None
+    if meta.get("family") != family_name or meta.get("n_layers") != n_layers:
+        raise LayoutError(f"{tag_dir}: checkpoint of a {meta.get('family')} model with {meta.get('n_layers')} layers, "
                           f"but model_path is a {family_name} model with {n_layers}")
+    for rel, size in meta.get("files", {}).items():
+        f = tag_dir / rel
+        if not f.is_file():
+            raise LayoutError(f"{f}: missing from checkpoint {tag_dir.name} (damaged; remove the tag and point "
+                              f"'latest' at an older one)")
+        if f.stat().st_size != size:
+            raise LayoutError(f"{f}: {f.stat().st_size} bytes, the checkpoint recorded {size} (truncated or damaged)")
+    return tag_dir, meta
+
+
+def layout_changed(cfg: TrainConfig, family_name: str, n_layers: int) -> bool:
+    """Whether the checkpoint `latest` names was saved on another pp x dp layout / parts / precision."""
+    _, meta = _checked_meta(cfg, family_name, n_layers)
+    return meta.get("layout") not in (None, layout_of(cfg, n_layers))
+
+
+def resume(engine, cfg: TrainConfig, family_name: str, n_layers: int) -> int:
+    """Load the checkpoint `latest` names into the engine; return the next step to run.
+
+    Same layout: DeepSpeed's own load. Another layout (the weights were already loaded from the
+    tag's layer files before the engine was built): optimizer state from the topology-free copy.
+    """
+    tag_dir, meta = _checked_meta(cfg, family_name, n_layers)
+    if meta.get("layout") not in (None, layout_of(cfg, n_layers)):
+        reshape.load(engine, tag_dir)
+        return int(meta["step"])
     path, client = engine.load_checkpoint(cfg.save_path, tag=tag_dir.name, load_module_strict=True)
     if path is None:
         raise LayoutError(f"{tag_dir}: DeepSpeed could not load this checkpoint")

@@ -6,9 +6,10 @@ import os
 import sys
 
 from .config import ConfigError, help_text, load_config
+from .control import NonFiniteLoss
 from .layout import LayoutError
 
-USER_ERRORS = (ConfigError, LayoutError, FileNotFoundError)
+USER_ERRORS = (ConfigError, LayoutError, FileNotFoundError, NonFiniteLoss)
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:

@@ -78,7 +78,14 @@ class TrainConfig:
     cache_dir: str | None = doc("tokenized-data cache (default: <save_path>/data_cache)", default=None)
     save_every_steps: int = doc("checkpoint every N global steps (0 = only at the end)", default=0)
     save_at_end: bool = doc("write a checkpoint when training ends (benchmarks turn it off)", default=True)
-    keep_last: int = doc("keep the newest N checkpoint tags (0 = keep all)", default=0)
+    save_every_minutes: float = doc("also checkpoint when this much wall time passed since the last save "
+                                    "(0 = off; rank 0's clock decides for all ranks)", default=0.0)
+    keep_last: int = doc("keep the newest N checkpoint tags (0 = keep all); never deletes the one 'latest' names",
+                         default=0)
+    reshape_state: bool = doc("also save a topology-free optimizer copy (<tag>/optim/) so a checkpoint resumes on "
+                              "another pp x dp layout or parts", default=True)
+    on_nonfinite_loss: str = doc("stop: exit with an error (the bad update is not applied, the last checkpoint is "
+                                 "kept); skip: drop that step's update and go on (logged as skipped)", default="stop")
     resume: bool | str = doc("'auto': continue from save_path if it has a checkpoint; true: must; false: never",
                              default="auto")
     model_topo: ModelTopo = doc("pipeline/data-parallel layout", default_factory=ModelTopo)
@@ -309,6 +316,11 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
                           f"{len(cfg.data_path)} data_path files")
     if isinstance(cfg.use_grad_ckpt, str) and cfg.use_grad_ckpt not in ("none", "full", "selective"):
         raise ConfigError(f"{where}: use_grad_ckpt must be true, false, full or selective, got {cfg.use_grad_ckpt!r}")
+    for key in ("save_every_steps", "save_every_minutes", "keep_last", "max_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    if cfg.on_nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(f"{where}: on_nonfinite_loss must be stop or skip, got {cfg.on_nonfinite_loss!r}")
     if isinstance(cfg.resume, str) and cfg.resume != "auto":
         raise ConfigError(f"{where}: resume must be auto, true or false, got {cfg.resume!r}")
 

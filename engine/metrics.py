@@ -13,6 +13,25 @@ def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> 
     return 6 * n_params + 12 * n_layers * hidden * seq_len
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records of steps after `last_step` (the step a run resumes from): steps run after the
+    last checkpoint by a killed run are run again, and each step keeps exactly one record."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+    if keep != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
 class Metrics:
     """Append one JSON line per step to <save_path>/metrics.jsonl and drive a tqdm bar."""
 
@@ -24,6 +43,7 @@ class Metrics:
             from tqdm import tqdm
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path, start_step)
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.t_last = time.perf_counter()
 

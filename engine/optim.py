@@ -43,16 +43,30 @@ class GlobalGradClip:
 
     DeepSpeed's fp32 path (no bf16/fp16/ZeRO wrapper) clips with a norm that counts only the
     first stage's gradients under pipeline parallelism and records no norm; its bf16 and ZeRO
-    wrappers do it right. Here, as an optimizer-step pre-hook: sum squares over this stage (tied
-    twins counted once), all-reduce over the stages, clip, remember the norm.
+    wrappers do it right. Here, around the client optimizer's step: sum squares over this stage
+    (tied twins counted once), all-reduce over the stages, clip, remember the norm. A non-finite
+    norm skips the update the way DeepSpeed's wrappers do (`optimizer.overflow = True`: the engine
+    then skips the LR step and `engine.was_step_applied()` is False); every rank sees the same norm.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, module, max_norm: float, group):
         self.module, self.max_norm, self.group = module, max_norm, group
         self.norm: float | None = None
-        optimizer.register_step_pre_hook(self._hook)
+        self.optimizer, self._step = optimizer, optimizer.step
+        optimizer.overflow = False
+        optimizer.step = self.step  # our own optimizer object (built in build_optimizer), not a library's
 
-    def _hook(self, optimizer, args, kwargs):
+    def step(self, *args, **kwargs):
+        import math
+
+        self._clip()
+        self.optimizer.overflow = not math.isfinite(self.norm)
+        if self.optimizer.overflow:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        return self._step(*args, **kwargs)
+
+    def _clip(self):
         import torch.distributed as dist
 
         grads = [p.grad for p in self.module.parameters()

@@ -18,15 +18,13 @@ from models.blocks import AttnOptions, LayerOptions, attn_impl
 from models.pipeline import balanced_parts, build_pipeline, init_weights, layer_groups
 
 from . import checkpoint as ckpt
+from . import faults
 from . import distributed as D
+from .control import NonFiniteLoss, RunControl
 from .config import ConfigError, TrainConfig, validate
 from .layout import hf_dir_of, read_hf_config
 from .metrics import PEAK_FLOPS, Metrics, flops_per_token
 from .optim import GlobalGradClip, build_optimizer
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @dataclass
@@ -34,6 +32,7 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss
     final_step: int = 0
     checkpoint: Path | None = None
+    interrupted: bool = False  # stopped early by SIGTERM/SIGINT (after saving)
 
 
 @dataclass
@@ -129,9 +128,15 @@ def train(cfg: TrainConfig) -> RunResult:
     if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
         raise ConfigError(f"{cfg.source}: resume is true but {cfg.save_path} has no checkpoint")
 
+    coord = topology.get_coord(D.rank())
+    dataset, loader = build_data(cfg, model, coord.data, cfg.data_dim)  # bad data fails before allocation
+    reshaped = resume and ckpt.layout_changed(cfg, model.name, model.n_layers)
+
     torch.manual_seed(cfg.seed)
     module = build_pipeline(model.family, model.args, layer_options(cfg), topology, parts, cfg.seed)
-    if cfg.from_scratch:
+    if reshaped:  # saved on another layout: weights from its layer files, optimizer state in ckpt.resume
+        ckpt.load_initial_weights(module, cfg.save_path, model.family, model.args)
+    elif cfg.from_scratch:
         init_weights(module, cfg.seed)
     elif not resume:
         ckpt.load_initial_weights(module, cfg.model_path, model.family, model.args)
@@ -139,9 +144,6 @@ def train(cfg: TrainConfig) -> RunResult:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
     clip = None if wrapped_optimizer(cfg) else GlobalGradClip(
         optimizer, module, float(cfg.ds.get("gradient_clipping", 0.0)), engine.grid.get_model_parallel_group())
-
-    coord = topology.get_coord(D.rank())
-    dataset, loader = build_data(cfg, model, coord.data, cfg.data_dim)
     total = min(loader.total_steps, cfg.max_steps) if cfg.max_steps else loader.total_steps
     is_logger = D.rank() == 0
     if is_logger:
@@ -155,6 +157,8 @@ def train(cfg: TrainConfig) -> RunResult:
     fpt = flops_per_token(model.n_params(), model.args.num_layers, model.args.hidden_size, cfg.max_seq_len)
     loss_metrics = getattr(module.loss_fn, "pop_metrics", None)
     result, start = RunResult(final_step=step), step
+    faults.wrap_loss(module, lambda: step + 1)
+    control = RunControl(cfg.save_every_minutes, is_logger)
     try:
         while step < total:
             t0 = time.perf_counter()
@@ -162,8 +166,7 @@ def train(cfg: TrainConfig) -> RunResult:
             loss = float(engine.train_batch(iter(loader.micro_batches(step))))
             dt = time.perf_counter() - t0
             step += 1
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"step {step}: loss is {loss}; stopping (last checkpoint is kept)")
+            skipped = not engine.was_step_applied() or not math.isfinite(loss)
             result.losses[step] = loss
             tokens = loader.tokens(step - 1)
             tok_s_gpu = tokens / dt / D.world_size()
@@ -173,12 +176,25 @@ def train(cfg: TrainConfig) -> RunResult:
                       "mfu": tok_s_gpu * fpt / PEAK_FLOPS, "step_time_s": dt}
             if loss_metrics is not None:
                 record.update(last_stage_metrics(engine, loss_metrics, cfg.grad_accum))
+            if skipped:
+                record["skipped"] = True
             metrics_log.log(record)
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total:
+            if skipped and cfg.on_nonfinite_loss == "stop":
+                raise NonFiniteLoss(f"step {step}: loss is {loss}; its update was not applied; stopping (set "
+                                    f"on_nonfinite_loss: skip to go on; the last checkpoint is kept)")
+            stop, timed = control.poll()
+            if (stop or timed or cfg.save_every_steps and step % cfg.save_every_steps == 0) and step < total:
                 result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
+                control.saved()
+            if stop:
+                metrics_log.message(f"{control.signal or 'signal'} received: saved {result.checkpoint} at step "
+                                    f"{step}; run the same command to resume")
+                result.interrupted = True
+                break
         if cfg.save_at_end and step > start and (result.checkpoint is None or ckpt.tag_step(result.checkpoint.name) != step):
             result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
     finally:
+        control.restore()
         metrics_log.close()
     result.final_step = step
     return result

@@ -1,0 +1,55 @@
+"""What may end or interrupt the loop between steps: signals, wall-clock saves, non-finite losses.
+
+Every decision is taken collectively, so all ranks save (a collective) or stop at the same step:
+one small all-reduce per step carries "a signal arrived here" (any rank) and "save now by wall
+time" (decided on rank 0 only; other ranks' clocks do not vote).
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+
+class NonFiniteLoss(RuntimeError):
+    """on_nonfinite_loss: stop — reported as one line; the update of that step was not applied."""
+
+
+class RunControl:
+    def __init__(self, save_every_minutes: float, is_rank0: bool):
+        self.period = save_every_minutes * 60.0
+        self.is_rank0 = is_rank0
+        self.last_save = time.monotonic()
+        self.signal: str | None = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. embedded use): no handlers
+                pass
+
+    def _handler(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop waiting for the step to end
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def poll(self) -> tuple[bool, bool]:
+        """(stop, save_by_time), identical on every rank."""
+        import torch.distributed as dist
+
+        timed = self.is_rank0 and self.period > 0 and time.monotonic() - self.last_save >= self.period
+        flags = torch.tensor([int(self.signal is not None), int(timed)])
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])

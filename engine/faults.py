@@ -1,0 +1,46 @@
+"""Test-only fault injection, driven by environment variables (unset in normal runs: no effect).
+
+PPLLM_TEST_PAUSE_IN_SAVE=<step>:<seconds>  the checkpoint publisher, after DeepSpeed has written
+    `.tmp-global_step<step>` and before anything is published, creates `<save_path>/.paused-<step>`
+    and sleeps: a test can SIGKILL "while a checkpoint is being written" deterministically.
+PPLLM_TEST_NAN_AT_STEP=<step>[,<step>...]  the loss of those global steps (1-based) is NaN, which
+    makes every gradient NaN (exercises on_nonfinite_loss).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def pause_in_save(root: Path, step: int) -> None:
+    spec = os.environ.get("PPLLM_TEST_PAUSE_IN_SAVE")
+    if not spec:
+        return
+    at, seconds = spec.split(":")
+    if int(at) == step:
+        (root / f".paused-{step}").write_text(str(os.getpid()))
+        time.sleep(float(seconds))
+
+
+def nan_steps() -> set[int]:
+    spec = os.environ.get("PPLLM_TEST_NAN_AT_STEP", "")
+    return {int(s) for s in spec.split(",") if s.strip()}
+
+
+def wrap_loss(module, current_step) -> None:
+    """Make module.loss_fn return NaN on the steps PPLLM_TEST_NAN_AT_STEP names; `current_step()`
+    is the 1-based step being run."""
+    steps = nan_steps()
+    if not steps or module.loss_fn is None:
+        return
+    inner = module.loss_fn
+
+    def loss_fn(outputs, labels):
+        loss = inner(outputs, labels)
+        return loss * float("nan") if current_step() in steps else loss
+
+    for name in ("pop_metrics",):
+        if hasattr(inner, name):
+            setattr(loss_fn, name, getattr(inner, name))
+    module.loss_fn = loss_fn

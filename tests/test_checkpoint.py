@@ -1,0 +1,118 @@
+"""Checkpoints on 2 gloo ranks: reshape across layouts, non-finite steps, wall-clock saves,
+rotation and the publish protocol (the kill -9 / signal / multi-node tests run the real CLI:
+tests/test_kill_resume.py)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+from tests.test_train import DATA, _train, config, run  # the shared 2-rank training helpers
+
+
+@pytest.fixture(scope="module")
+def tiny_pp(tmp_path_factory):
+    from engine.convert import hf_to_pp
+    from models.tiny import make_tiny_hf_model, sample_texts
+
+    root = tmp_path_factory.mktemp("model")
+    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
+    return hf_to_pp(root / "hf", root / "pp")
+
+
+LAYOUTS = {"pp2": dict(dims=(2, 1), parts=(3, 3)), "pp2-parts24": dict(dims=(2, 1), parts=(2, 4)),
+           "dp2": dict(dims=(1, 2), parts=(6,), gradient_accumulation_steps=1)}
+
+
+@pytest.mark.parametrize("zero", [{}, {"zero_optimization": {"stage": 1}}], ids=["fp32", "zero1"])
+def test_reshape_continues_like_the_original_layout(tiny_pp, tmp_path, zero):
+    """Save on pp=2 x dp=1, continue on dp=2 and on other parts: the same losses as continuing on
+    pp=2 (fp32 tolerance: reductions are ordered differently), optimizer state included."""
+    run(config(tiny_pp, tmp_path / "base", steps=3, **LAYOUTS["pp2"], **zero))
+    assert (tmp_path / "base" / "global_step3" / "optim" / "common.pt").is_file()
+    losses = {}
+    for name, layout in LAYOUTS.items():
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+        losses[name] = run(config(tiny_pp, tmp_path / name, steps=6, **{**layout, **zero}))
+        assert sorted(losses[name]) == [4, 5, 6], name  # resumed, not restarted
+    for name in ("pp2-parts24", "dp2"):
+        for s in (4, 5, 6):
+            assert losses[name][s] == pytest.approx(losses["pp2"][s], rel=2e-5, abs=2e-5), (name, s, losses)
+    # without the optimizer state the continuation would differ visibly (Adam restarts its moments)
+    shutil.copytree(tmp_path / "base", tmp_path / "fresh-optim")
+    shutil.rmtree(tmp_path / "fresh-optim" / "global_step3" / "optim")
+    meta = tmp_path / "fresh-optim" / "global_step3" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("optim/")}
+    meta.write_text(json.dumps(m))
+    with pytest.raises(AssertionError, match="no topology-free optimizer state"):
+        run(config(tiny_pp, tmp_path / "fresh-optim", steps=6, **{**LAYOUTS["dp2"], **zero}))
+
+
+def _params(tag_dir: Path) -> dict:
+    out = {}
+    for f in sorted(tag_dir.glob("layer_*-model_states.pt")):
+        out.update({f"{f.name}:{k}": v for k, v in torch.load(f, weights_only=True).items()})
+    return out
+
+
+def test_nonfinite_step_is_skipped_without_touching_weights(tiny_pp, tmp_path, monkeypatch):
+    monkeypatch.setenv("PPLLM_TEST_NAN_AT_STEP", "3")  # spawned ranks inherit it
+    losses, other = run_ranks(_train, 2, config(tiny_pp, tmp_path / "run", steps=4, save_every_steps=1,
+                                                on_nonfinite_loss="skip"))
+    assert str(losses) == str(other)  # NaN != NaN
+    assert losses[3] != losses[3] and all(losses[s] == losses[s] for s in (1, 2, 4))  # NaN only at 3
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False]
+    before, after = _params(tmp_path / "run" / "global_step2"), _params(tmp_path / "run" / "global_step3")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    fourth = _params(tmp_path / "run" / "global_step4")
+    assert any(not torch.equal(after[k], fourth[k]) for k in after)  # training went on
+
+
+def test_nonfinite_stop_keeps_the_last_checkpoint(tiny_pp, tmp_path, monkeypatch):
+    monkeypatch.setenv("PPLLM_TEST_NAN_AT_STEP", "3")
+    with pytest.raises(AssertionError, match="step 3: loss is nan; its update was not applied"):
+        run(config(tiny_pp, tmp_path / "run", steps=4, save_every_steps=2))
+    assert (tmp_path / "run" / "latest").read_text() == "global_step2"
+    assert not list((tmp_path / "run").glob("*global_step3*")) and not list((tmp_path / "run").glob("*global_step4*"))
+
+
+def test_time_based_saves_and_rotation(tiny_pp, tmp_path):
+    run(config(tiny_pp, tmp_path / "run", steps=5, save_every_minutes=1e-9, keep_last=2))
+    root = tmp_path / "run"
+    assert (root / "latest").read_text() == "global_step5"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("global_step")) == ["global_step4",
+                                                                                         "global_step5"]
+    meta = json.loads((root / "global_step5" / "meta.json").read_text())
+    assert meta["layout"] == {"pp": 2, "dp": 1, "parts": [3, 3], "zero_stage": 0, "dtype": "fp32"}
+    assert "layer_00-model_states.pt" in meta["files"] and "optim/common.pt" in meta["files"]
+
+
+def test_rotation_never_deletes_latest(tmp_path):
+    from engine.checkpoint import rotate
+
+    for s in (2, 4, 6, 8):
+        (tmp_path / f"global_step{s}").mkdir()
+    (tmp_path / "latest").write_text("global_step4")  # e.g. the user rolled back by hand
+    rotate(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step4", "global_step6", "global_step8", "latest"]
+
+
+def test_damaged_checkpoint_is_refused_by_name(tiny_pp, tmp_path):
+    run(config(tiny_pp, tmp_path / "run", steps=2))
+    victim = tmp_path / "run" / "global_step2" / "layer_03-model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(AssertionError, match=r"layer_03-model_states.pt: 100 bytes, the checkpoint recorded"):
+        run(config(tiny_pp, tmp_path / "run", steps=4))
+
+
+def test_metrics_truncated_to_the_resumed_step(tmp_path):
+    from engine.metrics import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    truncate_metrics(path, 3)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3]
