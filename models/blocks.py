@@ -222,11 +222,21 @@ def _build_mask(position_ids, opts: AttnOptions, window):
     return mask[:, None]
 
 
+def _flex():
+    """flex_attention must run compiled on GPU to be fast; inside an already compiled block it is
+    traced as part of that graph, outside one we compile it once."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return flex_attention
+    return _compiled_flex()
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
@@ -245,7 +255,7 @@ def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
 
             def score_mod(score, bi, hi, qi, ki):
                 return score + full[bi, hi, 0, ki]
-        out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa)
+        out = _flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b, s, h * d)
     if opts.impl == "flash" and bias is None and mask is None:
         from flash_attn import flash_attn_func
