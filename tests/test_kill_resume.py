@@ -1,0 +1,173 @@
+"""The real CLI under the DeepSpeed launcher (2 CPU ranks): kill -9 at any moment, including
+while a checkpoint is being written, SIGTERM, and two "nodes" on loopback. Restarting the same
+command must give exactly the uninterrupted run's loss sequence (bitwise), each step once in
+metrics.jsonl, and never a damaged `latest`."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.dist import free_port
+from tests.test_train import DATA, config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny_pp(tmp_path_factory):
+    from engine.convert import hf_to_pp
+    from models.tiny import make_tiny_hf_model, sample_texts
+
+    root = tmp_path_factory.mktemp("model")
+    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
+    return hf_to_pp(root / "hf", root / "pp")
+
+
+def write_config(tiny_pp, save, **over) -> Path:
+    kw = {"save_every_steps": 2, "keep_last": 2, **over}
+    raw = config(tiny_pp, save, steps=kw.pop("max_steps", STEPS), **kw)
+    path = Path(str(save) + ".yml")
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def launch(cfg: Path, log: Path, env=None, launcher_args=None):
+    args = launcher_args or ["--num_gpus", "2", "--master_port", str(free_port())]
+    return subprocess.Popen([DEEPSPEED, *args, "train_ds.py", "--config", str(cfg)], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT)
+
+
+def wait_group(proc, timeout=240) -> int:
+    """Wait for the launcher and everything it started (the whole process group) to be gone."""
+    rc = proc.wait(timeout=timeout)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return rc
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("ranks outlived their launcher")
+
+
+def wait_for(predicate, proc, what, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def kill9(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    wait_group(proc)
+
+
+def steps_logged(save: Path) -> list[int]:
+    path = save / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return out
+
+
+def losses(save: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pp, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ref") / "run"
+    proc = launch(write_config(tiny_pp, save), save.parent / "log")
+    assert wait_group(proc) == 0, (save.parent / "log").read_text()[-3000:]
+    ref = losses(save)
+    assert [s for s, _ in ref] == list(range(1, STEPS + 1))
+    return ref
+
+
+def test_kill9_anywhere_then_same_command_resumes_bitwise(tiny_pp, tmp_path, reference):
+    save, log = tmp_path / "run", tmp_path / "log"
+    cfg = write_config(tiny_pp, save)
+    # 1. killed while global_step4 is being written: DeepSpeed's files are in .tmp-global_step4,
+    #    nothing is published yet (the test hook pauses the publisher there)
+    proc = launch(cfg, log, env={"PPLLM_TEST_PAUSE_IN_SAVE": "4:120"})
+    wait_for(lambda: (save / ".paused-4").exists(), proc, "the pause inside save(4)")
+    kill9(proc)
+    assert (save / ".tmp-global_step4").is_dir() and (save / "latest").read_text() == "global_step2"
+    assert 4 in steps_logged(save)  # steps 3-4 ran and were logged; they will run again
+    # 2. the same command: resumes from step 2 (mid-epoch: 3 steps per epoch), removes the partial
+    #    tag; killed again at a random moment a few steps later
+    rng = random.Random(os.getpid())
+    target = rng.randint(5, 8)
+    proc = launch(cfg, log)
+    wait_for(lambda: max(steps_logged(save), default=0) >= target, proc, f"step {target}")
+    time.sleep(rng.uniform(0, 0.3))
+    kill9(proc)
+    text = log.read_text()
+    assert "removing partial checkpoint" in text and ".tmp-global_step4" in text and "resumed at step 2" in text
+    latest = (save / "latest").read_text()
+    assert (save / latest / "meta.json").is_file()  # `latest` always names a complete tag
+    # 3. the same command again, to the end
+    proc = launch(cfg, log)
+    assert wait_group(proc) == 0, log.read_text()[-3000:]
+    assert losses(save) == reference  # every step exactly once, bitwise equal
+    assert (save / "latest").read_text() == f"global_step{STEPS}" and not list(save.glob(".tmp-*"))
+    tags = sorted(p.name for p in save.glob("global_step*"))
+    assert tags == ["global_step10", "global_step8"]  # keep_last: 2
+
+
+def test_sigterm_saves_and_exits_then_resumes_bitwise(tiny_pp, tmp_path, reference):
+    save, log = tmp_path / "run", tmp_path / "log"
+    cfg = write_config(tiny_pp, save, save_every_steps=0)
+    proc = launch(cfg, log)
+    wait_for(lambda: max(steps_logged(save), default=0) >= 3, proc, "step 3")
+    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler's preemption sends to the job
+    wait_group(proc)
+    stopped = max(steps_logged(save))
+    assert stopped < STEPS, "the run finished before the signal; nothing was tested"
+    assert (save / "latest").read_text() == f"global_step{stopped}"
+    assert f"SIGTERM received: saved {save / f'global_step{stopped}'}" in log.read_text()
+    proc = launch(cfg, log)
+    assert wait_group(proc) == 0, log.read_text()[-3000:]
+    assert losses(save) == reference
+
+
+def test_two_nodes_on_loopback_train_checkpoint_and_resume(tiny_pp, tmp_path, reference):
+    """Two launchers, one rank each (`--no_ssh --node_rank R`), pp=2 across the "nodes"; the run
+    is stopped after step 4 and resumed on the same two nodes."""
+    save, log = tmp_path / "run", tmp_path / "log"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+
+    def both(steps):
+        cfg = write_config(tiny_pp, save, max_steps=steps, save_every_steps=2)
+        port = str(free_port())
+        procs = [launch(cfg, tmp_path / f"log{r}", launcher_args=[
+            "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r), "--master_addr", "127.0.0.1",
+            "--master_port", port]) for r in (0, 1)]
+        rcs = [wait_group(p) for p in procs]
+        assert rcs == [0, 0], [(tmp_path / f"log{r}").read_text()[-2000:] for r in (0, 1)]
+
+    both(4)
+    assert (save / "latest").read_text() == "global_step4"
+    both(STEPS)
+    assert "resumed at step 4" in (tmp_path / "log0").read_text()
+    assert losses(save) == reference
