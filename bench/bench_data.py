@@ -65,6 +65,18 @@ def peak_rss_mib() -> str:
     return f"{mine:.0f} MiB" + (f" (largest worker {worker:.0f} MiB)" if worker else "")
 
 
+def rss_split() -> str:
+    """Current RSS split into anonymous memory (really ours) and mapped file pages (the cache's
+    memmap: shared by all ranks of a node and reclaimable by the kernel)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return "n/a"
+    mib = lambda key: int(fields[key].split()[0]) / 1024  # noqa: E731
+    return f"anonymous {mib('RssAnon'):.0f} MiB + mapped file {mib('RssFile'):.0f} MiB"
+
+
 def load_tokenizer(path: str | None, workdir: str):
     if path:
         from transformers import AutoTokenizer
@@ -111,7 +123,8 @@ def main():
     for i in rows:
         packed[i]
     row_s = time.perf_counter() - t
-    print(f"row assembly: {len(rows) / row_s:,.0f} rows/s of {a.max_seq_len} tokens, peak RSS {peak_rss_mib()}")
+    print(f"row assembly: {len(rows) / row_s:,.0f} rows/s of {a.max_seq_len} tokens, peak RSS {peak_rss_mib()}; "
+          f"now {rss_split()}")
     on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(cache) for f in files)
     print(f"cache on disk: {on_disk / 2**20:.0f} MiB in {cache}")
 

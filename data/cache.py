@@ -36,7 +36,7 @@ from .tokenize import SpecialIds, encode_batch
 CACHE_VERSION = 1
 CHUNK_SIZE = 512  # samples per tokenizer call / per worker task
 POOL_AFTER_CHUNKS = 8  # smaller files are encoded in-process: forking workers would cost more
-_CODE_FILES = ("samples.py", "templates.py", "tokenize.py", "cache.py")
+_CODE_FILES = ("reader.py", "samples.py", "templates.py", "tokenize.py", "cache.py")
 
 
 @dataclass

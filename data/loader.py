@@ -29,10 +29,8 @@ class StepLoader:
         self.seed, self.n_epochs = seed, n_epochs
         self.global_batch = micro_batch_size * grad_accum * dp_size
         self.steps_per_epoch = len(dataset) // self.global_batch  # the incomplete last batch is dropped
-        self.total_steps = self.steps_per_epoch * n_epochs
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} rows cannot fill one global batch of {self.global_batch} "
-                             f"(micro {micro_batch_size} x grad_accum {grad_accum} x dp {dp_size})")
+        self.total_steps = self.steps_per_epoch * n_epochs  # 0 when one global batch cannot be filled:
+        # the trainer reports that with its config context
         self._epoch, self._perm = None, None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
