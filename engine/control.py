@@ -49,7 +49,8 @@ class RunControl:
         import torch.distributed as dist
 
         timed = self.is_rank0 and self.period > 0 and time.monotonic() - self.last_save >= self.period
-        flags = torch.tensor([int(self.signal is not None), int(timed)])
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flags = torch.tensor([int(self.signal is not None), int(timed)], device=device)  # NCCL needs a GPU tensor
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
