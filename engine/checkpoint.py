@@ -87,7 +87,7 @@ def _shared_storage(root: Path, tmp: Path) -> bool:
         nonce[0] = f".probe-{os.getpid()}-{time.time_ns()}"
         (tmp / nonce[0]).write_text("")
     tdist.broadcast_object_list(nonce, src=0)
-    seen = torch.tensor([int((tmp / nonce[0]).exists())])
+    seen = D.comm_tensor([int((tmp / nonce[0]).exists())])
     tdist.all_reduce(seen, op=tdist.ReduceOp.MIN)
     D.barrier()
     if D.rank() == 0:

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from . import distributed as D
+
 
 class NonFiniteLoss(RuntimeError):
     """on_nonfinite_loss: stop — reported as one line; the update of that step was not applied."""
@@ -49,8 +51,7 @@ class RunControl:
         import torch.distributed as dist
 
         timed = self.is_rank0 and self.period > 0 and time.monotonic() - self.last_save >= self.period
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        flags = torch.tensor([int(self.signal is not None), int(timed)], device=device)  # NCCL needs a GPU tensor
+        flags = D.comm_tensor([int(self.signal is not None), int(timed)])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])

@@ -35,6 +35,12 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
+def comm_tensor(values) -> torch.Tensor:
+    """A small tensor on the device the process group communicates from (NCCL: this GPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu() else None
+    return torch.tensor(values, device=device)
+
+
 def rank() -> int:
     import torch.distributed as tdist
 
