@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed as D
 from .config import ConfigError
 
 
@@ -71,7 +72,7 @@ class GlobalGradClip:
 
         grads = [p.grad for p in self.module.parameters()
                  if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
-        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else D.comm_tensor(0.0)
         if self.group is not None and dist.is_initialized():
             dist.all_reduce(sq, group=self.group)
         norm = sq.sqrt()
