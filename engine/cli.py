@@ -45,8 +45,10 @@ def user_errors(fn):
 
 
 def _data_errors() -> tuple:
+    from models import UnsupportedModel
+
     try:
         from data.samples import SampleError
-        return (SampleError,)
+        return (SampleError, UnsupportedModel)
     except ImportError:
-        return ()
+        return (UnsupportedModel,)

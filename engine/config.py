@@ -255,6 +255,15 @@ def _resolve_batch(cfg: TrainConfig) -> None:
         ds["gradient_accumulation_steps"] = 1
 
 
+def check_paths(cfg: TrainConfig) -> None:
+    """The inputs a run reads exist (before anything is built or allocated)."""
+    if not Path(cfg.model_path).is_dir():
+        raise ConfigError(f"{cfg.source}: model_path {cfg.model_path}: no such directory")
+    for i, p in enumerate(cfg.data_path):
+        if not Path(p).is_file():
+            raise ConfigError(f"{cfg.source}: data_path[{i}] {p}: no such file")
+
+
 def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = True) -> None:
     """Every cross-field rule, checked before anything is allocated.
 

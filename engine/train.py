@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import faults
 from . import distributed as D
 from .control import NonFiniteLoss, RunControl
-from .config import ConfigError, TrainConfig, validate
+from .config import ConfigError, TrainConfig, check_paths, validate
 from .layout import hf_dir_of, read_hf_config
 from .metrics import PEAK_FLOPS, Metrics, flops_per_token
 from .optim import GlobalGradClip, build_optimizer
@@ -105,6 +105,9 @@ def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
     dataset = build_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, weights=cfg.data_weights,
                             packing=cfg.packing, skip_bad_samples=cfg.skip_bad_samples, template=cfg.prompt_template,
                             cache_dir=cfg.cache_dir or str(Path(cfg.save_path) / "data_cache"), seed=cfg.seed)
+    for i, stats in enumerate(dataset.stats.get("files", [])):
+        if stats.get("samples", 1) == 0 and not stats.get("skipped"):
+            raise ConfigError(f"{cfg.source}: data_path[{i}] {stats['path']}: no samples (empty file?)")
     loader = StepLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.seed, cfg.n_epochs)
     if loader.steps_per_epoch < 1:
         raise ConfigError(f"{cfg.source}: {len(dataset)} training rows cannot fill one global batch of "
@@ -117,6 +120,7 @@ def train(cfg: TrainConfig) -> RunResult:
     import deepspeed
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
+    check_paths(cfg)
     model = Model.from_checkpoint_dir(cfg.model_path)
     D.init_distributed()
     validate(cfg, D.world_size(), model.n_layers)

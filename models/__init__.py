@@ -34,6 +34,10 @@ def get_family(name: str) -> ModuleType:
     return importlib.import_module(FAMILIES[name])
 
 
+class UnsupportedModel(ValueError):
+    """An HF config no family handles (a user error: reported as one line by the CLIs)."""
+
+
 def family_for_hf_config(hf: dict, where: str = "config.json") -> ModuleType:
     """The family that handles an HF config dict, by its `model_type`."""
     model_type = hf.get("model_type")
@@ -41,5 +45,5 @@ def family_for_hf_config(hf: dict, where: str = "config.json") -> ModuleType:
         family = get_family(name)
         if model_type in family.MODEL_TYPES:
             return family
-    raise ValueError(f"{where}: model_type {model_type!r} is not supported "
+    raise UnsupportedModel(f"{where}: model_type {model_type!r} is not supported "
                      f"(supported: {', '.join(family_names())})")
