@@ -26,7 +26,9 @@ LAYOUTS = {"pp2": dict(dims=(2, 1), parts=(3, 3)), "pp2-parts24": dict(dims=(2, 
            "dp2": dict(dims=(1, 2), parts=(6,), gradient_accumulation_steps=1)}
 
 
-@pytest.mark.parametrize("zero", [{}, {"zero_optimization": {"stage": 1}}], ids=["fp32", "zero1"])
+@pytest.mark.parametrize("zero", [{}, {"zero_optimization": {"stage": 1}},
+                                  {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}],
+                         ids=["fp32", "zero1", "bf16-zero1"])
 def test_reshape_continues_like_the_original_layout(tiny_pp, tmp_path, zero):
     """Save on pp=2 x dp=1, continue on dp=2 and on other parts: the same losses as continuing on
     pp=2 (fp32 tolerance: reductions are ordered differently), optimizer state included."""
