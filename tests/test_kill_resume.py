@@ -123,6 +123,7 @@ def test_kill9_anywhere_then_same_command_resumes_bitwise(tiny_pp, tmp_path, ref
     kill9(proc)
     text = log.read_text()
     assert "removing partial checkpoint" in text and ".tmp-global_step4" in text and "resumed at step 2" in text
+    assert "(3/epoch)" in text  # so step 2 is mid-epoch: the loader resumes inside an epoch
     latest = (save / "latest").read_text()
     assert (save / latest / "meta.json").is_file()  # `latest` always names a complete tag
     # 3. the same command again, to the end
