@@ -1,9 +1,10 @@
 """Topology-free optimizer state, so a checkpoint resumes on another pp x dp layout or `parts`.
 
 DeepSpeed's own optimizer files are per (stage, dp rank) and only load on the layout that wrote
-them. Its universal-checkpoint path (ds_to_universal + `load_universal`) needs ZeRO optimizer
-files, i.e. it does not cover the plain fp32 pipeline path (stage 0, our default), and is an
-offline conversion step. So every tag also gets `<tag>/optim/`:
+them. Its universal checkpoint (ds_to_universal --inject_missing_state, then `load_universal`)
+does reshape pipeline + ZeRO-1 here (tests/test_checkpoint.py checks we continue identically),
+but it needs ZeRO optimizer files, so it cannot cover the plain fp32 pipeline path (stage 0, our
+default), and it is an offline conversion step. So every tag also gets `<tag>/optim/`:
 
     optim/layer_XX.pt        {"<param>": {"fp32": master, "<state key>": tensor, ...}} per pipeline layer
     optim/tied_<key>.pt      the same for a tied module (embedding shared with the head)
