@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary, attend,
-                     rope_parameters)
+from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, rope_parameters
+from .llama import Attention  # same GQA + rotary attention; the sliding window comes with the mask
 from .loss import causal_lm_loss
 
 MODEL_TYPES = ("mixtral",)
@@ -41,6 +41,7 @@ class Args:
     router_aux_loss_coef: float  # weight of the load-balancing loss (override: dataclasses.replace)
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
+    attention_bias: bool = False  # llama's attention, which mixtral shares, has the option
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "Args":
@@ -76,27 +77,6 @@ class Embed(nn.Module):
         # statistics must be part of the graph even on a stage holding only the embedding
         stats = torch.zeros(2, self.num_experts, device=input_ids.device, requires_grad=True)
         return self.embed_tokens(input_ids), position_ids, stats
-
-
-class Attention(nn.Module):
-    def __init__(self, args: Args, attn: AttnOptions):
-        super().__init__()
-        h, d = args.hidden_size, args.head_dim
-        self.n_heads, self.n_kv, self.head_dim, self.attn = args.num_heads, args.num_kv_heads, d, attn
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
-        self.rotary = Rotary(d, args.rope, args.max_position_embeddings)
-
-    def forward(self, x, position_ids, mask):
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(position_ids, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attend(q, k, v, mask, self.attn))
 
 
 class Expert(nn.Module):
