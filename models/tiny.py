@@ -39,24 +39,26 @@ def sample_texts(files: list[str | Path]) -> list[str]:
             for line in raw.splitlines():
                 if line.strip():
                     walk(json.loads(line))
-    return [t for t in texts if t not in ("pretrain", "instruct", "conversation", "ref_qa", "conver_has_api")]
+    return texts
 
 
 def make_tiny_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 320):
-    """Train a BPE sentencepiece model on `texts` and save it as a Llama tokenizer in out_dir."""
+    """Train a BPE sentencepiece model on `texts` (newlines kept as a symbol, whitespace as is, so
+    prompt templates round-trip) and save it as a Llama tokenizer in out_dir (tokenizer.model too)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=f"{tmp}/tokenizer", vocab_size=vocab_size, model_type="bpe",
-            character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **SPECIAL_IDS)
-        tok = LlamaTokenizer.from_pretrained(tmp)
-        tok.pad_token = tok.convert_ids_to_tokens(SPECIAL_IDS["pad_id"])
-        tok.save_pretrained(out_dir)
+            sentence_iterator=iter(lines), model_prefix=f"{tmp}/tokenizer", vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, user_defined_symbols=["\n"], normalization_rule_name="identity",
+            remove_extra_whitespaces=False, num_threads=1, hard_vocab_limit=False, minloglevel=2, **SPECIAL_IDS)
         shutil.copy(f"{tmp}/tokenizer.model", out_dir / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(out_dir), pad_token="<pad>")
+    tok.save_pretrained(out_dir)
     return tok
 
 
