@@ -1,0 +1,512 @@
+"""Text generation with a trained model: loading, device placement, sampling, streaming.
+
+One sampling loop serves every source. A *language model* here is anything with
+`reset()` and `next_logits(new_ids) -> logits[vocab]` (fed the prompt first, then one token
+at a time):
+
+  OurLM   our own `SequentialModel`, loaded layer file by layer file from a pipeline checkpoint
+          dir (<dir>/latest + layer files + <dir>/hf) or from an HF dir (key map of the family),
+          its contiguous layers placed on one or several devices (activations move between
+          them). No KV cache: every step recomputes the whole sequence (our layers have no
+          cache interface); fine for tiny models and short answers, O(n^2) for long ones.
+  HFLM    transformers' AutoModelForCausalLM on an HF dir (our pp_to_hg output), with its KV
+          cache; one device.
+
+Prompts are rendered by data.templates (the training templates) and tokenized by
+data.tokenize.encode_prompt (the training BOS rule), so the model sees at generation time
+exactly the text layout it was trained on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.templates import ACTION_RESULT
+
+from .layout import LayoutError, hf_dir_of, layer_file, load_layer, read_hf_config, resolve_tag
+
+API_STOP = "Observation:"  # an api call ends here: the tool, not the model, writes the result
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    do_sample: bool = False  # False: greedy (argmax)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in prompt or answer
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop after text ending with one of these (kept in the answer)
+
+
+def process_logits(logits: torch.Tensor, seen: list[int], cfg: SamplingConfig) -> torch.Tensor:
+    """Repetition penalty, then (when sampling) temperature, top-k and top-p, as transformers does."""
+    logits = logits.float().clone()
+    if cfg.repetition_penalty != 1.0 and seen:
+        idx = torch.tensor(sorted(set(seen)), device=logits.device)
+        picked = logits[idx]
+        logits[idx] = torch.where(picked < 0, picked * cfg.repetition_penalty, picked / cfg.repetition_penalty)
+    if not cfg.do_sample:
+        return logits
+    if cfg.temperature <= 0:
+        raise ValueError("temperature must be > 0 when sampling (use greedy decoding instead)")
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.numel():
+        kth = torch.topk(logits, cfg.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def pick_token(logits: torch.Tensor, seen: list[int], cfg: SamplingConfig, generator: torch.Generator | None) -> int:
+    scores = process_logits(logits, seen, cfg)
+    if not cfg.do_sample:
+        return int(torch.argmax(scores))
+    probs = torch.softmax(scores, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class Generation:
+    ids: list[int] = field(default_factory=list)  # generated token ids (EOS excluded)
+    text: str = ""
+    stop_reason: str = "length"  # eos | stop | length
+
+
+class TextStream:
+    """Incremental detokenization: text of the ids so far, emitted as it becomes stable.
+
+    Decoding the whole answer each step (not token by token) keeps sentencepiece's spaces and
+    multi-byte characters right; a trailing U+FFFD (half a UTF-8 character) is held back.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return new
+
+
+@torch.no_grad()
+def generate(lm, tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
+             on_text: Callable[[str], None] | None = None) -> Generation:
+    """Sample up to cfg.max_new_tokens after prompt_ids; stream text pieces to on_text."""
+    generator = None
+    if cfg.do_sample:
+        generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    eos = {tokenizer.eos_token_id} - {None}
+    lm.reset()
+    logits = lm.next_logits(list(prompt_ids))
+    seen, out, stream = list(prompt_ids), Generation(), TextStream(tokenizer)
+    emit = on_text or (lambda _: None)
+    for _ in range(cfg.max_new_tokens):
+        token = pick_token(logits, seen, cfg, generator)
+        if token in eos:
+            out.stop_reason = "eos"
+            break
+        out.ids.append(token)
+        seen.append(token)
+        piece = stream.push(token)
+        if piece:
+            emit(piece)
+        if cfg.stop and any(stream.emitted.endswith(s) for s in cfg.stop):
+            out.stop_reason = "stop"
+            break
+        if len(out.ids) == cfg.max_new_tokens:
+            break
+        logits = lm.next_logits([token])
+    rest = stream.flush()
+    if rest:
+        emit(rest)
+    out.text = stream.emitted
+    return out
+
+
+# ----------------------------------------------------------------------------- device placement
+def plan_devices(layer_bytes: list[int], devices: list[str]) -> list[str]:
+    """Contiguous split of layers over devices, balanced by parameter bytes.
+
+    Layer i goes to the device whose equal share of the cumulative byte range holds the middle
+    of layer i, subject to: device indices never decrease along the layers (activations only
+    move forward), none is skipped, and with at least as many layers as devices every device
+    gets a layer. `devices` may repeat a name (tests split over "cpu", "cpu").
+    """
+    if not devices:
+        raise ValueError("no devices given")
+    n, n_layers, total = len(devices), len(layer_bytes), float(sum(layer_bytes)) or 1.0
+    plan, cum = [], 0.0
+    for i, b in enumerate(layer_bytes):
+        k = min(n - 1, int(n * (cum + b / 2) / total))
+        if plan:
+            k = min(max(k, plan[-1]), plan[-1] + 1)  # monotone, no device skipped
+        else:
+            k = 0
+        if n_layers >= n:
+            k = max(k, n - (n_layers - i))  # enough layers left for the later devices
+        plan.append(min(k, n - 1))
+        cum += b
+    return [devices[k] for k in plan]
+
+
+def move(x, device):
+    """Tensors in (nested) tuples/lists/dicts moved to device; everything else unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(move(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: move(v, device) for k, v in x.items()}
+    return x
+
+
+def default_devices() -> list[str]:
+    """All GPUs this process may use (the deepspeed launcher shows each rank every local GPU),
+    else the CPU."""
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, devices: list[str]) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if any(d.startswith("cuda") for d in devices) else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- our model
+class OurLM:
+    """models.pipeline.SequentialModel with its layers placed on `devices` (recompute, no cache)."""
+
+    def __init__(self, model, layer_devices: list[torch.device], hf_dir: Path, family, args):
+        self.model, self.layer_devices = model, layer_devices
+        self.hf_dir, self.family, self.args = hf_dir, family, args
+        self.ids: list[int] = []
+
+    @property
+    def first_device(self) -> torch.device:
+        return self.layer_devices[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] of SequentialModel.forward, layer by layer on each layer's device."""
+        position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        x = (input_ids, position_ids)
+        for i, d in enumerate(self.model.defs):
+            layer = self.model._modules[str(i)]
+            x = move(x, self.layer_devices[i])
+            x = d.forward_fn(layer, x) if d.forward_fn is not None else layer(x)
+        return x[0] if isinstance(x, tuple) else x  # an MoE head also returns its aux loss
+
+    @property
+    def max_len(self) -> int | None:
+        return getattr(self.args, "max_position_embeddings", None)
+
+    def reset(self) -> None:
+        self.ids = []
+
+    def next_logits(self, new_ids: list[int]) -> torch.Tensor:
+        self.ids += new_ids
+        logits = self.forward(torch.tensor([self.ids], dtype=torch.long))
+        return logits[0, -1].float().cpu()
+
+
+def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "auto",
+              tag: str | None = None) -> OurLM:
+    """Our SequentialModel from a pipeline checkpoint dir or an HF dir, split over `devices`.
+
+    Layers are built one at a time directly on their device and loaded from their own layer
+    file (memory-mapped), so no process ever holds the whole model on one device or in RAM.
+    """
+    from models import family_for_hf_config
+    from models.blocks import LayerOptions
+    from models.pipeline import SequentialModel
+
+    from .convert import HFWeights, expected_shapes
+
+    path = Path(path)
+    is_pp = (path / "latest").is_file()
+    hf_dir = hf_dir_of(path) if is_pp else path
+    hf = read_hf_config(hf_dir)
+    family = family_for_hf_config(hf, str(hf_dir / "config.json"))
+    args = family.Args.from_hf_config(hf)
+    devices = devices or default_devices()
+    torch_dtype = resolve_dtype(dtype, devices)
+    shapes = expected_shapes(family, args)
+    layer_bytes = [sum(math.prod(s) for s in layer.values()) for layer in shapes]
+    plan = plan_devices(layer_bytes, devices)
+    if is_pp:
+        tag_dir = resolve_tag(path, tag)
+
+        def state_of(i):
+            f = layer_file(tag_dir, i)
+            return f, load_layer(f)
+    else:
+        weights, keys = HFWeights(hf_dir), family.hf_keys(args)
+
+        def state_of(i):
+            return hf_dir, {ours: weights.get(theirs) for ours, theirs in keys[i].items()}
+
+    with torch.device("meta"):
+        model = SequentialModel(family, args)  # structure and names only; layers replaced below
+    shared: dict[str, torch.nn.Module] = {}
+    layer_devices = []
+    for i, d in enumerate(model.defs):
+        if d.tie is not None and d.tie in shared:
+            layer = shared[d.tie]
+        else:
+            with torch.device(plan[i]):
+                layer = d.cls(args, LayerOptions())
+            where, state = state_of(i)
+            if set(state) != set(shapes[i]):
+                raise LayoutError(f"{where}: layer {i} holds {sorted(state)[:3]}..., expected {sorted(shapes[i])[:3]}...")
+            layer.load_state_dict(state)
+            layer.to(torch_dtype)
+            if d.tie is not None:
+                shared[d.tie] = layer
+        model._modules[str(i)] = layer
+        layer_devices.append(next(layer.parameters()).device)
+    model.eval()
+    return OurLM(model, layer_devices, hf_dir, family, args)
+
+
+# ----------------------------------------------------------------------------- transformers
+class HFLM:
+    """transformers' model on an HF dir, with its KV cache."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "auto"):
+        from transformers import AutoModelForCausalLM
+
+        self.hf_dir = Path(path)
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, [device]),
+                                                          trust_remote_code=True).to(self.device).eval()
+        self.past = None
+
+    @property
+    def max_len(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def reset(self) -> None:
+        self.past = None
+
+    def next_logits(self, new_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[0, -1].float().cpu()
+
+
+def load_lm(path: str | Path, backend: str = "ours", devices: list[str] | None = None, dtype: str = "auto"):
+    """A language model for `generate` from a pipeline checkpoint dir or an HF dir."""
+    path = Path(path)
+    if not (path / "latest").is_file() and not (path / "config.json").is_file():
+        raise LayoutError(f"{path}: neither a pipeline checkpoint dir (latest) nor an HF model dir (config.json)")
+    if backend == "hf":
+        if (path / "latest").is_file():
+            raise LayoutError(f"{path}: backend 'hf' needs an HF dir (convert with pp_to_hg, or use backend 'ours')")
+        return HFLM(path, (devices or default_devices())[0], dtype)
+    if backend != "ours":
+        raise ValueError(f"unknown backend {backend!r} (ours, hf)")
+    return load_ours(path, devices, dtype)
+
+
+def load_tokenizer(lm):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(lm.hf_dir, trust_remote_code=True)
+
+
+# ----------------------------------------------------------------------------- prompts
+def prompt_ids(sample, tokenizer, template: str = "default") -> list[int]:
+    """Training-template prompt of a sample in prompt form (dict or record), as token ids."""
+    from data.templates import render_prompt
+    from data.tokenize import encode_prompt
+
+    return encode_prompt(render_prompt(sample, template, tokenizer), tokenizer, template)
+
+
+def text_ids(text: str, tokenizer, template: str = "default") -> list[int]:
+    """Raw text continued as is (tokenized without BOS): api results appended mid-answer."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=template == "default")["input_ids"]
+
+
+# ----------------------------------------------------------------------------- chat sessions
+KINDS = ("conversation", "instruct", "ref_qa", "conver_has_api", "pretrain")
+
+
+class Chat:
+    """One user's session: history of rounds rendered with the training template every turn.
+
+    kind: conversation (with history), instruct (each prompt alone), ref_qa (history + a
+    reference), conver_has_api (history + an api description; the model's api call stops at
+    "Observation:" and `observe(call_text)` supplies the tool's result), pretrain (plain
+    continuation of the text).
+    """
+
+    def __init__(self, lm, tokenizer, kind: str = "conversation", sampling: SamplingConfig | None = None,
+                 template: str = "default", reference: str | None = None, api_desc: str | None = None,
+                 max_len: int | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown prompt type {kind!r} (expected one of {', '.join(KINDS)})")
+        if kind == "ref_qa" and not reference:
+            raise ValueError("type ref_qa needs a reference (--reference)")
+        if kind == "conver_has_api" and not api_desc:
+            raise ValueError("type conver_has_api needs an api description (--api-desc)")
+        self.lm, self.tokenizer, self.kind, self.template = lm, tokenizer, kind, template
+        self.sampling = sampling or SamplingConfig()
+        self.reference, self.api_desc, self.max_len = reference, api_desc, max_len
+        self.rounds: list[list] = []
+
+    def reset(self) -> None:
+        self.rounds = []
+
+    def sample(self, rounds: list[list]) -> dict:
+        last = rounds[-1][1]
+        if self.kind == "instruct":
+            return {"type": "instruct", "instruct": last}
+        if self.kind == "pretrain":
+            return {"type": "pretrain", "text": last}
+        sample = {"type": self.kind, "rounds": rounds}
+        if self.kind == "ref_qa":
+            sample["reference"] = self.reference
+        if self.kind == "conver_has_api":
+            sample["api_desc"] = self.api_desc
+        return sample
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None,
+            observe: Callable[[str], str | None] | None = None) -> Generation:
+        """The model's answer to `text` given the history (streamed to on_text); history grows."""
+        history = self.rounds if self.kind in ("conversation", "ref_qa", "conver_has_api") else []
+        rounds = history + [["ask", text]]
+        ids = prompt_ids(self.sample(rounds), self.tokenizer, self.template)
+        budget = self.sampling.max_new_tokens
+        while self.max_len and len(ids) + budget > self.max_len and len(rounds) > 2:
+            rounds = rounds[2:]  # forget the oldest exchange rather than overflow the positions
+            ids = prompt_ids(self.sample(rounds), self.tokenizer, self.template)
+        api = self.kind == "conver_has_api"
+        cfg = SamplingConfig(**{**self.sampling.__dict__, "stop": (API_STOP,) if api else ()})
+        total = Generation(stop_reason="length")
+        while budget > 0:
+            cfg.max_new_tokens = budget
+            g = generate(self.lm, self.tokenizer, ids, cfg, on_text)
+            total.ids += g.ids
+            total.text += g.text
+            total.stop_reason = g.stop_reason
+            budget -= len(g.ids)
+            result = observe(total.text) if (g.stop_reason == "stop" and observe) else None
+            if result is None:
+                break
+            piece = ACTION_RESULT.format(api_res=result)  # context written by the tool, as in training
+            if on_text:
+                on_text(piece)
+            ids = ids + g.ids + text_ids(piece, self.tokenizer, self.template)
+            total.text += piece
+        if history is self.rounds and total.text.strip():
+            self.rounds = rounds + [["ans", total.text]]  # renders exactly as the text the model saw
+        return total
+
+
+def read_prompts(path: str | Path, default_kind: str = "instruct") -> list:
+    """Prompts from a JSONL file or a JSON array: sample dicts in prompt form, or plain strings
+    (taken as `default_kind` with that text)."""
+    import json
+
+    raw = Path(path).read_text()
+    try:
+        items = json.loads(raw)
+        items = items if isinstance(items, list) else [items]
+    except json.JSONDecodeError:
+        items = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            item = ({"type": "instruct", "instruct": item} if default_kind == "instruct" else
+                    {"type": "pretrain", "text": item} if default_kind == "pretrain" else
+                    {"type": default_kind, "rounds": [["ask", item]]})
+        out.append(item)
+    return out
+
+
+def answer_file(lm, tokenizer, prompts_path: str | Path, out_path: str | Path, sampling: SamplingConfig,
+                template: str = "default", default_kind: str = "instruct", log=None) -> int:
+    """Answer every prompt of a file, one JSON line each: {index, prompt, answer, n_tokens, stop_reason}.
+
+    Prompts are run one after another (no padding: each sees exactly its own training-layout
+    prompt). An api call stops at "Observation:" (there is no tool to call in batch mode).
+    """
+    import json
+
+    from data.samples import parse_sample
+
+    prompts = read_prompts(prompts_path, default_kind)
+    for i, p in enumerate(prompts):  # validate all before generating anything
+        parse_sample(p, str(prompts_path), i, for_prompt=True)
+    with open(out_path, "w") as fh:
+        for i, p in enumerate(prompts):
+            stop = (API_STOP,) if p.get("type") == "conver_has_api" else ()
+            cfg = SamplingConfig(**{**sampling.__dict__, "stop": stop})
+            g = generate(lm, tokenizer, prompt_ids(p, tokenizer, template), cfg)
+            fh.write(json.dumps({"index": i, "prompt": p, "answer": g.text, "n_tokens": len(g.ids),
+                                 "stop_reason": g.stop_reason}, ensure_ascii=False) + "\n")
+            fh.flush()
+            if log:
+                log(f"[{i + 1}/{len(prompts)}] {len(g.ids)} tokens ({g.stop_reason})")
+    return len(prompts)
+
+
+HELP = ("commands: /reset clears the history, /quit (or quit, exit, Ctrl-D) leaves, /help shows this; "
+        "anything else is your next message")
+
+
+def interactive(chat: Chat, read=input, write=None) -> None:
+    """A read-answer loop on the terminal; answers stream as they are generated."""
+    import sys
+
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    write(f"{chat.kind} mode; {HELP}\n")
+    while True:
+        try:
+            line = read(">>> ")
+        except EOFError:
+            write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit", "quit", "exit"):
+            return
+        if text == "/reset":
+            chat.reset()
+            write("(history cleared)\n")
+            continue
+        if text == "/help":
+            write(HELP + "\n")
+            continue
+        g = chat.ask(text, on_text=write, observe=lambda call: read(" [tool result] ").strip() or None)
+        write("\n" if g.text else "(empty answer)\n")
