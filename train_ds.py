@@ -1,12 +1,16 @@
-"""Pipeline-parallel training: `deepspeed train_ds.py --config configs/tiny_llama_cpu.yml`."""
-from engine.cli import config_parser, parse_config, user_errors
+"""Pipeline-parallel training: `deepspeed train_ds.py --config configs/tiny_llama_cpu.yml`.
+
+`--dry-run --world-size N` prints per-stage memory/time estimates without a launcher;
+`--export-hf OUT` turns the final checkpoint into an HF model dir (one-command fine-tune).
+"""
+from engine.cli import add_plan_args, config_parser, parse_config, run_or_plan, user_errors
 from engine.train import train
 
 
 @user_errors
 def main(argv=None):
-    _, cfg = parse_config(config_parser(__doc__), argv)
-    train(cfg)
+    a, cfg = parse_config(add_plan_args(config_parser(__doc__)), argv)
+    run_or_plan(a, cfg, train)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,33 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_plan_args(p: argparse.ArgumentParser, export: bool = True) -> argparse.ArgumentParser:
+    """--dry-run (engine/plan.py) and --export-hf (engine/finetune.py)."""
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config against the world size and model_path's config.json, print the "
+                        "per-stage memory/time estimate and exit (nothing is allocated; no launcher needed)")
+    p.add_argument("--world-size", type=int, default=None, help="world size for --dry-run (default: the launcher's)")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory for --dry-run's fit check")
+    if export:
+        p.add_argument("--export-hf", metavar="OUT", default=None,
+                       help="after training, write the final checkpoint as an HF model dir to OUT (rerunning "
+                            "resumes, then exports; skipped when OUT already holds that checkpoint)")
+    return p
+
+
+def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
+    """--dry-run: print the plan; otherwise train (and export with --export-hf)."""
+    if a.dry_run:
+        from .distributed import world_size
+        from .plan import dry_run
+
+        print(dry_run(cfg, a.world_size or world_size(), a.gpu_mem_gib, pipeline=pipeline))
+        return None
+    from .finetune import train_and_export
+
+    return train_and_export(cfg, train_fn, getattr(a, "export_hf", None))
+
+
 def parse_config(p: argparse.ArgumentParser, argv=None):
     a = p.parse_args(argv)
     if a.help_config:

@@ -1,0 +1,379 @@
+"""Planning before allocating: a per-layer cost model, `parts: auto`, and the dry-run report.
+
+Cost model (per pipeline layer as `parts` counts them, from config.json alone; parameter
+counts come from the family's layers built on the meta device, so nothing is allocated):
+
+  time    forward FLOPs per token. embedding ~0; block = 2 x active matmul params (MoE: router +
+          top_k/num_experts of the experts) + causal attention scores 2*s*d_q (QK^T and PV over
+          s/2 keys on average); head = 2*h*vocab + ~10*vocab (softmax/cross-entropy). Training
+          costs 3x forward (4x for blocks under full recompute, ~3.3x selective).
+  memory  bytes per GPU of a stage = parameters x bytes/param (precision, ZeRO stage, offload,
+          optimizer: see `static_bytes_per_param`) + activations: under 1F1B stage s keeps up to
+          min(P - s, M) micro-batches in flight, each micro*seq tokens x the per-token bytes of
+          its blocks (see `block_act_bytes`), plus the head's logits on the last stage.
+
+`auto_parts` splits the layers into contiguous stages minimising the slowest stage's time,
+subject to each stage's estimated peak fitting the memory budget (ties: the smaller peak).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+GiB = 2**30
+GPU_FIXED_GIB = 0.5  # cuBLAS/NCCL workspaces and allocator slack seen by max_memory_allocated
+
+
+# ---------------------------------------------------------------------- the run being planned
+@dataclass
+class Setup:
+    seq: int = 2048
+    micro: int = 1
+    n_micro: int = 1  # micro-batches per step per pipeline (gradient accumulation)
+    pp: int = 1
+    dp: int = 1
+    dtype: str = "bf16"  # bf16 | fp16 | fp32
+    zero: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    ckpt: str = "none"  # none | selective | full
+    optimizer: str = "AdamW"
+    compiled: bool = False
+    flash: bool = True  # attention kernel keeps O(s) state (flash/flex); False: dense probs (CPU SDPA math, ALiBi)
+    gpu: bool = True
+
+    @classmethod
+    def from_config(cls, cfg, gpu: bool = True, pipeline: bool = True) -> "Setup":
+        zero = cfg.ds.get("zero_optimization", {}) or {}
+        stage = int(zero.get("stage", 0))
+        if pipeline and cfg.dtype == "bf16":
+            stage = max(stage, 1)  # what engine.train.deepspeed_config runs
+        ckpt = {True: "full", False: "none"}.get(cfg.use_grad_ckpt, cfg.use_grad_ckpt)
+        return cls(seq=cfg.max_seq_len, micro=cfg.micro_batch, n_micro=cfg.grad_accum,
+                   pp=cfg.pipe_dim if pipeline else 1, dp=cfg.data_dim if pipeline else cfg.pipe_dim * cfg.data_dim,
+                   dtype=cfg.dtype, zero=stage,
+                   offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
+                   offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
+                   ckpt=ckpt, optimizer=(cfg.ds.get("optimizer") or {}).get("type", "AdamW"),
+                   compiled=cfg.compile_blocks and gpu, flash=gpu, gpu=gpu)
+
+    @property
+    def act_bytes(self) -> int:
+        return 4 if self.dtype == "fp32" else 2
+
+    @property
+    def tokens(self) -> int:
+        return self.micro * self.seq
+
+    def in_flight(self, stage: int) -> int:
+        return max(1, min(self.pp - stage, self.n_micro))
+
+    @property
+    def bubble(self) -> float:
+        return (self.pp - 1) / (self.n_micro + self.pp - 1)
+
+
+# ---------------------------------------------------------------------- per-layer costs
+@dataclass
+class LayerCost:
+    kind: str  # embed | block | head
+    params: int  # parameters this layer owns (a tied head twin counts the shared weight again)
+    flops: float  # forward FLOPs per token
+    act: float = 0.0  # bytes per token kept for backward (no recompute)
+    ckpt_act: float = 0.0  # bytes per token kept under the configured recompute
+    tie: str | None = None
+    tie_params: int = 0  # of `params`, those shared with another stage's twin
+
+
+def _dims(args) -> dict:
+    h = args.hidden_size
+    nh = args.num_heads
+    hd = getattr(args, "head_dim", None) or h // nh
+    nkv = getattr(args, "num_kv_heads", None) or nh
+    f = getattr(args, "intermediate_size", None) or getattr(args, "ffn_hidden_size", None) or 4 * h
+    experts, top_k = getattr(args, "num_experts", 0) or 0, getattr(args, "top_k", 0) or 0
+    return dict(h=h, dq=nh * hd, dkv=nkv * hd, nh=nh, f=f, vocab=args.vocab_size, experts=experts, top_k=top_k,
+                gated=hasattr(args, "intermediate_size") or hasattr(args, "ffn_hidden_size"),
+                alibi=not hasattr(args, "rope") and not hasattr(args, "rope_theta")
+                or getattr(args, "position_embedding", "rope") == "alibi")
+
+
+def block_act_bytes(d: dict, s: Setup, mode: str) -> float:
+    """Bytes per token one block keeps for backward.
+
+    eager, no recompute: block input, norm outputs, q/k/v before and after rotary, attention
+    output (+ its reshaped copy for o_proj), the residual sum, and the MLP's matmul outputs and
+    activation (gated: gate, up, act(gate), act*up; plain: fc1 out, act out); norms keep an fp32
+    copy under bf16. Dense attention (no flash kernel) adds the probabilities (n_heads x s/2 on
+    average... kept whole: s). compiled: what a min-cut graph keeps (input, q, k, v, attention
+    output, residual, gate/up). selective: matmul and attention outputs + block input. full: the
+    block input only (plus one block's full set while it is recomputed, counted per stage).
+    """
+    e, h, dq, dkv, f = s.act_bytes, d["h"], d["dq"], d["dkv"], d["f"]
+    mlp_in = max(d["top_k"], 1)  # MoE: each token runs top_k experts
+    if mode == "full":
+        return e * h
+    if mode == "selective":
+        mlp = (2 * f if d["gated"] else f) * mlp_in
+        return e * (3 * h + 2 * dq + 2 * dkv + mlp) + (4 * d["experts"] if d["experts"] else 0)
+    if s.compiled:
+        mlp = (2 * f if d["gated"] else f) * mlp_in
+        return e * (2 * h + 2 * dq + 2 * dkv + mlp)
+    mlp = (4 * f if d["gated"] else 3 * f) * mlp_in + (h * mlp_in if d["experts"] else 0)
+    norms = 2 * h * (4 if e == 2 else 0)
+    attn = e * (4 * dq + 3 * dkv) + 4 * d["nh"]  # + log-sum-exp
+    if not s.flash or d["alibi"]:
+        attn += (e + 1) * d["nh"] * s.seq  # probabilities + mask
+    return e * (4 * h + mlp) + attn + norms + (4 * 2 * d["experts"] if d["experts"] else 0)
+
+
+def head_act_bytes(d: dict, s: Setup) -> float:
+    """Per token on the last stage: logits (model dtype) + their gradient, and without a fused
+    (compiled) cross-entropy the fp32 upcast and log-softmax."""
+    e = s.act_bytes
+    ce = 0 if s.compiled else (8 if e == 2 else 4)
+    return e * 2 * d["h"] + d["vocab"] * (2 * e + ce)
+
+
+_PARAMS_CACHE: dict = {}
+
+
+def _group_params(family, args) -> tuple:
+    """(params, expert params, tie key, tie params) per user layer, from meta-device shapes."""
+    from models.pipeline import layer_groups
+
+    from .convert import expected_shapes
+
+    key = (family.__name__, repr(args))
+    if key in _PARAMS_CACHE:
+        return _PARAMS_CACHE[key]
+    shapes = expected_shapes(family, args)
+    out, i = [], 0
+    for group in layer_groups(family, args):
+        total = experts = tie_params = 0
+        tie = None
+        for d in group:
+            n = {k: math.prod(v) for k, v in shapes[i].items()}
+            total += sum(n.values())
+            experts += sum(v for k, v in n.items() if "expert" in k)
+            if d.tie is not None:
+                tie, tie_params = d.tie, tie_params + sum(n.values())
+            i += 1
+        out.append((total, experts, tie, tie_params))
+    _PARAMS_CACHE[key] = tuple(out)
+    return _PARAMS_CACHE[key]
+
+
+def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
+    d = _dims(args)
+    groups = _group_params(family, args)
+    costs = []
+    last = len(groups) - 1
+    for idx, (params, experts, tie, tie_params) in enumerate(groups):
+        if idx == 0:
+            costs.append(LayerCost("embed", params, flops=0.0, act=8.0, ckpt_act=8.0, tie=tie, tie_params=tie_params))
+        elif idx == last:
+            flops = 2.0 * d["h"] * d["vocab"] + 10.0 * d["vocab"]
+            act = head_act_bytes(d, setup)
+            costs.append(LayerCost("head", params, flops, act, act, tie, tie_params))
+        else:
+            active = params - experts + (experts * d["top_k"] / d["experts"] if d["experts"] else 0)
+            flops = 2.0 * active + 2.0 * setup.seq * d["dq"]
+            costs.append(LayerCost("block", params, flops, block_act_bytes(d, setup, "none"),
+                                   block_act_bytes(d, setup, setup.ckpt)))
+    return costs
+
+
+# ---------------------------------------------------------------------- per-stage estimate
+def static_bytes_per_param(s: Setup) -> dict[str, float]:
+    """Bytes per parameter on the GPU: weights, gradients, optimizer (master weights + states).
+
+    bf16 under the pipeline runs DeepSpeed's BF16_Optimizer (ZeRO-1): bf16 weights and grads,
+    a full fp32 gradient-accumulation buffer, fp32 master + states sharded over dp. fp32: weights,
+    grads, states (sharded over dp from ZeRO-1). ZeRO-2 shards grads, ZeRO-3 weights too.
+    Offloaded optimizer: master + states (and the fp32 grad copy) live in CPU memory.
+    """
+    states = 4 if s.optimizer == "Lion" else 8
+    dp_opt = s.dp if s.zero >= 1 else 1
+    dp_grad = s.dp if s.zero >= 2 else 1
+    dp_w = s.dp if s.zero >= 3 else 1
+    if s.dtype == "fp32":
+        w, g, opt = 4.0, 4.0, states
+    else:
+        w, g, opt = 2.0, 2.0 + (4.0 if s.zero == 1 and not s.offload_optimizer else 0.0), 4.0 + states
+    if s.offload_optimizer:
+        opt = 0.0
+    if s.offload_param:
+        w = 0.0
+    return {"weights": w / dp_w, "grads": g / dp_grad, "optimizer": opt / dp_opt}
+
+
+@dataclass
+class StageEstimate:
+    stage: int
+    layers: int
+    blocks: int
+    params: int
+    weights: float  # bytes
+    grads: float
+    optimizer: float
+    activations: float
+    time: float  # training FLOPs per token of a micro-batch through this stage
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.extra.get("fixed", 0.0)
+
+
+def _ckpt_factor(setup: Setup) -> float:
+    return {"none": 3.0, "selective": 3.3, "full": 4.0}[setup.ckpt]
+
+
+def stage_estimate(costs: list[LayerCost], lo: int, hi: int, stage: int, setup: Setup) -> StageEstimate:
+    layers = costs[lo:hi]
+    params, seen = 0, set()
+    for c in layers:
+        if c.tie is not None and c.tie in seen:  # both twins on one stage: one copy
+            params += c.params - c.tie_params
+            continue
+        seen.add(c.tie)
+        params += c.params
+    per = static_bytes_per_param(setup)
+    toks = setup.tokens
+    n = setup.in_flight(stage)
+    act = sum((c.ckpt_act if c.kind == "block" else 0.0) for c in layers) * toks * n
+    act += sum(c.act for c in layers if c.kind == "embed") * toks * n
+    act += max((c.act for c in layers if c.kind == "head"), default=0.0) * toks  # freed before the next micro-batch
+    blocks = [c for c in layers if c.kind == "block"]
+    if setup.ckpt != "none" and blocks:  # one block's full activations while it is recomputed
+        act += max(c.act for c in blocks) * toks
+    time = sum(c.flops * (_ckpt_factor(setup) if c.kind == "block" else 3.0) for c in layers)
+    fixed = GPU_FIXED_GIB * GiB if setup.gpu else 0.0
+    return StageEstimate(stage, len(layers), len(blocks), params, params * per["weights"], params * per["grads"],
+                         params * per["optimizer"], act, time, {"fixed": fixed})
+
+
+def estimate(costs: list[LayerCost], parts: list[int], setup: Setup) -> list[StageEstimate]:
+    out, lo = [], 0
+    for s, p in enumerate(parts):
+        out.append(stage_estimate(costs, lo, lo + p, s, setup))
+        lo += p
+    return out
+
+
+def auto_parts(costs: list[LayerCost], setup: Setup, mem_bytes: float | None = None) -> list[int]:
+    """Contiguous split into setup.pp stages (>= 1 layer each) minimising the slowest stage's
+    time; splits with a stage whose estimated peak exceeds `mem_bytes` lose to any split that fits
+    (when none fits, the fastest is taken and the dry run warns).
+    Ties (within 0.1%) go to the smaller largest peak."""
+    n, P = len(costs), setup.pp
+    if P <= 1:
+        return [n]
+    if n < P:
+        raise ValueError(f"{n} pipeline layers cannot fill {P} stages")
+
+    @lru_cache(maxsize=None)
+    def cell(s: int, lo: int, hi: int):
+        e = stage_estimate(costs, lo, hi, s, setup)
+        over = float(e.peak > mem_bytes) if mem_bytes else 0.0
+        return over, e.time, e.peak
+
+    def better(a, b):  # (over, time, peak) lexicographic, time compared with a tolerance
+        if b is None:
+            return True
+        if a[0] != b[0]:
+            return a[0] < b[0]
+        if abs(a[1] - b[1]) > 1e-3 * max(a[1], b[1]):
+            return a[1] < b[1]
+        return a[2] < b[2]
+
+    # best[s][lo] = (worst (over, time, peak) of stages s.. on layers lo..n, split)
+    best: list[dict[int, tuple]] = [dict() for _ in range(P + 1)]
+    best[P][n] = ((0.0, 0.0, 0.0), [])
+    for s in range(P - 1, -1, -1):
+        for lo in range(s, n - (P - s) + 1):
+            choice = None
+            for hi in range(lo + 1, n - (P - s - 1) + 1):
+                if hi not in best[s + 1]:
+                    continue
+                here, (rest, split) = cell(s, lo, hi), best[s + 1][hi]
+                worst = (max(here[0], rest[0]), max(here[1], rest[1]), max(here[2], rest[2]))
+                if better(worst, choice[0] if choice else None):
+                    choice = (worst, [hi - lo] + split)
+            if choice:
+                best[s][lo] = choice
+    return best[0][0][1]
+
+
+# ---------------------------------------------------------------------- config-level entry points
+def resolve_parts(cfg, family, args, gpu: bool = True, mem_gib: float | None = None) -> list[int]:
+    """cfg's parts, or the cost model's split when they are 'auto'."""
+    if isinstance(cfg.model_topo.parts, list):
+        return list(cfg.model_topo.parts)
+    setup = Setup.from_config(cfg, gpu=gpu)
+    return auto_parts(layer_costs(family, args, setup), setup, mem_gib * GiB if mem_gib else None)
+
+
+def resolve_auto_parts(cfg, model, kind: str = "pipeline", log=print) -> None:
+    """Replace `parts: auto` in cfg by the cost model's split (a no-op for explicit parts, the
+    ZeRO path, or a layout that validate will reject anyway); the budget is this GPU's memory."""
+    if kind != "pipeline" or isinstance(cfg.model_topo.parts, list) or model.n_layers < cfg.pipe_dim:
+        return
+    import torch
+
+    gpu = torch.cuda.is_available()
+    mem = torch.cuda.get_device_properties(0).total_memory / GiB if gpu else None
+    cfg.model_topo.parts = resolve_parts(cfg, model.family, model.args, gpu=gpu, mem_gib=mem)
+    log(f"parts: auto -> {cfg.model_topo.parts} (slowest stage minimised by engine/plan.py's cost model)")
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:.1f}"
+
+
+def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeline: bool = True) -> tuple[str, list]:
+    """The dry-run text and the per-stage estimates (cfg already validated)."""
+    setup = Setup.from_config(cfg, gpu=True, pipeline=pipeline)
+    costs = layer_costs(family, args, setup)
+    if pipeline:
+        parts = resolve_parts(cfg, family, args, gpu=True, mem_gib=gpu_mem_gib)
+    else:
+        parts = [len(costs)]
+    stages = estimate(costs, parts, setup)
+    name = family.__name__.split(".")[-1]
+    total = sum(c.params for c in costs) - sum(c.tie_params for c in costs[1:] if c.tie)
+    opt = setup.optimizer + (" (offloaded)" if setup.offload_optimizer else "")
+    lines = [f"dry run: {name}, {total / 1e9:.2f}B parameters, {len(costs)} pipeline layers; world {world_size} = "
+             f"pp {setup.pp} x dp {setup.dp}",
+             f"  {setup.dtype}, ZeRO-{setup.zero}, optimizer {opt}, grad ckpt {setup.ckpt}, compiled "
+             f"{'yes' if setup.compiled else 'no'}, seq {setup.seq}, micro {setup.micro} x {setup.n_micro} "
+             f"micro-batches, parts {parts}" + (" (auto)" if not isinstance(cfg.model_topo.parts, list) else ""),
+             f"  pipeline bubble (P-1)/(M+P-1) = {setup.bubble:.1%}"]
+    head = f"  {'stage':>5} {'layers':>6} {'blocks':>6} {'params':>8} {'weights':>8} {'grads':>7} {'optim':>7} " \
+           f"{'activ':>7} {'peak GiB':>8} {'rel time':>8}"
+    lines.append(head)
+    slowest = max(s.time for s in stages)
+    for s in stages:
+        lines.append(f"  {s.stage:>5} {s.layers:>6} {s.blocks:>6} {s.params / 1e9:>7.2f}B {gib(s.weights):>8} "
+                     f"{gib(s.grads):>7} {gib(s.optimizer):>7} {gib(s.activations):>7} {gib(s.peak):>8} "
+                     f"{s.time / slowest:>8.2f}")
+    for s in stages:
+        if s.peak > gpu_mem_gib * GiB:
+            lines.append(f"  WARNING: stage {s.stage} needs ~{gib(s.peak)} GiB > --gpu-mem-gib {gpu_mem_gib:g}: "
+                         "use more stages, grad ckpt (selective/full), a smaller micro-batch or offload")
+    if not any(s.peak > gpu_mem_gib * GiB for s in stages):
+        lines.append(f"  fits: largest stage ~{gib(max(s.peak for s in stages))} GiB of {gpu_mem_gib:g} GiB")
+    return "\n".join(lines), stages
+
+
+def dry_run(cfg, world_size: int, gpu_mem_gib: float = 80.0, pipeline: bool = True) -> str:
+    """Validate cfg against the world size and the model's config.json, and return the report."""
+    from .config import validate
+    from .train import Model
+
+    model = Model.from_checkpoint_dir(cfg.model_path)
+    validate(cfg, world_size, model.n_layers, pipeline=pipeline)
+    text, _ = report(cfg, model.family, model.args, world_size, gpu_mem_gib, pipeline)
+    return text

@@ -1,0 +1,116 @@
+"""engine/plan.py: `parts: auto` from the cost model, the memory estimate against counted bytes
+of a real CPU step, the --dry-run CLI, and the one-command fine-tune (--export-hf)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.plan import GiB, Setup, auto_parts, estimate, layer_costs
+from models import get_family
+
+LLAMA_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=4096)
+BLOOM_176B = dict(model_type="bloom", vocab_size=250880, hidden_size=14336, n_layer=70, n_head=112,
+                  layer_norm_epsilon=1e-5)
+
+
+def _plan(family, hf, **setup):
+    fam = get_family(family)
+    args = fam.Args.from_hf_config(hf)
+    s = Setup(**setup)
+    return layer_costs(fam, args, s), s
+
+
+def test_auto_parts_llama_7b_pp8_beats_or_matches_gdgpt_layout():
+    costs, s = _plan("llama", LLAMA_7B, seq=2048, micro=1, n_micro=16, pp=8, zero=1, compiled=True)
+    parts = auto_parts(costs, s, 80 * GiB)
+    slowest = lambda p: max(e.time for e in estimate(costs, p, s))  # noqa: E731
+    assert sum(parts) == 34 and len(parts) == 8
+    assert slowest(parts) <= slowest([5, 4, 4, 4, 4, 4, 4, 5]) * 1.0001
+    blocks = [e.blocks for e in estimate(costs, parts, s)]
+    assert blocks[-1] <= min(blocks[1:-1]) and blocks[0] <= min(blocks[1:-1])
+
+
+def test_auto_parts_gives_the_first_stage_fewer_blocks_when_its_activations_bind():
+    # long rows, no recompute: stage 0 keeps 8 micro-batches in flight, stage 7 one
+    costs, s = _plan("llama", LLAMA_7B, seq=4096, micro=1, n_micro=16, pp=8, zero=1, compiled=True)
+    fast = estimate(costs, auto_parts(costs, s), s)
+    budget = fast[0].peak - 1 * GiB  # the time-optimal split does not fit on stage 0
+    parts = auto_parts(costs, s, budget)
+    chosen = estimate(costs, parts, s)
+    assert all(e.peak <= budget for e in chosen), [e.peak / GiB for e in chosen]
+    assert chosen[0].blocks < max(e.blocks for e in chosen[1:-1])
+
+
+def test_auto_parts_bloom_big_vocab_head_gets_fewer_blocks():
+    costs, s = _plan("bloom", BLOOM_176B, seq=2048, micro=1, n_micro=16, pp=8, zero=1)
+    assert costs[-1].flops > costs[1].flops  # the 250k-vocab head costs more than a block
+    blocks = [e.blocks for e in estimate(costs, auto_parts(costs, s), s)]
+    assert blocks[-1] < min(blocks[1:-1]), blocks
+
+
+@pytest.mark.parametrize("family, micro, seq", [("llama", 2, 64), ("llama", 1, 128), ("mixtral", 2, 64)])
+def test_memory_estimate_matches_counted_bytes(family, micro, seq):
+    """One fp32 AdamW step of the whole tiny model on CPU: parameters, grads, optimizer states and
+    the tensors autograd saves for backward (+ the logits, whose gradient coexists with them)
+    counted byte by byte; the estimate must be within 15%."""
+    from models.blocks import AttnOptions, LayerOptions
+    from models.pipeline import SequentialModel, make_loss
+
+    fam = get_family(family)
+    hf = fam.tiny_hf_config()
+    args = fam.Args.from_hf_config(hf)
+    torch.manual_seed(0)
+    model = SequentialModel(fam, args, LayerOptions(attn=AttnOptions(impl="sdpa")))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.device.type == "cpu":
+            saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    ids = torch.randint(3, args.vocab_size, (micro, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids)
+        loss = make_loss(fam, args)(logits, (ids, torch.tensor(1.0 / ids.numel())))
+    loss.backward()
+    out = logits[0] if isinstance(logits, tuple) else logits
+    opt = torch.optim.AdamW(model.parameters())
+    opt.step()
+    count = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    measured = (count(model.parameters()) + count(p.grad for p in model.parameters())
+                + count(v for st in opt.state.values() for v in st.values() if v.dim() > 0)
+                + sum(saved.values()) + out.numel() * out.element_size())
+    costs, s = _plan(family, hf, seq=seq, micro=micro, n_micro=1, pp=1, dtype="fp32", zero=0, flash=True, gpu=False)
+    (est,) = estimate(costs, [len(costs)], s)
+    assert abs(est.peak - measured) / measured < 0.15, (est.peak, measured, est)
+
+
+def _dry(tmp_path, *extra):
+    import subprocess
+    import sys
+
+    from models import get_family as gf
+
+    hf = tmp_path / "hf"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps(gf("llama").tiny_hf_config()))
+    root = Path(__file__).resolve().parent.parent
+    data = sorted((root / "examples" / "data").glob("*.json*"))[0]
+    cmd = [sys.executable, str(root / "train_ds.py"), "--config", str(root / "configs" / "llama_7b_pp.yml"),
+           "--dry-run", "--set", f"model_path={hf}", "--set", f"data_path={data}", "--set", "model_topo.parts=auto",
+           *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
+
+
+def test_dry_run_cli(tmp_path):
+    ok = _dry(tmp_path, "--world-size", "8", "--set", "model_topo.process_topology.dims=[4,2]",
+              "--gpu-mem-gib", "0.0001")
+    assert ok.returncode == 0, ok.stderr
+    assert "pp 4 x dp 2" in ok.stdout and "bubble" in ok.stdout and "WARNING: stage 0" in ok.stdout
+    assert len([l for l in ok.stdout.splitlines() if l.strip()[:1].isdigit()]) == 4
+    bad = _dry(tmp_path, "--world-size", "4")
+    assert bad.returncode == 2 and "needs 8 processes but 4" in bad.stderr
