@@ -39,22 +39,28 @@ def has_checkpoint(save_path: str | Path) -> bool:
     return (Path(save_path) / "latest").is_file()
 
 
-def load_initial_weights(module, model_path: str | Path, family, args) -> None:
-    """Load this stage's layers, checking keys and shapes first, from a pipeline checkpoint dir
-    (its layer files) or straight from an HF model dir (only this stage's tensors are read)."""
+def layer_states(model_path: str | Path, family, args):
+    """`idx -> (source path, {param: tensor})` for internal layer idx, from a pipeline checkpoint
+    dir (its layer files, memory-mapped) or an HF model dir (only that layer's tensors are read)."""
     if is_pipeline_dir(model_path):
         tag_dir = resolve_tag(model_path)
 
         def layer_state(idx):
             path = layer_file(tag_dir, idx)
             return path, load_layer(path)
-    else:
-        from .convert import HFWeights
+        return layer_state
+    from .convert import HFWeights
 
-        weights, keys = HFWeights(Path(model_path), getattr(family, "HF_BASE_PREFIX", "")), family.hf_keys(args)
+    weights, keys = HFWeights(Path(model_path), getattr(family, "HF_BASE_PREFIX", "")), family.hf_keys(args)
 
-        def layer_state(idx):
-            return Path(model_path), {ours: weights.get(theirs) for ours, theirs in keys[idx].items()}
+    def hf_layer_state(idx):
+        return Path(model_path), {ours: weights.get(theirs) for ours, theirs in keys[idx].items()}
+    return hf_layer_state
+
+
+def load_initial_weights(module, model_path: str | Path, family, args) -> None:
+    """Load this stage's layers, checking keys and shapes first (see layer_states)."""
+    layer_state = layer_states(model_path, family, args)
     for local_idx, layer in enumerate(module.forward_funcs):
         if not hasattr(layer, "state_dict"):
             continue
@@ -64,15 +70,18 @@ def load_initial_weights(module, model_path: str | Path, family, args) -> None:
     module._synchronize_tied_weights()
 
 
-def layout_of(cfg: TrainConfig, n_layers: int) -> dict:
-    """What DeepSpeed's own optimizer files depend on; any change needs the reshape path."""
+def layout_of(cfg: TrainConfig, n_layers: int, kind: str = "pipeline") -> dict:
+    """What DeepSpeed's own optimizer files depend on; any change needs the reshape path.
+    `kind` is the training path: DeepSpeed's pipeline and ZeRO engines cannot load each other's
+    files (pipeline layouts keep their old form, so existing checkpoints still match)."""
     from models.pipeline import balanced_parts
 
     parts = cfg.model_topo.parts if isinstance(cfg.model_topo.parts, list) else balanced_parts(n_layers, cfg.pipe_dim)
     zero = cfg.ds.get("zero_optimization", {}).get("stage", 0)
     if cfg.dtype == "bf16":
         zero = max(zero, 1)  # what train.deepspeed_config runs
-    return {"pp": cfg.pipe_dim, "dp": cfg.data_dim, "parts": list(parts), "zero_stage": zero, "dtype": cfg.dtype}
+    layout = {"pp": cfg.pipe_dim, "dp": cfg.data_dim, "parts": list(parts), "zero_stage": zero, "dtype": cfg.dtype}
+    return layout if kind == "pipeline" else {**layout, "engine": kind}
 
 
 def _shared_storage(root: Path, tmp: Path) -> bool:
@@ -109,8 +118,12 @@ def manifest(tag_dir: Path) -> dict[str, int]:
             if p.is_file() and p.name != META}
 
 
-def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, hf_dir: Path) -> Path:
+def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, hf_dir: Path, kind: str = "pipeline",
+         write_weights=None) -> Path:
     """Save a complete, atomically published checkpoint tag for `step` (call on every rank).
+
+    `write_weights(tmp_tag_dir, publisher)`, when given, is called on every rank after DeepSpeed's
+    save to add the per-layer weight files DeepSpeed does not write itself (the ZeRO path).
 
     DeepSpeed writes `.tmp-<tag>/`; the publisher (global rank 0 on a shared filesystem, local
     rank 0 of each node on node-local disks) adds config.yml and meta.json (with a size manifest
@@ -128,9 +141,11 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
     D.barrier()
     publisher = D.rank() == 0 if _shared_storage(root, tmp) else int(os.environ.get("LOCAL_RANK", "0")) == 0
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
-    if cfg.reshape_state:
+    if write_weights is not None:
+        write_weights(tmp, publisher)
+    if cfg.reshape_state and kind == "pipeline":  # optim/ is written from pipeline engines only
         reshape.save(engine, tmp)
-    layout = layout_of(cfg, n_layers)
+    layout = layout_of(cfg, n_layers, kind)
     D.barrier()
     if publisher and tmp.is_dir():
         faults.pause_in_save(root, step)  # test hook: a kill "while writing a checkpoint" made deterministic
@@ -207,20 +222,30 @@ def _checked_meta(cfg: TrainConfig, family_name: str, n_layers: int) -> tuple[Pa
     return tag_dir, meta
 
 
-def layout_changed(cfg: TrainConfig, family_name: str, n_layers: int) -> bool:
-    """Whether the checkpoint `latest` names was saved on another pp x dp layout / parts / precision."""
-    _, meta = _checked_meta(cfg, family_name, n_layers)
-    return meta.get("layout") not in (None, layout_of(cfg, n_layers))
+def layout_changed(cfg: TrainConfig, family_name: str, n_layers: int, kind: str = "pipeline") -> bool:
+    """Whether the checkpoint `latest` names was saved on another pp x dp layout / parts / precision.
+
+    Our optimizer copy (optim/) is written and read by pipeline engines only: a checkpoint of the
+    other training path (pipeline <-> ZeRO) is refused here, before anything is built."""
+    tag_dir, meta = _checked_meta(cfg, family_name, n_layers)
+    saved = meta.get("layout")
+    if saved in (None, layout_of(cfg, n_layers, kind)):
+        return False
+    if kind != "pipeline" or saved.get("engine", "pipeline") != "pipeline":
+        raise LayoutError(f"{tag_dir}: saved by {saved.get('engine', 'pipeline')} training on {saved}; its optimizer "
+                          f"state resumes only there. To go on from its weights with a fresh optimizer, set "
+                          f"model_path: {cfg.save_path} and a new save_path")
+    return True
 
 
-def resume(engine, cfg: TrainConfig, family_name: str, n_layers: int) -> int:
+def resume(engine, cfg: TrainConfig, family_name: str, n_layers: int, kind: str = "pipeline") -> int:
     """Load the checkpoint `latest` names into the engine; return the next step to run.
 
     Same layout: DeepSpeed's own load. Another layout (the weights were already loaded from the
     tag's layer files before the engine was built): optimizer state from the topology-free copy.
     """
     tag_dir, meta = _checked_meta(cfg, family_name, n_layers)
-    if meta.get("layout") not in (None, layout_of(cfg, n_layers)):
+    if meta.get("layout") not in (None, layout_of(cfg, n_layers, kind)):  # pipeline only: see layout_changed
         reshape.load(engine, tag_dir)
         return int(meta["step"])
     path, client = engine.load_checkpoint(cfg.save_path, tag=tag_dir.name, load_module_strict=True)

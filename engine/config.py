@@ -313,10 +313,23 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     if opt.get("type") not in OPTIMIZERS:
         raise ConfigError(f"{where}: optimizer.type {opt.get('type')!r} is not supported "
                           f"(one of {', '.join(OPTIMIZERS)}){_suggest(str(opt.get('type')), OPTIMIZERS)}")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if pipeline and stage > 1:
         raise ConfigError(f"{where}: zero_optimization.stage {stage} does not work with pipeline parallelism "
                           "(DeepSpeed allows 0 or 1); use train_ds_zero.py for ZeRO-2/3")
+    if not pipeline and stage == 0:
+        raise ConfigError(f"{where}: train_ds_zero.py needs zero_optimization.stage 1, 2 or 3 (plain data "
+                          f"parallelism is train_ds.py with dims [1, {world_size}])")
+    for key, min_stage in (("offload_optimizer", 1), ("offload_param", 3)):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{where}: zero_optimization.{key}.device must be none, cpu or nvme, got {device!r}")
+        if device != "none" and stage < min_stage:
+            raise ConfigError(f"{where}: zero_optimization.{key} needs zero_optimization.stage >= {min_stage}, "
+                              f"got {stage}")
     for key in ("max_seq_len", "n_epochs"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{where}: '{key}' must be >= 1, got {getattr(cfg, key)}")

@@ -18,13 +18,33 @@ def param_groups(params, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def build_optimizer(spec: dict | None, params) -> torch.optim.Optimizer:
+def uses_ds_cpu_optimizer(ds: dict) -> bool:
+    """ZeRO-Offload of the optimizer without `zero_force_ds_cpu_optimizer: false`: DeepSpeed then
+    requires its own CPU Adam/Lion (vectorised C++; JIT-compiled on first use, ~1 min)."""
+    zero = ds.get("zero_optimization", {})
+    offloaded = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+    return zero.get("stage", 0) > 0 and offloaded and ds.get("zero_force_ds_cpu_optimizer", True)
+
+
+def build_optimizer(spec: dict | None, params, ds: dict | None = None) -> torch.optim.Optimizer:
+    """The client optimizer; `ds` (the DeepSpeed config) picks DeepSpeed's CPU optimizers under
+    ZeRO-Offload (see uses_ds_cpu_optimizer)."""
     spec = spec or {"type": "AdamW", "params": {"lr": 1e-5}}
     kind, kw = spec.get("type", "AdamW"), dict(spec.get("params") or {})
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
     groups = param_groups(params, float(kw.pop("weight_decay", 0.0)))
     try:
+        if ds is not None and uses_ds_cpu_optimizer(ds):
+            if kind == "Lion":
+                from deepspeed.ops.lion import DeepSpeedCPULion
+
+                return DeepSpeedCPULion(groups, **kw)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            kw.pop("torch_adam", None), kw.pop("fused", None)
+            adamw = kw.pop("adam_w_mode", True) or kind == "AdamW"  # DeepSpeed's Adam is AdamW by default
+            return DeepSpeedCPUAdam(groups, adamw_mode=adamw, **kw)
         if kind in ("AdamW", "Adam"):
             kw.pop("torch_adam", None), kw.pop("adam_w_mode", None)
             if torch.cuda.is_available():

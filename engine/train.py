@@ -1,8 +1,10 @@
-"""The training loop shared by train_ds.py (pipeline) and its ZeRO sibling.
+"""The training loop shared by train_ds.py (pipeline) and train_ds_zero.py (ZeRO-1/2/3).
 
-One global step = `engine.train_batch` over the loader's micro-batches for that step. The loader
-is a pure function of (seed, step), so resuming at step k replays exactly what an uninterrupted
-run would have seen.
+One global step = the loader's micro-batches for that step, run by a backend (engine/backends.py):
+the pipeline's `engine.train_batch`, or forward/backward per micro-batch under ZeRO. Data, loss
+normalisation, metrics, checkpoints and resume are this module's and the same for both. The
+loader is a pure function of (seed, step), so resuming at step k replays exactly what an
+uninterrupted run would have seen.
 """
 from __future__ import annotations
 
@@ -15,16 +17,15 @@ import torch
 
 from models import family_for_hf_config
 from models.blocks import AttnOptions, LayerOptions, attn_impl
-from models.pipeline import balanced_parts, build_pipeline, init_weights, layer_groups
+from models.pipeline import layer_groups
 
 from . import checkpoint as ckpt
 from . import faults
 from . import distributed as D
 from .control import NonFiniteLoss, RunControl
-from .config import ConfigError, TrainConfig, check_paths, validate
+from .config import ConfigError, TrainConfig, check_paths
 from .layout import hf_dir_of, read_hf_config
 from .metrics import PEAK_FLOPS, Metrics, flops_per_token
-from .optim import GlobalGradClip, build_optimizer
 
 
 @dataclass
@@ -116,58 +117,64 @@ def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    """Train a pipeline model as `cfg` says, resuming from save_path when it holds a checkpoint."""
-    import deepspeed
-    from deepspeed.runtime.pipe.topology import ProcessTopology
+    """Train a pipeline model as `cfg` says (train_ds.py), resuming from save_path when it holds a checkpoint."""
+    from .backends import PipelineBackend
 
+    return run(cfg, PipelineBackend)
+
+
+def train_zero(cfg: TrainConfig) -> RunResult:
+    """Train the whole model as one module under ZeRO-1/2/3 (train_ds_zero.py); same data, loss,
+    metrics and checkpoints as `train`."""
+    from .backends import ZeroBackend
+
+    return run(cfg, ZeroBackend)
+
+
+def run(cfg: TrainConfig, backend_cls) -> RunResult:
+    """The training loop; `backend_cls(cfg, model)` says how one global step runs (engine/backends.py)."""
     check_paths(cfg)
     model = Model.from_checkpoint_dir(cfg.model_path)
     D.init_distributed()
-    validate(cfg, D.world_size(), model.n_layers)
-    parts = cfg.model_topo.parts if isinstance(cfg.model_topo.parts, list) else balanced_parts(model.n_layers,
-                                                                                                cfg.pipe_dim)
-    topo_cfg = cfg.model_topo.process_topology
-    topology = ProcessTopology(axes=topo_cfg.axes, dims=topo_cfg.dims)
+    backend = backend_cls(cfg, model)  # validates cfg for its path
     resume = cfg.resume is True or (cfg.resume == "auto" and ckpt.has_checkpoint(cfg.save_path))
     if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
         raise ConfigError(f"{cfg.source}: resume is true but {cfg.save_path} has no checkpoint")
 
-    coord = topology.get_coord(D.rank())
-    dataset, loader = build_data(cfg, model, coord.data, cfg.data_dim)  # bad data fails before allocation
-    reshaped = resume and ckpt.layout_changed(cfg, model.name, model.n_layers)
+    dataset, loader = build_data(cfg, model, backend.dp_rank, backend.dp_size)  # bad data fails before allocation
+    reshaped = resume and ckpt.layout_changed(cfg, model.name, model.n_layers, backend.kind)
 
     torch.manual_seed(cfg.seed)
-    module = build_pipeline(model.family, model.args, layer_options(cfg), topology, parts, cfg.seed)
     if reshaped:  # saved on another layout: weights from its layer files, optimizer state in ckpt.resume
-        ckpt.load_initial_weights(module, cfg.save_path, model.family, model.args)
-    elif cfg.from_scratch:
-        init_weights(module, cfg.seed)
-    elif not resume:
-        ckpt.load_initial_weights(module, cfg.model_path, model.family, model.args)
-    optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters())
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
-    clip = None if wrapped_optimizer(cfg) else GlobalGradClip(
-        optimizer, module, float(cfg.ds.get("gradient_clipping", 0.0)), engine.grid.get_model_parallel_group())
+        weights = cfg.save_path
+    else:  # resuming on the same layout: DeepSpeed's own load fills the weights
+        weights = None if resume else "scratch" if cfg.from_scratch else cfg.model_path
+    engine = backend.build(weights)
     total = min(loader.total_steps, cfg.max_steps) if cfg.max_steps else loader.total_steps
     is_logger = D.rank() == 0
     if is_logger:
         Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(Path(cfg.save_path), print if is_logger else (lambda _: None))
-    step = ckpt.resume(engine, cfg, model.name, model.n_layers) if resume else 0
+    step = ckpt.resume(engine, cfg, model.name, model.n_layers, backend.kind) if resume else 0
 
     metrics_log = Metrics(cfg.save_path, total, step, enabled=is_logger)
-    metrics_log.message(f"model {model.name}: {model.n_layers} pipeline layers, parts {parts}; data: {dataset.stats}; "
-                        f"{total} steps ({loader.steps_per_epoch}/epoch)" + (f", resumed at step {step}" if step else ""))
+    metrics_log.message(f"model {model.name}: {model.n_layers} pipeline layers, {backend.describe()}; data: "
+                        f"{dataset.stats}; {total} steps ({loader.steps_per_epoch}/epoch)"
+                        + (f", resumed at step {step}" if step else ""))
     fpt = flops_per_token(model.n_params(), model.args.num_layers, model.args.hidden_size, cfg.max_seq_len)
-    loss_metrics = getattr(module.loss_fn, "pop_metrics", None)
     result, start = RunResult(final_step=step), step
-    faults.wrap_loss(module, lambda: step + 1)
+    faults.wrap_loss(backend.loss_owner, lambda: step + 1)
+
+    def save():
+        return ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir, backend.kind,
+                         backend.write_weights)
+
     control = RunControl(cfg.save_every_minutes, is_logger)
     try:
         while step < total:
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed + step)  # dropout streams independent of where we resumed
-            loss = float(engine.train_batch(iter(loader.micro_batches(step))))
+            loss = backend.train_step(loader.micro_batches(step))
             dt = time.perf_counter() - t0
             step += 1
             skipped = not engine.was_step_applied() or not math.isfinite(loss)
@@ -175,11 +182,10 @@ def train(cfg: TrainConfig) -> RunResult:
             tokens = loader.tokens(step - 1)
             tok_s_gpu = tokens / dt / D.world_size()
             record = {"step": step, "epoch": (step - 1) // loader.steps_per_epoch, "loss": loss,
-                      "lr": engine.get_lr()[0], "grad_norm": clip.norm if clip else _grad_norm(engine), "tokens": tokens,
+                      "lr": engine.get_lr()[0], "grad_norm": backend.grad_norm(), "tokens": tokens,
                       "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tok_s_gpu,
                       "mfu": tok_s_gpu * fpt / PEAK_FLOPS, "step_time_s": dt}
-            if loss_metrics is not None:
-                record.update(last_stage_metrics(engine, loss_metrics, cfg.grad_accum))
+            record.update(backend.loss_metrics())
             if skipped:
                 record["skipped"] = True
             metrics_log.log(record)
@@ -188,7 +194,7 @@ def train(cfg: TrainConfig) -> RunResult:
                                     f"on_nonfinite_loss: skip to go on; the last checkpoint is kept)")
             stop, timed = control.poll()
             if (stop or timed or cfg.save_every_steps and step % cfg.save_every_steps == 0) and step < total:
-                result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
+                result.checkpoint = save()
                 control.saved()
             if stop:
                 metrics_log.message(f"{control.signal or 'signal'} received: saved {result.checkpoint} at step "
@@ -196,26 +202,9 @@ def train(cfg: TrainConfig) -> RunResult:
                 result.interrupted = True
                 break
         if cfg.save_at_end and step > start and (result.checkpoint is None or ckpt.tag_step(result.checkpoint.name) != step):
-            result.checkpoint = ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir)
+            result.checkpoint = save()
     finally:
         control.restore()
         metrics_log.close()
     result.final_step = step
     return result
-
-
-def last_stage_metrics(engine, pop_metrics, grad_accum: int) -> dict:
-    """The loss function's own metrics (e.g. MoE aux loss), computed on the last stage: popped
-    there, sent to every stage of this pipeline, averaged over the step's micro-batches."""
-    import torch.distributed as dist
-
-    box = [{k: v / grad_accum for k, v in pop_metrics().items()} if engine.is_last_stage() else None]
-    if engine.num_stages > 1:
-        src = engine.grid.stage_to_global(engine.num_stages - 1)
-        dist.broadcast_object_list(box, src=src, group=engine.grid.get_pipe_parallel_group())
-    return box[0]
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else None

@@ -57,6 +57,14 @@ def make_loss(family: ModuleType, args):
     return family.make_loss(args) if hasattr(family, "make_loss") else causal_lm_loss
 
 
+def training_loss(family: ModuleType, args, opts: LayerOptions):
+    """make_loss, compiled with the blocks on GPU (fused cross-entropy: no fp32 copy of the logits)."""
+    loss = make_loss(family, args)
+    if opts.compile and torch.cuda.is_available() and not hasattr(loss, "pop_metrics"):
+        loss = torch.compile(loss)
+    return loss
+
+
 def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int):
     """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -73,29 +81,30 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
         return TiedLayerSpec(d.tie, d.cls, args, opts, forward_fn=d.forward_fn, tied_weight_attr=family.TIED_WEIGHTS)
 
     bounds = stage_bounds(family, args, parts)
-    loss = make_loss(family, args)
-    if opts.compile and torch.cuda.is_available() and not hasattr(loss, "pop_metrics"):
-        loss = torch.compile(loss)  # fused cross-entropy: no fp32 copy of the logits is kept
-    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=loss,
+    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=training_loss(family, args, opts),
                      seed_layers=True, base_seed=int(seed), partition_method="manual")
 
 
+def init_layer(layer: nn.Module, seed: int, idx: int, std: float = 0.02) -> None:
+    """HF's init scheme for one layer: N(0, std) matrices and embeddings, zero biases, unit norms;
+    seeded by the layer's global index, so every layout (pipeline stages, ZeRO) gets the same weights."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + idx)
+    for name, p in layer.named_parameters():
+        with torch.no_grad():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+
+
 def init_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Random init for training from scratch (HF's scheme: N(0, std) matrices and embeddings,
-    zero biases, unit norms). Seeded per layer index, so every pipeline layout gets the same
-    weights; tied twins are then synchronised from their first owner."""
+    """Random init for training from scratch (see init_layer); tied twins are then synchronised
+    from their first owner."""
     layers = module.forward_funcs if hasattr(module, "forward_funcs") else list(module._modules.values())
     start = getattr(module, "_local_start", 0)
     for idx, layer in enumerate(layers):
-        if not isinstance(layer, nn.Module):
-            continue
-        gen = torch.Generator().manual_seed(seed * 100_003 + start + idx)
-        for name, p in layer.named_parameters():
-            with torch.no_grad():
-                if p.ndim >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-                else:
-                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+        if isinstance(layer, nn.Module):
+            init_layer(layer, seed, start + idx, std)
     if hasattr(module, "_synchronize_tied_weights"):
         module._synchronize_tied_weights()
 
@@ -116,6 +125,18 @@ class SequentialModel(nn.Module):
             if d.tie is not None:
                 shared[d.tie] = module
             self.add_module(str(i), module)
+
+    def owned_layers(self) -> list[tuple[int, nn.Module]]:
+        """(index, module) of each layer that owns its weights: a tied twin is skipped, as in the
+        pipeline checkpoint, where only the first owner has a layer file."""
+        seen: set[int] = set()
+        out = []
+        for i in range(len(self.defs)):
+            module = self._modules[str(i)]
+            if id(module) not in seen:
+                seen.add(id(module))
+                out.append((i, module))
+        return out
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
         if position_ids is None:

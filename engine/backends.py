@@ -1,0 +1,206 @@
+"""How one global step runs: the two training paths behind engine.train's shared loop.
+
+A backend builds the model + DeepSpeed engine and runs a step over the loader's micro-batches:
+
+    PipelineBackend  PipelineModule split over stages; `engine.train_batch` (train_ds.py)
+    ZeroBackend      the whole model as one module (SequentialModel) under ZeRO-1/2/3 with
+                     optional CPU offload; forward/backward per micro-batch, `engine.step` does
+                     the update at the accumulation boundary (train_ds_zero.py)
+
+Both report the same loss: the mean over micro-batches and data-parallel ranks of the loader's
+scaled losses (= sum of answer-token CE / answer tokens of the global batch), and both produce
+gradients of exactly that: DeepSpeed divides by gradient_accumulation_steps in backward and
+averages over data-parallel ranks (all-reduce / ZeRO reduce-scatter alike).
+
+Checkpoints: the pipeline engine writes one file per layer (layer_XX-model_states.pt). The ZeRO
+engine's own files are per-rank partitions, so ZeroBackend.write_weights adds the same layer
+files to every tag, gathered one layer at a time (ZeRO-3: GatheredParameters), written from CPU
+by the publisher. So `convert_model.py pp_to_hg` exports either path's checkpoints unchanged,
+no rank ever holds the whole model, and either path starts from the other's weights
+(model_path: <the other run's save_path>).
+"""
+from __future__ import annotations
+
+import torch
+
+from models.pipeline import SequentialModel, balanced_parts, build_pipeline, init_layer, init_weights, training_loss
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .config import TrainConfig, validate
+from .layout import check_layer, layer_file
+from .optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
+from .train import Model, deepspeed_config, layer_options, wrapped_optimizer
+
+
+class PipelineBackend:
+    kind = "pipeline"
+    write_weights = None  # DeepSpeed's pipeline engine writes the layer files itself
+
+    def __init__(self, cfg: TrainConfig, model: Model):
+        from deepspeed.runtime.pipe.topology import ProcessTopology
+
+        validate(cfg, D.world_size(), model.n_layers)
+        self.cfg, self.model = cfg, model
+        parts = cfg.model_topo.parts
+        self.parts = parts if isinstance(parts, list) else balanced_parts(model.n_layers, cfg.pipe_dim)
+        topo = cfg.model_topo.process_topology
+        self.topology = ProcessTopology(axes=topo.axes, dims=topo.dims)
+        self.dp_rank, self.dp_size = self.topology.get_coord(D.rank()).data, cfg.data_dim
+
+    def describe(self) -> str:
+        return f"parts {self.parts}"
+
+    def build(self, weights: str | None):
+        """`weights`: a checkpoint/HF dir to load, "scratch" for random init, None (resume fills them)."""
+        import deepspeed
+
+        cfg, model = self.cfg, self.model
+        module = build_pipeline(model.family, model.args, layer_options(cfg), self.topology, self.parts, cfg.seed)
+        if weights == "scratch":
+            init_weights(module, cfg.seed)
+        elif weights:
+            ckpt.load_initial_weights(module, weights, model.family, model.args)
+        self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
+        optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters(), cfg.ds)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+        self.clip = None if wrapped_optimizer(cfg) else GlobalGradClip(
+            optimizer, module, float(cfg.ds.get("gradient_clipping", 0.0)), self.engine.grid.get_model_parallel_group())
+        self.loss_owner = module
+        return self.engine
+
+    def train_step(self, micro_batches: list) -> float:
+        return float(self.engine.train_batch(iter(micro_batches)))
+
+    def grad_norm(self) -> float | None:
+        return self.clip.norm if self.clip else _grad_norm(self.engine)
+
+    def loss_metrics(self) -> dict:
+        """The loss function's own metrics (e.g. MoE aux loss), computed on the last stage: popped
+        there, sent to every stage of this pipeline, averaged over the step's micro-batches."""
+        import torch.distributed as dist
+
+        if self._pop_metrics is None:
+            return {}
+        engine = self.engine
+        box = [{k: v / self.cfg.grad_accum for k, v in self._pop_metrics().items()} if engine.is_last_stage() else None]
+        if engine.num_stages > 1:
+            src = engine.grid.stage_to_global(engine.num_stages - 1)
+            dist.broadcast_object_list(box, src=src, group=engine.grid.get_pipe_parallel_group())
+        return box[0]
+
+
+class ZeroBackend:
+    kind = "zero"
+
+    def __init__(self, cfg: TrainConfig, model: Model):
+        validate(cfg, D.world_size(), model.n_layers, pipeline=False)
+        self.cfg, self.model = cfg, model
+        self.dp_rank, self.dp_size = D.rank(), D.world_size()
+        self.zero = cfg.ds["zero_optimization"]
+        self.stage = self.zero["stage"]
+
+    def describe(self) -> str:
+        offload = [f"{k.split('_')[1]}->{v['device']}" for k, v in self.zero.items()
+                   if k.startswith("offload_") and (v or {}).get("device", "none") != "none"]
+        cpu_opt = ", DeepSpeed CPU optimizer" if uses_ds_cpu_optimizer(self.cfg.ds) else ""
+        return f"ZeRO-{self.stage} over {self.dp_size} ranks" + (f", offload {', '.join(offload)}" if offload else "") \
+            + cpu_opt
+
+    def build(self, weights: str | None):
+        """As PipelineBackend.build. Under ZeRO-3 the model is partitioned as it is built
+        (zero.Init) and weights are set one gathered layer at a time."""
+        import deepspeed
+
+        cfg, model = self.cfg, self.model
+        ds = deepspeed_config(cfg)
+        with deepspeed.zero.Init(enabled=self.stage == 3, config_dict_or_path=ds):
+            module = SequentialModel(model.family, model.args, layer_options(cfg))
+        module.loss_fn = training_loss(model.family, model.args, layer_options(cfg))
+        self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
+        if self.stage == 3:
+            self._register_tied_weights(module)
+        self.module = self.loss_owner = module
+        if weights == "scratch":
+            self._each_layer(lambda idx, layer: init_layer(layer, cfg.seed, idx), modifier_rank=0)
+        elif weights:
+            self._load(weights)
+        optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters(), cfg.ds)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
+        return self.engine
+
+    def train_step(self, micro_batches: list) -> float:
+        import torch.distributed as dist
+
+        engine, total = self.engine, None
+        for inputs, labels in micro_batches:
+            inputs, labels = _to(inputs, engine.device), _to(labels, engine.device)
+            loss = self.module.loss_fn(engine(*inputs), labels)
+            engine.backward(loss)  # scaled by 1/gradient_accumulation_steps inside
+            engine.step()  # the update happens only at the accumulation boundary
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        mean = total / self.cfg.grad_accum  # what PipelineEngine._aggregate_total_loss reports
+        if self.dp_size > 1:
+            dist.all_reduce(mean)
+            mean /= self.dp_size
+        return float(mean)
+
+    def grad_norm(self) -> float | None:
+        return _grad_norm(self.engine)
+
+    def loss_metrics(self) -> dict:
+        if self._pop_metrics is None:
+            return {}
+        return {k: v / self.cfg.grad_accum for k, v in self._pop_metrics().items()}
+
+    # ------------------------------------------------------------------ weights, layer by layer
+    def _each_layer(self, fn, modifier_rank: int | None) -> None:
+        """fn(idx, layer) with that layer's full parameters present (ZeRO-3: gathered, then
+        re-partitioned; with modifier_rank=0 rank 0's changes are what every rank keeps)."""
+        import deepspeed
+
+        for idx, layer in self.module.owned_layers():
+            with deepspeed.zero.GatheredParameters(list(layer.parameters()), modifier_rank=modifier_rank):
+                fn(idx, layer)
+
+    def _load(self, model_path: str) -> None:
+        """Layer by layer from a pipeline checkpoint dir or an HF dir; every rank checks keys and
+        shapes (an error stops all ranks, none waits in a collective)."""
+        layer_state = ckpt.layer_states(model_path, self.model.family, self.model.args)
+
+        def load(idx, layer):
+            path, state = layer_state(idx)
+            check_layer(path, state, {k: v.shape for k, v in layer.state_dict().items()})
+            with torch.no_grad():
+                layer.load_state_dict(state)
+
+        self._each_layer(load, modifier_rank=0)
+
+    def write_weights(self, tag_dir, publisher: bool) -> None:
+        """The pipeline layer files of this tag (every rank joins the gathers; the publisher writes)."""
+        def write(idx, layer):
+            if publisher:
+                torch.save({k: v.detach().cpu().clone() for k, v in layer.state_dict().items()},
+                           layer_file(tag_dir, idx))
+
+        self._each_layer(write, modifier_rank=None)
+
+    @staticmethod
+    def _register_tied_weights(module: SequentialModel) -> None:
+        """A tied head uses the embedding's weight outside the embedding's forward: tell ZeRO-3 to
+        gather it for the whole model's forward/backward."""
+        import deepspeed
+
+        for i, d in enumerate(module.defs):
+            if d.tie is not None and d.forward_fn is not None:  # the twin that borrows the owner's weight
+                for p in module._modules[str(i)].parameters():
+                    deepspeed.zero.register_external_parameter(module, p)
+
+
+def _to(batch: tuple, device) -> tuple:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None

@@ -1,0 +1,118 @@
+"""ZeRO path (train_ds_zero.py) on 2 gloo ranks: the same losses as the pipeline path, exact
+resume, HF export from its checkpoints, and weights handed over between the two paths."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+from tests.test_train import DATA, config, run
+
+REL = 1e-4  # fp32: the two paths sum the same gradients in a different order
+
+
+@pytest.fixture(scope="module")
+def tiny_pp(tmp_path_factory):
+    from engine.convert import hf_to_pp
+    from models.tiny import make_tiny_hf_model, sample_texts
+
+    root = tmp_path_factory.mktemp("model")
+    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
+    return hf_to_pp(root / "hf", root / "pp")
+
+
+def zero_config(model_path, save_path, stage, steps=6, **over) -> dict:
+    zero = {"stage": stage, **over.pop("zero", {})}
+    return config(model_path, save_path, dims=(1, 2), parts=None, steps=steps, zero_optimization=zero, **over)
+
+
+def _train_zero(raw):
+    from engine.config import from_dict
+    from engine.train import train_zero
+
+    return train_zero(from_dict(raw)).losses
+
+
+def run_zero(raw) -> dict[int, float]:
+    losses = run_ranks(_train_zero, 2, raw)
+    assert losses[0] == losses[1]  # every rank reports the data-parallel mean
+    return losses[0]
+
+
+@pytest.fixture(scope="module")
+def pipeline_losses(tiny_pp, tmp_path_factory):
+    """The reference: pipeline path, pp=1 x dp=2, fp32, same data and seed."""
+    return run(config(tiny_pp, tmp_path_factory.mktemp("pipe") / "run", dims=(1, 2), parts=None))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_matches_pipeline_and_resumes_bitwise(tiny_pp, pipeline_losses, tmp_path, stage):
+    first = run_zero(zero_config(tiny_pp, tmp_path / "run", stage, steps=3))
+    second = run_zero(zero_config(tiny_pp, tmp_path / "run", stage, steps=6))
+    assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]  # resumed, did not restart
+    losses = {**first, **second}
+    for s in range(1, 7):
+        assert losses[s] == pytest.approx(pipeline_losses[s], rel=REL), (stage, losses, pipeline_losses)
+    full = run_zero(zero_config(tiny_pp, tmp_path / "full", stage, steps=6))
+    assert losses == full  # stop + resume replays the uninterrupted run exactly
+    tag = tmp_path / "run" / "global_step6"
+    assert len(list(tag.glob("layer_*-model_states.pt"))) == 6  # pipeline layout inside every ZeRO tag
+    assert json.loads((tag / "meta.json").read_text())["layout"]["engine"] == "zero"
+
+
+def test_zero3_export_loads_in_transformers(tiny_pp, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine.convert import pp_to_hg
+    from engine.layout import layer_file, load_layer
+    from models.llama import hf_keys, Args
+
+    run_zero(zero_config(tiny_pp, tmp_path / "run", 3, steps=3))  # WarmupLR: lr 0 on steps 1-2
+    out = pp_to_hg(tmp_path / "run", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    args = Args.from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    trained = {theirs: load_layer(layer_file(tmp_path / "run" / "global_step3", idx))[ours]
+               for idx, names in enumerate(hf_keys(args)) for ours, theirs in names.items()}
+    assert set(trained) <= set(hf)
+    for key, value in trained.items():
+        assert torch.equal(hf[key], value), key
+    start = load_layer(layer_file(Path(tiny_pp) / "global_step0", 1))["self_attn.q_proj.weight"]
+    assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], start)  # it trained
+
+
+def _first_step_loss(model_dir, raw, dp: int) -> float:
+    """Step 1's loss for the weights in model_dir, computed in this process (no DeepSpeed): the
+    mean over dp ranks and micro-batches of the loader's scaled losses."""
+    from engine.checkpoint import layer_states
+    from engine.config import from_dict
+    from engine.train import Model, build_data
+    from models.loss import causal_lm_loss
+    from models.pipeline import SequentialModel
+
+    cfg = from_dict(raw)
+    model = Model.from_checkpoint_dir(model_dir)
+    seq, states = SequentialModel(model.family, model.args), layer_states(model_dir, model.family, model.args)
+    for idx, layer in seq.owned_layers():
+        layer.load_state_dict(states(idx)[1])
+    total = 0.0
+    with torch.no_grad():
+        for rank in range(dp):
+            _, loader = build_data(cfg, model, rank, dp)
+            total += sum(float(causal_lm_loss(seq(*inputs), labels)) for inputs, labels in loader.micro_batches(0))
+    return total / (dp * cfg.grad_accum)
+
+
+def test_weights_hand_over_between_pipeline_and_zero(tiny_pp, tmp_path):
+    """Pipeline (pp=1 x dp=2) steps 1-3, then ZeRO-3 from that checkpoint's weights (fresh
+    optimizer), then the pipeline at pp=2 from the ZeRO checkpoint: each run's first loss is
+    that of the weights the previous run saved."""
+    run(config(tiny_pp, tmp_path / "pipe", dims=(1, 2), parts=None, steps=3))
+    zero_raw = zero_config(tmp_path / "pipe", tmp_path / "zero", 3, steps=2)
+    zero = run_zero(zero_raw)
+    assert zero[1] == pytest.approx(_first_step_loss(tmp_path / "pipe", zero_raw, 2), rel=REL)
+    pipe_raw = config(tmp_path / "zero", tmp_path / "again", dims=(2, 1), parts=(3, 3), steps=1)
+    again = run(pipe_raw)
+    assert again[1] == pytest.approx(_first_step_loss(tmp_path / "zero", pipe_raw, 1), rel=REL)
+    with pytest.raises(AssertionError, match="saved by zero training"):  # optimizer state does not cross over
+        run(config(tiny_pp, tmp_path / "zero", dims=(1, 2), parts=None, steps=4))
