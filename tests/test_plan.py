@@ -114,3 +114,31 @@ def test_dry_run_cli(tmp_path):
     assert len([l for l in ok.stdout.splitlines() if l.strip()[:1].isdigit()]) == 4
     bad = _dry(tmp_path, "--world-size", "4")
     assert bad.returncode == 2 and "needs 8 processes but 4" in bad.stderr
+
+
+def _finetune(raw, out):
+    from engine.config import from_dict
+    from engine.finetune import train_and_export
+    from engine.train import train
+
+    result = train_and_export(from_dict(raw), train, out)
+    return result.final_step
+
+
+def test_one_command_finetune_exports_then_resumes_to_a_skip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine.finetune import EXPORT_MARKER
+    from models.tiny import make_tiny_hf_model, sample_texts
+    from tests.dist import run_ranks
+    from tests.test_train import DATA, config
+
+    hf = make_tiny_hf_model(tmp_path / "hf", "llama", sample_texts(DATA))
+    raw, out = config(hf, tmp_path / "run", parts=None, steps=2), tmp_path / "out"
+    assert run_ranks(_finetune, 2, raw, str(out)) == [2, 2]
+    marker = json.loads((out / EXPORT_MARKER).read_text())
+    assert marker["tag"] == "global_step2"
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    stamp = (out / "config.json").stat().st_mtime_ns
+    assert run_ranks(_finetune, 2, raw, str(out)) == [2, 2]  # finished: resume is a no-op, export skipped
+    assert (out / "config.json").stat().st_mtime_ns == stamp
