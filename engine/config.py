@@ -76,6 +76,11 @@ class TrainConfig:
     data_weights: list[float] | None = doc("sampling weight per data file (default: 1 each)", default=None)
     prompt_template: str = doc("'default' or 'chat_template' (the tokenizer's own)", default="default")
     cache_dir: str | None = doc("tokenized-data cache (default: <save_path>/data_cache)", default=None)
+    eval_data_path: list[str] | None = doc("held-out sample files for eval loss/perplexity (none: no eval)",
+                                           default=None)
+    evaluate_every: int = doc("evaluate every N global steps and after the last (0 = only after the last)",
+                              default=0)
+    eval_batches: int = doc("evaluate at most N global batches of the held-out set (0 = all of it)", default=0)
     save_every_steps: int = doc("checkpoint every N global steps (0 = only at the end)", default=0)
     save_at_end: bool = doc("write a checkpoint when training ends (benchmarks turn it off)", default=True)
     save_every_minutes: float = doc("also checkpoint when this much wall time passed since the last save "
@@ -163,7 +168,7 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, where, f"{prefix}{name}.")
             continue
-        if name == "data_path" and isinstance(value, str):
+        if name in ("data_path", "eval_data_path") and isinstance(value, str):
             value = [value]
         if tp in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

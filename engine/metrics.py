@@ -1,16 +1,151 @@
-"""What users watch while training: a progress bar and metrics.jsonl (rank 0 only)."""
+"""What users watch while training (rank 0): a progress bar, metrics.jsonl, TensorBoard, a loss PNG.
+
+<save_path>/metrics.jsonl   one JSON object per global step (fields: README "Metrics")
+<save_path>/tensorboard/    the same numbers as TensorBoard scalars (train/*, eval/*), when the
+                            `tensorboard` package is importable
+<save_path>/loss.png        train loss (+ eval loss) and learning rate per step; redrawn after
+                            each evaluation and at the end, or any time with
+                            `python -m engine.metrics plot <save_path>`
+
+Other ranks write nothing and stay quiet; PPLLM_VERBOSE=1 lets every rank print its messages
+(prefixed with its rank) and keeps DeepSpeed's INFO logs. Otherwise DeepSpeed's logger is set
+to WARNING (its warnings and errors still show) and the bare prints DeepSpeed makes while
+building a PipelineModule ("SEED_LAYERS=...", "Using topology: ...") are swallowed by
+`quiet_prints`.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import math
+import os
+import sys
 import time
 from pathlib import Path
 
+import torch
+
 PEAK_FLOPS = 989e12  # H100/H200 dense bf16
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TB_DIR = "tensorboard"
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus 12*L*h*s for attention scores."""
     return 6 * n_params + 12 * n_layers * hidden * seq_len
+
+
+# ----------------------------------------------------------------------------- logging
+def verbose() -> bool:
+    return os.environ.get("PPLLM_VERBOSE", "0") not in ("", "0", "false", "False")
+
+
+def setup_logging() -> None:
+    """DeepSpeed's logger at WARNING (INFO chatter off, warnings kept) unless PPLLM_VERBOSE=1."""
+    if verbose():
+        return
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_prints():
+    """Swallow bare print()s (DeepSpeed prints some INFO text without its logger) unless
+    PPLLM_VERBOSE=1. Logging handlers keep the stream they were made with, so logged warnings
+    and errors still show; stderr is untouched."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def max_memory_gib() -> float | None:
+    """Peak GPU memory allocated by this process (GiB), or None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+# ----------------------------------------------------------------------------- the logger
+class Metrics:
+    """Append one JSON line per step to <save_path>/metrics.jsonl, mirror it to TensorBoard and
+    drive a tqdm bar (step, loss, lr, tok/s, ETA). Disabled (a no-op) on ranks other than 0.
+
+    On resume at `start_step`, lines of later steps (logged after the checkpoint the run
+    resumes from) are dropped, so steps in the file always increase.
+    """
+
+    def __init__(self, save_path: str | Path, total_steps: int, start_step: int, enabled: bool,
+                 tensorboard: bool = True, rank: int = 0):
+        self.enabled, self.rank = enabled, rank
+        self.dir = Path(save_path)
+        self.path = self.dir / METRICS_FILE
+        self.bar, self.tb = None, None
+        self.t_last = time.perf_counter()
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.message("tensorboard is not installed: metrics go to metrics.jsonl only "
+                             "(pip install tensorboard)")
+            else:
+                self.tb = SummaryWriter(str(self.dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {**record}
+        record.setdefault("max_mem_gib", max_memory_gib())
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for key, value in record.items():
+                if key in ("step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self.tb.add_scalar(tag, value, step)
+        post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if record.get("eval_loss") is not None:
+            post["eval"] = f"{record['eval_loss']:.4f}"
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(post, refresh=True)
+        if record.get("eval_loss") is not None:
+            self._safe_plot()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar else print)(text)
+        elif verbose():
+            print(f"[rank {self.rank}] {text}", file=sys.stderr)
+
+    def _safe_plot(self) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        try:
+            plot(self.dir)
+        except Exception as e:  # a plot must never fail a run
+            self.message(f"warning: could not draw {self.dir / PLOT_FILE}: {type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        self._safe_plot()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -32,34 +167,69 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         tmp.replace(path)
 
 
-class Metrics:
-    """Append one JSON line per step to <save_path>/metrics.jsonl and drive a tqdm bar."""
+# ----------------------------------------------------------------------------- plot
+def read_metrics(save_path: str | Path) -> list[dict]:
+    path = Path(save_path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file (is this a training save_path?)")
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
-    def __init__(self, save_path: str | Path, total_steps: int, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = Path(save_path) / "metrics.jsonl"
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            truncate_metrics(self.path, start_step)
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self.t_last = time.perf_counter()
+def plot(save_path: str | Path, out: str | Path | None = None) -> Path:
+    """Draw train loss (+ lm loss, eval loss) and learning rate per step from metrics.jsonl."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             tok_s=f"{record['tokens_per_s']:.0f}")
+    records = read_metrics(save_path)
+    base = Path(save_path) if Path(save_path).is_dir() else Path(save_path).parent
+    out = Path(out) if out else base / PLOT_FILE
+    fig = Figure(figsize=(8, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar else print)(text)
+    def series(key):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
+               and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    ax.plot(*series("loss"), label="train loss", linewidth=1)
+    if any("lm_loss" in r for r in records):
+        ax.plot(*series("lm_loss"), label="train lm loss", linewidth=1, alpha=0.7)
+    steps, ev = series("eval_loss")
+    if steps:
+        ax.plot(steps, ev, "o-", label="eval loss", markersize=4)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{base.name}: {len(records)} steps" + (f", eval loss {ev[-1]:.4f}" if ev else ""))
+    ax_lr.plot(*series("lr"), color="tab:gray", linewidth=1)
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engine.metrics", description="Training metrics tools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("plot", help="redraw the loss curve PNG from <save_path>/metrics.jsonl")
+    pp.add_argument("save_path", help="training save_path (or a metrics.jsonl file)")
+    pp.add_argument("--out", help=f"PNG to write (default: <save_path>/{PLOT_FILE})")
+    a = p.parse_args(argv)
+    try:
+        print(plot(a.save_path, a.out))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
