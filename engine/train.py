@@ -25,7 +25,8 @@ from . import distributed as D
 from .control import NonFiniteLoss, RunControl
 from .config import ConfigError, TrainConfig, check_paths
 from .layout import hf_dir_of, read_hf_config
-from .metrics import PEAK_FLOPS, Metrics, flops_per_token
+from .evaluate import Evaluator
+from .metrics import PEAK_FLOPS, Metrics, flops_per_token, quiet_prints, setup_logging
 
 
 @dataclass
@@ -135,6 +136,7 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
     """The training loop; `backend_cls(cfg, model)` says how one global step runs (engine/backends.py)."""
     check_paths(cfg)
     model = Model.from_checkpoint_dir(cfg.model_path)
+    setup_logging()
     D.init_distributed()
     backend = backend_cls(cfg, model)  # validates cfg for its path
     resume = cfg.resume is True or (cfg.resume == "auto" and ckpt.has_checkpoint(cfg.save_path))
@@ -149,7 +151,9 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
         weights = cfg.save_path
     else:  # resuming on the same layout: DeepSpeed's own load fills the weights
         weights = None if resume else "scratch" if cfg.from_scratch else cfg.model_path
-    engine = backend.build(weights)
+    with quiet_prints():  # DeepSpeed's bare INFO prints (SEED_LAYERS=..., Using topology: ...)
+        engine = backend.build(weights)
+    evaluator = Evaluator.maybe(cfg, model.hf_dir, engine)  # held-out set (eval_data_path), if any
     total = min(loader.total_steps, cfg.max_steps) if cfg.max_steps else loader.total_steps
     is_logger = D.rank() == 0
     if is_logger:
@@ -186,6 +190,8 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
                       "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tok_s_gpu,
                       "mfu": tok_s_gpu * fpt / PEAK_FLOPS, "step_time_s": dt}
             record.update(backend.loss_metrics())
+            if evaluator is not None and evaluator.due(step, total):
+                record.update(evaluator.run(engine))
             if skipped:
                 record["skipped"] = True
             metrics_log.log(record)
