@@ -21,6 +21,8 @@ import torch
 
 from models.loss import IGNORE
 
+from .config import ConfigError
+
 
 class EvalBatches:
     """Micro-batches of held-out rows for one data-parallel rank, step by step."""
@@ -120,7 +122,8 @@ class Evaluator:
                                 skip_bad_samples=cfg.skip_bad_samples, template=cfg.prompt_template,
                                 cache_dir=cfg.cache_dir or str(Path(cfg.save_path) / "data_cache"), seed=cfg.seed)
         if dataset.stats["loss_tokens"] == 0:
-            raise ValueError(f"{cfg.source}: eval_data_path has no answer tokens to evaluate")
+            raise ConfigError(f"{cfg.source}: eval_data_path has no answer tokens within max_seq_len "
+                              f"{cfg.max_seq_len} (samples dropped: {dataset.stats['dropped']})")
         self.batches = EvalBatches(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.eval_batches)
 
     @classmethod

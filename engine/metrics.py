@@ -85,7 +85,7 @@ class Metrics:
         self.enabled, self.rank = enabled, rank
         self.dir = Path(save_path)
         self.path = self.dir / METRICS_FILE
-        self.bar, self.tb = None, None
+        self.bar, self.tb, self.last_eval = None, None, None
         self.t_last = time.perf_counter()
         if not enabled:
             return
@@ -120,7 +120,9 @@ class Metrics:
         post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
                 "tok/s": f"{record['tokens_per_s']:.0f}"}
         if record.get("eval_loss") is not None:
-            post["eval"] = f"{record['eval_loss']:.4f}"
+            self.last_eval = record["eval_loss"]
+        if self.last_eval is not None:
+            post["eval"] = f"{self.last_eval:.4f}"
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(post, refresh=True)
         if record.get("eval_loss") is not None:
