@@ -15,7 +15,7 @@ MODEL_LAYERS = {
     "tiny_baichuan_cpu.yml": 6, "baichuan2_7b_pp.yml": 34,
     "tiny_chatglm_cpu.yml": 6, "chatglm3_6b_pp.yml": 30,
 }
-ZERO_CONFIGS = {"ds_config_zero.yml"}
+ZERO_CONFIGS = {"ds_config_zero.yml": 34, "tiny_llama_zero_cpu.yml": 6}  # train_ds_zero.py: no pipeline
 
 
 def base(**over):
@@ -31,7 +31,8 @@ def test_every_shipped_config_parses_and_validates(path):
     cfg = load_config(path)
     dims = cfg.model_topo.process_topology.dims
     if path.name in ZERO_CONFIGS:
-        validate(cfg, dims[0] * dims[1], 34, pipeline=False)
+        validate(cfg, dims[0] * dims[1], ZERO_CONFIGS[path.name], pipeline=False)
+        assert cfg.ds["train_batch_size"] == cfg.micro_batch * cfg.grad_accum * cfg.data_dim
         return
     assert path.name in MODEL_LAYERS, f"add {path.name} to MODEL_LAYERS with its model's pipeline layer count"
     validate(cfg, dims[0] * dims[1], MODEL_LAYERS[path.name])
@@ -75,6 +76,21 @@ def test_cross_field_rules(over, world, message):
     with pytest.raises(ConfigError) as e:
         validate(cfg, world, 6)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({}, "train_ds_zero.py needs zero_optimization.stage 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs zero_optimization.stage >= 3"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}}, "offload_optimizer.device must be none, cpu or nvme"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage must be 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 3}, "model_topo": {"process_topology": {"dims": [2, 1]}}}, "the ZeRO path has no pipeline"),
+])
+def test_zero_path_rules(over, message):
+    raw = base(model_topo={"process_topology": {"dims": [1, 2]}})
+    raw.update(over)
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(raw, "x.yml"), 2, 6, pipeline=False)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_batch_arithmetic_derives_grad_accum():

@@ -116,3 +116,31 @@ def test_weights_hand_over_between_pipeline_and_zero(tiny_pp, tmp_path):
     assert again[1] == pytest.approx(_first_step_loss(tmp_path / "zero", pipe_raw, 1), rel=REL)
     with pytest.raises(AssertionError, match="saved by zero training"):  # optimizer state does not cross over
         run(config(tiny_pp, tmp_path / "zero", dims=(1, 2), parts=None, steps=4))
+
+
+def test_zero3_offload_and_activation_checkpointing_match_pipeline(tiny_pp, pipeline_losses, tmp_path):
+    """Parameters and optimizer state offloaded to CPU, blocks recomputed in backward, a torch
+    AdamW as client optimizer (zero_force_ds_cpu_optimizer: false): the same losses."""
+    offload = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    losses = run_zero(zero_config(tiny_pp, tmp_path / "run", 3, zero=offload, use_grad_ckpt=True,
+                                  zero_force_ds_cpu_optimizer=False, save_at_end=False))
+    for s in range(1, 7):
+        assert losses[s] == pytest.approx(pipeline_losses[s], rel=REL), (losses, pipeline_losses)
+
+
+@pytest.mark.slow
+def test_offload_uses_deepspeed_cpu_adam(tiny_pp, pipeline_losses, tmp_path):
+    """THE SLOW TEST (~1 min once per machine: JIT-builds DeepSpeed's cpu_adam op, cached after).
+    offload_optimizer without zero_force_ds_cpu_optimizer: false is what DeepSpeed requires its own
+    CPU Adam for; engine.optim builds it, and it trains like torch's AdamW."""
+    losses = run_zero(zero_config(tiny_pp, tmp_path / "run", 2, zero={"offload_optimizer": {"device": "cpu"}},
+                                  save_at_end=False))
+    for s in range(1, 7):
+        assert losses[s] == pytest.approx(pipeline_losses[s], rel=1e-3), (losses, pipeline_losses)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from engine.config import from_dict
+    from engine.optim import build_optimizer
+
+    cfg = from_dict(zero_config(tiny_pp, tmp_path / "run", 2, zero={"offload_optimizer": {"device": "cpu"}}))
+    assert isinstance(build_optimizer(cfg.ds["optimizer"], [torch.nn.Parameter(torch.ones(2))], cfg.ds), DeepSpeedCPUAdam)
