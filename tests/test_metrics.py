@@ -205,3 +205,23 @@ def test_eval_batches_pad_and_scale():
             for (ids, _), (labels, _) in b.micro_batches(step):
                 seen.append(int(ids[0, 0]))
     assert sorted(seen) == [0, 0, 0, 1, 2, 3, 4, 5]  # every row once, three empty pad rows
+
+
+def test_demo_on_the_trained_checkpoint(run, tmp_path):
+    """Greedy answers of the trained model: straight from the pipeline checkpoint = transformers
+    generate() on its pp_to_hg export, token for token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.convert import pp_to_hg
+    from engine.generate import SamplingConfig, generate, load_lm, prompt_ids
+
+    save, _ = run
+    hf = pp_to_hg(save, tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(hf)
+    lm = load_lm(save)
+    ref = AutoModelForCausalLM.from_pretrained(hf).eval()
+    ids = prompt_ids({"type": "conversation", "rounds": [["ask", "Hello"]]}, tok)
+    got = generate(lm, tok, ids, SamplingConfig(max_new_tokens=10))
+    want = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                        max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert got.ids and got.ids == want.tolist()[:len(got.ids)]
