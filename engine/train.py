@@ -138,6 +138,7 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
     model = Model.from_checkpoint_dir(cfg.model_path)
     setup_logging()
     D.init_distributed()
+    resolve_auto_parts(cfg, model, backend_cls.kind, print if D.rank() == 0 else (lambda _: None))
     backend = backend_cls(cfg, model)  # validates cfg for its path
     resume = cfg.resume is True or (cfg.resume == "auto" and ckpt.has_checkpoint(cfg.save_path))
     if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
