@@ -27,6 +27,7 @@ from .config import ConfigError, TrainConfig, check_paths
 from .layout import hf_dir_of, read_hf_config
 from .evaluate import Evaluator
 from .metrics import PEAK_FLOPS, Metrics, flops_per_token, quiet_prints, setup_logging
+from .plan import resolve_auto_parts
 
 
 @dataclass
