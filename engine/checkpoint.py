@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 
 from . import distributed as D
 from . import faults, reshape

@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
 
 from . import distributed as D
 

@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.test_train import DATA, _train, config, run  # the shared 2-rank training helpers
-
-
-@pytest.fixture(scope="module")
-def tiny_pp(tmp_path_factory):
-    from engine.convert import hf_to_pp
-    from models.tiny import make_tiny_hf_model, sample_texts
-
-    root = tmp_path_factory.mktemp("model")
-    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
-    return hf_to_pp(root / "hf", root / "pp")
+from tests.test_train import _train, config, run  # the shared 2-rank training helpers
 
 
 LAYOUTS = {"pp2": dict(dims=(2, 1), parts=(3, 3)), "pp2-parts24": dict(dims=(2, 1), parts=(2, 4)),

@@ -3,14 +3,13 @@ import json
 import multiprocessing
 import os
 
-import numpy as np
 import pytest
 
 import data.cache
 import data.reader
 from data import SampleError, build_dataset, encode, encode_prompt, parse_sample, render_prompt
 from data.templates import render
-from tests.tokenizer_util import EXAMPLE_DATA, tiny_tokenizer  # noqa: F401 (fixture)
+from tests.tokenizer_util import EXAMPLE_DATA
 
 SAMPLES = [json.loads(line) for line in (EXAMPLE_DATA / "instruct.jsonl").read_text().splitlines()]
 

@@ -8,7 +8,7 @@ import torch
 
 from data import StepLoader, build_dataset
 from models.loss import causal_lm_loss
-from tests.tokenizer_util import EXAMPLE_DATA, tiny_tokenizer  # noqa: F401 (fixture)
+from tests.tokenizer_util import EXAMPLE_DATA
 
 SEQ = 256
 

@@ -9,7 +9,7 @@ import torch
 
 from data import build_dataset
 from data.packing import IGNORE, pack_rows
-from tests.tokenizer_util import EXAMPLE_DATA, tiny_tokenizer  # noqa: F401 (fixture)
+from tests.tokenizer_util import EXAMPLE_DATA
 
 SEQ = 256  # the tiny llama's max_position_embeddings
 

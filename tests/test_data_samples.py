@@ -5,7 +5,6 @@ import pytest
 
 from data import SampleError, build_dataset, parse_sample
 from data.samples import Answer, ApiAnswer, Ask, ConverHasApi, Instruct
-from tests.tokenizer_util import tiny_tokenizer  # noqa: F401 (fixture)
 
 ACTION = {"inner_thought": "t", "api_name": "search", "api_param": "{}", "api_res": "ok"}
 API = {"type": "conver_has_api", "api_desc": "search: find."}

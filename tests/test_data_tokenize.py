@@ -4,7 +4,6 @@ import pytest
 
 from data import encode, parse_sample, render
 from data.packing import IGNORE, layout_row
-from tests.tokenizer_util import tiny_tokenizer  # noqa: F401 (fixture)
 
 BOS, EOS = 1, 2
 API_ROUND = ["ans-api", {"actions": [{"inner_thought": "Look it up.", "api_name": "search",

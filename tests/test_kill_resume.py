@@ -15,21 +15,11 @@ import pytest
 import yaml
 
 from tests.dist import free_port
-from tests.test_train import DATA, config
+from tests.test_train import config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def tiny_pp(tmp_path_factory):
-    from engine.convert import hf_to_pp
-    from models.tiny import make_tiny_hf_model, sample_texts
-
-    root = tmp_path_factory.mktemp("model")
-    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
-    return hf_to_pp(root / "hf", root / "pp")
 
 
 def write_config(tiny_pp, save, **over) -> Path:
@@ -154,7 +144,7 @@ def test_sigterm_saves_and_exits_then_resumes_bitwise(tiny_pp, tmp_path, referen
 def test_two_nodes_on_loopback_train_checkpoint_and_resume(tiny_pp, tmp_path, reference):
     """Two launchers, one rank each (`--no_ssh --node_rank R`), pp=2 across the "nodes"; the run
     is stopped after step 4 and resumed on the same two nodes."""
-    save, log = tmp_path / "run", tmp_path / "log"
+    save = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
 

@@ -25,16 +25,6 @@ EVAL_FIELDS = {"eval_loss", "eval_ppl", "eval_tokens"}
 
 
 @pytest.fixture(scope="module")
-def tiny_pp(tmp_path_factory):
-    from engine.convert import hf_to_pp
-    from models.tiny import make_tiny_hf_model, sample_texts
-
-    root = tmp_path_factory.mktemp("model")
-    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
-    return hf_to_pp(root / "hf", root / "pp")
-
-
-@pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     """7 samples of mixed types (not a multiple of the global batch: the last one is padded)."""
     rows = []

@@ -11,16 +11,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = [str(p) for p in sorted((ROOT / "examples" / "data").glob("*.json*"))]
 
 
-@pytest.fixture(scope="module")
-def tiny_pp(tmp_path_factory):
-    from engine.convert import hf_to_pp
-    from models.tiny import make_tiny_hf_model, sample_texts
-
-    root = tmp_path_factory.mktemp("model")
-    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
-    return hf_to_pp(root / "hf", root / "pp")
-
-
 def config(model_path, save_path, dims=(2, 1), parts=(3, 3), steps=6, **over) -> dict:
     raw = {"model_path": str(model_path), "data_path": DATA, "save_path": str(save_path), "max_seq_len": 64,
            "n_epochs": 50, "max_steps": steps, "packing": True, "seed": 7,

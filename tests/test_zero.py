@@ -7,19 +7,9 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.test_train import DATA, config, run
+from tests.test_train import config, run
 
 REL = 1e-4  # fp32: the two paths sum the same gradients in a different order
-
-
-@pytest.fixture(scope="module")
-def tiny_pp(tmp_path_factory):
-    from engine.convert import hf_to_pp
-    from models.tiny import make_tiny_hf_model, sample_texts
-
-    root = tmp_path_factory.mktemp("model")
-    make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA))
-    return hf_to_pp(root / "hf", root / "pp")
 
 
 def zero_config(model_path, save_path, stage, steps=6, **over) -> dict:

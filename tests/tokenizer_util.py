@@ -25,14 +25,3 @@ def make_tokenizer(tmp_dir, vocab_size: int = 320):
 
     assert vocab_size <= 512, "the tiny models expect a small vocab"
     return make_tiny_tokenizer(tmp_dir, example_texts(), vocab_size)
-
-
-try:
-    import pytest
-
-    @pytest.fixture(scope="session")
-    def tiny_tokenizer(tmp_path_factory):
-        """Session-wide tiny tokenizer; import this name into a test module to use it."""
-        return make_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
-except ImportError:  # used outside pytest (benchmarks, quickstart)
-    pass

@@ -1,0 +1,25 @@
+"""Fixtures shared across test modules (built once per session)."""
+from pathlib import Path
+
+import pytest
+
+EXAMPLE_DATA = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "examples" / "data").glob("*.json*"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A tiny sentencepiece llama tokenizer trained on examples/data (ids: pad 0, bos 1, eos 2, unk 3)."""
+    from tests.tokenizer_util import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pp(tmp_path_factory):
+    """A tiny random llama converted to a pipeline checkpoint dir (its HF dir is ../hf); read-only."""
+    from engine.convert import hf_to_pp
+    from models.tiny import make_tiny_hf_model, sample_texts
+
+    root = tmp_path_factory.mktemp("model")
+    make_tiny_hf_model(root / "hf", "llama", sample_texts(EXAMPLE_DATA))
+    return hf_to_pp(root / "hf", root / "pp")
