@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from models.pipeline import SequentialModel, balanced_parts, build_pipeline, init_layer, init_weights, training_loss
+from models.pipeline import SequentialModel, build_pipeline, init_layer, init_weights, training_loss
 
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import TrainConfig, validate
 from .layout import check_layer, layer_file
 from .optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
+from .plan import resolve_auto_parts
 from .train import Model, deepspeed_config, layer_options, wrapped_optimizer
 
 
@@ -42,8 +43,8 @@ class PipelineBackend:
 
         validate(cfg, D.world_size(), model.n_layers)
         self.cfg, self.model = cfg, model
-        parts = cfg.model_topo.parts
-        self.parts = parts if isinstance(parts, list) else balanced_parts(model.n_layers, cfg.pipe_dim)
+        resolve_auto_parts(cfg, model, self.kind, print if D.rank() == 0 else (lambda _: None))  # after validate
+        self.parts = cfg.model_topo.parts
         topo = cfg.model_topo.process_topology
         self.topology = ProcessTopology(axes=topo.axes, dims=topo.dims)
         self.dp_rank, self.dp_size = self.topology.get_coord(D.rank()).data, cfg.data_dim

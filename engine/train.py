@@ -27,7 +27,6 @@ from .config import ConfigError, TrainConfig, check_paths
 from .layout import hf_dir_of, read_hf_config
 from .evaluate import Evaluator
 from .metrics import PEAK_FLOPS, Metrics, flops_per_token, quiet_prints, setup_logging
-from .plan import resolve_auto_parts
 
 
 @dataclass
@@ -139,7 +138,6 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
     model = Model.from_checkpoint_dir(cfg.model_path)
     setup_logging()
     D.init_distributed()
-    resolve_auto_parts(cfg, model, backend_cls.kind, print if D.rank() == 0 else (lambda _: None))
     backend = backend_cls(cfg, model)  # validates cfg for its path
     resume = cfg.resume is True or (cfg.resume == "auto" and ckpt.has_checkpoint(cfg.save_path))
     if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
