@@ -31,11 +31,13 @@ class RunControl:
                 pass
 
     def _handler(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop waiting for the step to end
-            self.restore()
+        if self.signal is not None and signum == signal.SIGINT == signal.Signals[self.signal]:
+            self.restore()  # Ctrl-C twice: stop waiting for the step to end
             signal.raise_signal(signum)
             return
-        self.signal = signal.Signals(signum).name
+        # A repeated SIGTERM is not an escalation: the deepspeed launcher relays the one the job
+        # got to every rank (and SIGKILLs them 30 s later), so ranks often see two at once.
+        self.signal = self.signal or signal.Signals(signum).name
 
     def restore(self) -> None:
         for sig, prev in self._previous.items():
