@@ -14,7 +14,7 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 [ -n "${SKIP_CHECK:-}" ] || python3 bench/gpu_check.py 2>&1 | grep -v Warning | tail -6
-[ -d $BENCH/llama7b ] || python3 bench/bench_train.py prepare --out $BENCH --samples ${SAMPLES:-4000} ${SHAPE:+--shape $SHAPE} | tail -1
+[ -d $BENCH/llama7b ] || python3 bench/bench_train.py prepare --out $BENCH --samples ${SAMPLES:-4000} ${SHAPE:+--shape $SHAPE} ${LAYERS:+--layers $LAYERS} | tail -1
 IFS=';' read -ra CASES <<< "$1"
 for case in "${CASES[@]}"; do
   read -ra parts <<< "$case"
@@ -24,4 +24,7 @@ for case in "${CASES[@]}"; do
     --seq "$seq" "${rest[@]}" > "$OUTDIR/$name.log" 2>&1
   echo "exit $? $(date +%T)"; grep -E "Error|error:|Traceback|OutOfMemory" "$OUTDIR/$name.log" | grep -v Warning | tail -3
 done
+for f in $BENCH/runs/*/profile/*; do cp "$f" "$OUTDIR/$(basename "$(dirname "$(dirname "$f")")")_$(basename "$f")"; done 2>/dev/null
+for f in "$OUTDIR"/*_top.txt; do [ -f "$f" ] && { echo "--- $f"; head -32 "$f"; }; done
 python3 bench/bench_train.py table --out $BENCH --warmup ${WARMUP:-3} | tee "$OUTDIR/table.txt"
+(cd "$OUTDIR" && tar czf logs.tgz ./*.log && rm ./*.log)  # few files come back from a device call

@@ -91,6 +91,8 @@ class TrainConfig:
                               "another pp x dp layout or parts", default=True)
     on_nonfinite_loss: str = doc("stop: exit with an error (the bad update is not applied, the last checkpoint is "
                                  "kept); skip: drop that step's update and go on (logged as skipped)", default="stop")
+    profile_step: int = doc("record global step N under torch.profiler: top kernels + trace in <save_path>/profile/ "
+                            "(0 = off)", default=0)
     resume: bool | str = doc("'auto': continue from save_path if it has a checkpoint; true: must; false: never",
                              default="auto")
     model_topo: ModelTopo = doc("pipeline/data-parallel layout", default_factory=ModelTopo)
@@ -343,7 +345,7 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
                           f"{len(cfg.data_path)} data_path files")
     if isinstance(cfg.use_grad_ckpt, str) and cfg.use_grad_ckpt not in ("none", "full", "selective"):
         raise ConfigError(f"{where}: use_grad_ckpt must be true, false, full or selective, got {cfg.use_grad_ckpt!r}")
-    for key in ("save_every_steps", "save_every_minutes", "keep_last", "max_steps"):
+    for key in ("save_every_steps", "save_every_minutes", "keep_last", "max_steps", "profile_step"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     if cfg.on_nonfinite_loss not in ("stop", "skip"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .control import NonFiniteLoss, RunControl
 from .config import ConfigError, TrainConfig, check_paths
 from .layout import hf_dir_of, read_hf_config
 from .evaluate import Evaluator
+from .profiling import profiled_step
 from .metrics import PEAK_FLOPS, Metrics, flops_per_token, quiet_prints, setup_logging
 
 
@@ -178,7 +180,8 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
         while step < total:
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed + step)  # dropout streams independent of where we resumed
-            loss = backend.train_step(loader.micro_batches(step))
+            with profiled_step(cfg.save_path, step + 1, D.rank()) if step + 1 == cfg.profile_step else nullcontext():
+                loss = backend.train_step(loader.micro_batches(step))
             dt = time.perf_counter() - t0
             step += 1
             skipped = not engine.was_step_applied() or not math.isfinite(loss)

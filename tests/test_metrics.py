@@ -55,7 +55,7 @@ def _train(raw):
 def run(request, tiny_pp, heldout, tmp_path_factory):
     dims, parts = request.param
     save = tmp_path_factory.mktemp("run") / "ckpt"
-    raw = config(tiny_pp, save, dims, parts, steps=4, eval_data_path=str(heldout), evaluate_every=2)
+    raw = config(tiny_pp, save, dims, parts, steps=4, eval_data_path=str(heldout), evaluate_every=2, profile_step=3)
     run_ranks(_train, 2, raw)
     return save, raw
 
@@ -105,6 +105,21 @@ def test_metrics_jsonl_fields_and_eval(run):
     # the last eval ran on the weights of the final checkpoint: a single process agrees
     assert (save / "latest").read_text() == "global_step4"
     assert last["eval_loss"] == pytest.approx(reference_eval_loss(save, raw), abs=1e-5)
+
+
+def test_profile_step_writes_top_ops_and_trace(run):
+    import gzip
+
+    save, _ = run
+    files = sorted(p.name for p in (save / "profile").iterdir())
+    assert files == ["rank0_step3.json.gz", "rank0_step3_top.txt", "rank1_step3.json.gz", "rank1_step3_top.txt"]
+    lines = (save / "profile" / "rank1_step3_top.txt").read_text().splitlines()
+    assert lines[0].startswith("step 3 rank 1: wall ") and "busy" in lines[0]
+    shares = [float(l.split()[1].rstrip("%")) for l in lines[2:]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
+    assert any("aten::mm" in l or "aten::addmm" in l for l in lines[2:])  # the matmuls are there
+    trace = json.loads(gzip.open(save / "profile" / "rank0_step3.json.gz").read())
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
 
 
 def test_loss_png_and_plot_command(run, tmp_path):
