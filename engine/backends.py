@@ -71,7 +71,7 @@ class PipelineBackend:
         return self.engine
 
     def train_step(self, micro_batches: list) -> float:
-        return float(self.engine.train_batch(iter(micro_batches)))
+        return float(self.engine.train_batch(iter(on_device(micro_batches, self.engine.device))))
 
     def grad_norm(self) -> float | None:
         return self.clip.norm if self.clip else _grad_norm(self.engine)
@@ -134,8 +134,7 @@ class ZeroBackend:
         import torch.distributed as dist
 
         engine, total = self.engine, None
-        for inputs, labels in micro_batches:
-            inputs, labels = _to(inputs, engine.device), _to(labels, engine.device)
+        for inputs, labels in on_device(micro_batches, engine.device):
             loss = self.module.loss_fn(engine(*inputs), labels)
             engine.backward(loss)  # scaled by 1/gradient_accumulation_steps inside
             engine.step()  # the update happens only at the accumulation boundary
@@ -198,8 +197,15 @@ class ZeroBackend:
                     deepspeed.zero.register_external_parameter(module, p)
 
 
-def _to(batch: tuple, device) -> tuple:
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+def on_device(micro_batches: list, device) -> list:
+    """The whole step's micro-batches on the GPU before its first kernel: one async copy each from
+    pinned host memory. Copied later from pageable memory (what DeepSpeed's pipeline engine does
+    as it loads each micro-batch) every copy waits for the GPU's queue to drain, so the GPU idles
+    while the host launches the next micro-batch: ~6% of a 7B step on an H200 (bench/README.md)."""
+    if torch.device(device).type != "cuda":
+        return micro_batches
+    return [tuple(tuple(t.pin_memory().to(device, non_blocking=True) for t in part) for part in mb)
+            for mb in micro_batches]
 
 
 def _grad_norm(engine) -> float | None:
