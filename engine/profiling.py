@@ -1,19 +1,22 @@
 """One global step under torch.profiler (config key `profile_step`).
 
 Writes, per rank, into <save_path>/profile/:
-  rank<R>_step<N>_top.txt   kernels and ops sorted by device (else CPU) self time, with each one's
-                            share of the step, plus the step's wall time and peak memory
+  rank<R>_step<N>_top.txt   on GPU: the step's span, how much of it the GPU was busy, its idle
+                            time by gap length (long gaps = the host held the GPU back), and the
+                            kernels by total time; on CPU: the ops by self CPU time
   rank<R>_step<N>.json.gz   the Chrome/Perfetto trace (open in ui.perfetto.dev)
 """
 from __future__ import annotations
 
 import contextlib
 import gzip
-import shutil
-import time
+import json
+from collections import Counter
 from pathlib import Path
 
 import torch
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 @contextlib.contextmanager
@@ -22,33 +25,62 @@ def profiled_step(save_path: str, step: int, rank: int, rows: int = 40):
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     out = Path(save_path) / "profile"
     out.mkdir(parents=True, exist_ok=True)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
         yield
         if on_gpu:
             torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
     stem = out / f"rank{rank}_step{step}"
-    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    events = prof.key_averages()
-    busy_us = sum(getattr(e, key) for e in events)
-    lines = [f"step {step} rank {rank}: wall {wall:.3f} s (under the profiler); "
-             f"busy {busy_us / 1e6:.3f} s ({100 * busy_us / 1e6 / wall:.1f}% of wall)"]
-    if on_gpu:
-        lines.append(f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    lines.append(f"{'self s':>8s} {'share':>6s} {'calls':>7s}  name")
-    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]:
-        t = getattr(e, key)
-        lines.append(f"{t / 1e6:8.3f} {100 * t / max(busy_us, 1):5.1f}% {e.count:7d}  {e.key[:140]}")
-    (stem.with_name(stem.name + "_top.txt")).write_text("\n".join(lines) + "\n")
     trace = stem.with_suffix(".json")
     prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    events = json.loads(trace.read_text())["traceEvents"]
+    with gzip.open(str(trace) + ".gz", "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
     trace.unlink()
+    head = f"step {step} rank {rank}"
+    if on_gpu:
+        lines = gpu_summary(events, rows)
+        lines.insert(1, f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    else:
+        lines = cpu_summary(prof.key_averages(), rows)
+    (stem.with_name(stem.name + "_top.txt")).write_text("\n".join([f"{head}: {lines[0]}"] + lines[1:]) + "\n")
+
+
+def gpu_summary(events: list, rows: int) -> list[str]:
+    """Busy time = union of the GPU's kernel/copy intervals; idle = the gaps between them."""
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS and "dur" in e), key=lambda e: e["ts"])
+    if not gpu:
+        return ["no GPU activity recorded"]
+    start, end = gpu[0]["ts"], max(e["ts"] + e["dur"] for e in gpu)
+    gaps, reach = [], start
+    for e in gpu:
+        if e["ts"] > reach:
+            gaps.append(e["ts"] - reach)
+        reach = max(reach, e["ts"] + e["dur"])
+    span, idle = end - start, sum(gaps)
+    buckets = [sum(g for g in gaps if lo <= g < hi) for lo, hi in ((0, 50), (50, 1000), (1000, float("inf")))]
+    total, calls = Counter(), Counter()
+    for e in gpu:
+        total[e["name"]] += e["dur"]
+        calls[e["name"]] += 1
+    lines = [f"GPU span {span / 1e6:.3f} s, busy {100 * (span - idle) / span:.1f}%, idle {idle / 1e3:.1f} ms "
+             f"(gaps <50 us: {buckets[0] / 1e3:.1f} ms, 50 us-1 ms: {buckets[1] / 1e3:.1f} ms, "
+             f">1 ms: {buckets[2] / 1e3:.1f} ms)",
+             f"{'total s':>8s} {'share':>6s} {'calls':>7s}  kernel"]
+    for name, t in total.most_common(rows):
+        lines.append(f"{t / 1e6:8.3f} {100 * t / span:5.1f}% {calls[name]:7d}  {name[:140]}")
+    return lines
+
+
+def cpu_summary(averages, rows: int) -> list[str]:
+    ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
+    busy = sum(e.self_cpu_time_total for e in ops)
+    lines = [f"CPU self time {busy / 1e6:.3f} s", f"{'self s':>8s} {'share':>6s} {'calls':>7s}  op"]
+    for e in ops[:rows]:
+        lines.append(f"{e.self_cpu_time_total / 1e6:8.3f} {100 * e.self_cpu_time_total / max(busy, 1):5.1f}% "
+                     f"{e.count:7d}  {e.key[:140]}")
+    return lines

@@ -114,12 +114,28 @@ def test_profile_step_writes_top_ops_and_trace(run):
     files = sorted(p.name for p in (save / "profile").iterdir())
     assert files == ["rank0_step3.json.gz", "rank0_step3_top.txt", "rank1_step3.json.gz", "rank1_step3_top.txt"]
     lines = (save / "profile" / "rank1_step3_top.txt").read_text().splitlines()
-    assert lines[0].startswith("step 3 rank 1: wall ") and "busy" in lines[0]
+    assert lines[0].startswith("step 3 rank 1: CPU self time ")
     shares = [float(l.split()[1].rstrip("%")) for l in lines[2:]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
     assert any("aten::mm" in l or "aten::addmm" in l for l in lines[2:])  # the matmuls are there
     trace = json.loads(gzip.open(save / "profile" / "rank0_step3.json.gz").read())
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+
+
+def test_gpu_summary_busy_idle_and_kernels():
+    from engine.profiling import gpu_summary
+
+    def k(name, ts, dur, cat="kernel"):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    # 0-100 gemm, 90-150 overlapping gemm, gap 30 us, 180-200 copy, gap 2000 us, 2200-2300 gemm; a CPU op ignored
+    events = [k("gemm", 0, 100), k("gemm", 90, 60), k("h2d", 180, 20, "gpu_memcpy"), k("gemm", 2200, 100),
+              k("aten::mm", 0, 5000, "cpu_op")]
+    lines = gpu_summary(events, rows=5)
+    assert lines[0] == ("GPU span 0.002 s, busy 11.7%, idle 2.0 ms (gaps <50 us: 0.0 ms, 50 us-1 ms: 0.0 ms, "
+                        ">1 ms: 2.0 ms)")  # busy 150 + 20 + 100 of 2300 us; gaps 30 + 2000 us
+    assert lines[2].split() == ["0.000", "11.3%", "3", "gemm"] and lines[3].split()[-1] == "h2d"
+    assert gpu_summary([k("x", 0, 1, "cpu_op")], rows=5) == ["no GPU activity recorded"]
 
 
 def test_loss_png_and_plot_command(run, tmp_path):
