@@ -114,7 +114,7 @@ class ZeroBackend:
         import deepspeed
 
         cfg, model = self.cfg, self.model
-        ds = deepspeed_config(cfg)
+        ds = deepspeed_config(cfg, pipeline=False)
         with deepspeed.zero.Init(enabled=self.stage == 3, config_dict_or_path=ds):
             module = SequentialModel(model.family, model.args, layer_options(cfg))
         module.loss_fn = training_loss(model.family, model.args, layer_options(cfg))

@@ -80,6 +80,8 @@ def layout_of(cfg: TrainConfig, n_layers: int, kind: str = "pipeline") -> dict:
     if cfg.dtype == "bf16":
         zero = max(zero, 1)  # what train.deepspeed_config runs
     layout = {"pp": cfg.pipe_dim, "dp": cfg.data_dim, "parts": list(parts), "zero_stage": zero, "dtype": cfg.dtype}
+    if kind == "pipeline" and cfg.bf16_grad_accum == "fp32":  # another DeepSpeed optimizer class and its files
+        layout["grad_accum"] = "fp32"
     return layout if kind == "pipeline" else {**layout, "engine": kind}
 
 

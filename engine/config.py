@@ -124,6 +124,17 @@ class TrainConfig:
             return "fp16"
         return "fp32"
 
+    @property
+    def bf16_grad_accum(self) -> str | None:
+        """bf16 pipeline runs: the dtype gradients add up in over micro-batches. fp32 unless
+        `data_types.grad_accum_dtype` says otherwise (DeepSpeed's own default for bf16 + ZeRO-1 adds
+        them up in bf16, rounding every micro-batch's gradient into the sum). None: not bf16, or
+        optimizer offload (DeepSpeed's CPU path decides)."""
+        offload = self.ds.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+        if self.dtype != "bf16" or offload.get("device", "none") != "none":
+            return None
+        return self.ds.get("data_types", {}).get("grad_accum_dtype", "fp32")
+
 
 # ---------------------------------------------------------------------- parsing
 def _suggest(key: str, known) -> str:

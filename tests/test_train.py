@@ -64,6 +64,24 @@ def test_resume_is_bitwise_identical(tiny_pp, tmp_path, precision):
     assert {**first, **second} == full  # exact float equality, step by step
 
 
+def test_bf16_gradients_accumulate_in_fp32(tiny_pp, tmp_path):
+    from engine.train import deepspeed_config
+
+    bf16 = {"bf16": {"enabled": True}}
+    ds = deepspeed_config(from_dict(config(tiny_pp, tmp_path, **bf16)))
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"]["immediate_grad_update"] is True
+    assert ds["zero_optimization"]["stage"] == 1  # -> DeepSpeed's BF16_Optimizer with fp32 gradient buffers
+    own = deepspeed_config(from_dict(config(tiny_pp, tmp_path, data_types={"grad_accum_dtype": "bf16"}, **bf16)))
+    assert own["data_types"] == {"grad_accum_dtype": "bf16"} and "immediate_grad_update" not in own["bf16"]
+    assert "data_types" not in deepspeed_config(from_dict(config(tiny_pp, tmp_path, **bf16)), pipeline=False)
+    assert "data_types" not in deepspeed_config(from_dict(config(tiny_pp, tmp_path)))  # fp32 run
+    # adding each gradient into the fp32 buffer as backward produces it (the default) gives exactly
+    # what adding them after each micro-batch's backward gives
+    default = run(config(tiny_pp, tmp_path / "a", steps=3, **bf16))
+    after_backward = run(config(tiny_pp, tmp_path / "b", steps=3, data_types={"grad_accum_dtype": "fp32"}, **bf16))
+    assert default == after_backward
+
+
 def test_train_straight_from_hf_dir_and_from_scratch(tiny_pp, tmp_path):
     hf_dir = Path(tiny_pp).parent / "hf"
     from_pp = run(config(tiny_pp, tmp_path / "a", steps=2))
