@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 from . import distributed as D
 from . import faults, reshape
 from .config import TrainConfig, save_config
@@ -76,10 +75,8 @@ def layout_of(cfg: TrainConfig, n_layers: int, kind: str = "pipeline") -> dict:
     from models.pipeline import balanced_parts
 
     parts = cfg.model_topo.parts if isinstance(cfg.model_topo.parts, list) else balanced_parts(n_layers, cfg.pipe_dim)
-    zero = cfg.ds.get("zero_optimization", {}).get("stage", 0)
-    if cfg.dtype == "bf16":
-        zero = max(zero, 1)  # what train.deepspeed_config runs
-    layout = {"pp": cfg.pipe_dim, "dp": cfg.data_dim, "parts": list(parts), "zero_stage": zero, "dtype": cfg.dtype}
+    layout = {"pp": cfg.pipe_dim, "dp": cfg.data_dim, "parts": list(parts), "zero_stage": cfg.zero_stage,
+              "dtype": cfg.dtype}
     if kind == "pipeline" and cfg.bf16_grad_accum == "fp32":  # another DeepSpeed optimizer class and its files
         layout["grad_accum"] = "fp32"
     return layout if kind == "pipeline" else {**layout, "engine": kind}

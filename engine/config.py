@@ -125,6 +125,12 @@ class TrainConfig:
         return "fp32"
 
     @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs: bf16 runs at least ZeRO-1 (engine.train.deepspeed_config says why)."""
+        stage = int(self.ds.get("zero_optimization", {}).get("stage", 0))
+        return max(stage, 1) if self.dtype == "bf16" else stage
+
+    @property
     def bf16_grad_accum(self) -> str | None:
         """bf16 pipeline runs: the dtype gradients add up in over micro-batches. fp32 unless
         `data_types.grad_accum_dtype` says otherwise (DeepSpeed's own default for bf16 + ZeRO-1 adds

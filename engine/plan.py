@@ -46,13 +46,10 @@ class Setup:
     @classmethod
     def from_config(cls, cfg, gpu: bool = True, pipeline: bool = True) -> "Setup":
         zero = cfg.ds.get("zero_optimization", {}) or {}
-        stage = int(zero.get("stage", 0))
-        if pipeline and cfg.dtype == "bf16":
-            stage = max(stage, 1)  # what engine.train.deepspeed_config runs
         ckpt = {True: "full", False: "none"}.get(cfg.use_grad_ckpt, cfg.use_grad_ckpt)
         return cls(seq=cfg.max_seq_len, micro=cfg.micro_batch, n_micro=cfg.grad_accum,
                    pp=cfg.pipe_dim if pipeline else 1, dp=cfg.data_dim if pipeline else cfg.pipe_dim * cfg.data_dim,
-                   dtype=cfg.dtype, zero=stage,
+                   dtype=cfg.dtype, zero=cfg.zero_stage,
                    offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
                    offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
                    ckpt=ckpt, optimizer=(cfg.ds.get("optimizer") or {}).get("type", "AdamW"),

@@ -37,10 +37,11 @@ def profiled_step(save_path: str, step: int, rank: int, rows: int = 40):
     stem = out / f"rank{rank}_step{step}"
     trace = stem.with_suffix(".json")
     prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
+    text = trace.read_text()
     with gzip.open(str(trace) + ".gz", "wt") as fh:
-        json.dump({"traceEvents": events}, fh)
+        fh.write(text)
     trace.unlink()
+    events = json.loads(text)["traceEvents"]
     head = f"step {step} rank {rank}"
     if on_gpu:
         lines = gpu_summary(events, rows)

@@ -95,11 +95,11 @@ def deepspeed_config(cfg: TrainConfig, pipeline: bool = True) -> dict:
         ds["bf16"] = {"immediate_grad_update": True, **ds["bf16"]}
     if not wrapped_optimizer(cfg):
         ds.pop("gradient_clipping", None)  # done by GlobalGradClip instead
-    if cfg.dtype == "bf16" and ds.get("zero_optimization", {}).get("stage", 0) == 0:
-        # DeepSpeed's stage-0 bf16 optimizer partitions fp32 master weights over data-parallel
-        # ranks but checkpoints only rank 0's share, and cannot load it back (KeyError 0).
-        # ZeRO-1 keeps the same memory layout and saves every share.
-        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": 1}
+    if ds.get("zero_optimization", {}).get("stage", 0) != cfg.zero_stage:
+        # bf16 at stage 0: DeepSpeed's stage-0 bf16 optimizer partitions fp32 master weights over
+        # data-parallel ranks but checkpoints only rank 0's share, and cannot load it back
+        # (KeyError 0). ZeRO-1 keeps the same memory layout and saves every share.
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
     ds.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's prints
     if ds.get("zero_optimization", {}).get("stage", 0) > 0 or "Lion" == cfg.ds.get("optimizer", {}).get("type"):
         ds.setdefault("zero_allow_untested_optimizer", True)
