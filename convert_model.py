@@ -6,7 +6,7 @@
 import argparse
 
 from engine.cli import user_errors
-from engine.convert import hf_to_pp, pp_to_hg
+from engine.checkpoints.convert import hf_to_pp, pp_to_hg
 
 
 @user_errors

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from engine.cli import user_errors
-from engine.generate import KINDS, Chat, SamplingConfig, answer_file, interactive, load_lm, load_tokenizer
+from engine.inference.generate import KINDS, Chat, SamplingConfig, answer_file, interactive, load_lm, load_tokenizer
 
 
 def text_arg(value):

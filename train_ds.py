@@ -4,7 +4,7 @@
 `--export-hf OUT` turns the final checkpoint into an HF model dir (one-command fine-tune).
 """
 from engine.cli import add_plan_args, config_parser, parse_config, run_or_plan, user_errors
-from engine.train import train
+from engine.training.loop import train
 
 
 @user_errors

@@ -2,7 +2,7 @@
 config, data, checkpoints and export as train_ds.py:
 `deepspeed train_ds_zero.py --config configs/ds_config_zero.yml`."""
 from engine.cli import config_parser, parse_config, user_errors
-from engine.train import train_zero
+from engine.training.loop import train_zero
 
 
 @user_errors

@@ -1,4 +1,4 @@
-"""Training throughput of the product's own path (engine.train: config -> data -> DeepSpeed).
+"""Training throughput of the product's own path (engine.training.loop: config -> data -> DeepSpeed).
 
 A llama-7B-shaped model with random weights (from_scratch: nothing to download), generated
 sample data through the real dataset/packing/answer-masked loss, the real metrics. Prints one
@@ -75,9 +75,9 @@ def run(out: Path, name: str, seq: int, overrides: list[str], zero: bool) -> Non
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.0}}}
     cfg = from_dict(apply_overrides(raw, overrides), f"bench:{name}")
     if zero:
-        from engine.train import train_zero as train_fn
+        from engine.training.loop import train_zero as train_fn
     else:
-        from engine.train import train as train_fn
+        from engine.training.loop import train as train_fn
     train_fn(cfg)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     peaks = [None] * D.world_size()

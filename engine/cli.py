@@ -5,9 +5,9 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, help_text, load_config
-from .control import NonFiniteLoss
-from .layout import LayoutError
+from engine.config import ConfigError, help_text, load_config
+from engine.training.control import NonFiniteLoss
+from engine.checkpoints.files import LayoutError
 
 USER_ERRORS = (ConfigError, LayoutError, FileNotFoundError, NonFiniteLoss)
 
@@ -23,7 +23,7 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_plan_args(p: argparse.ArgumentParser, export: bool = True) -> argparse.ArgumentParser:
-    """--dry-run (engine/plan.py) and --export-hf (engine/finetune.py)."""
+    """--dry-run (engine/plan.py) and --export-hf (engine/training/export.py)."""
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config against the world size and model_path's config.json, print the "
                         "per-stage memory/time estimate and exit (nothing is allocated; no launcher needed)")
@@ -39,12 +39,12 @@ def add_plan_args(p: argparse.ArgumentParser, export: bool = True) -> argparse.A
 def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
     """--dry-run: print the plan; otherwise train (and export with --export-hf)."""
     if a.dry_run:
-        from .distributed import world_size
-        from .plan import dry_run
+        from engine.distributed import world_size
+        from engine.plan import dry_run
 
         print(dry_run(cfg, a.world_size or world_size(), a.gpu_mem_gib, pipeline=pipeline))
         return None
-    from .finetune import train_and_export
+    from engine.training.export import train_and_export
 
     return train_and_export(cfg, train_fn, getattr(a, "export_hf", None))
 

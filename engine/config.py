@@ -126,7 +126,7 @@ class TrainConfig:
 
     @property
     def zero_stage(self) -> int:
-        """The ZeRO stage DeepSpeed runs: bf16 runs at least ZeRO-1 (engine.train.deepspeed_config says why)."""
+        """The ZeRO stage DeepSpeed runs: bf16 runs at least ZeRO-1 (engine.training.loop.deepspeed_config says why)."""
         stage = int(self.ds.get("zero_optimization", {}).get("stage", 0))
         return max(stage, 1) if self.dtype == "bf16" else stage
 

@@ -140,7 +140,7 @@ def _group_params(family, args) -> tuple:
     """(params, expert params, tie key, tie params) per user layer, from meta-device shapes."""
     from models.pipeline import layer_groups
 
-    from .convert import expected_shapes
+    from engine.model import expected_shapes
 
     key = (family.__name__, repr(args))
     if key in _PARAMS_CACHE:
@@ -367,10 +367,10 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
 
 def dry_run(cfg, world_size: int, gpu_mem_gib: float = 80.0, pipeline: bool = True) -> str:
     """Validate cfg against the world size and the model's config.json, and return the report."""
-    from .config import validate
-    from .train import Model
+    from engine.config import validate
+    from engine.model import Model
 
-    model = Model.from_checkpoint_dir(cfg.model_path)
+    model = Model.from_dir(cfg.model_path)
     validate(cfg, world_size, model.n_layers, pipeline=pipeline)
     text, _ = report(cfg, model.family, model.args, world_size, gpu_mem_gib, pipeline)
     return text

@@ -17,7 +17,7 @@ def tiny_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pp(tmp_path_factory):
     """A tiny random llama converted to a pipeline checkpoint dir (its HF dir is ../hf); read-only."""
-    from engine.convert import hf_to_pp
+    from engine.checkpoints.convert import hf_to_pp
     from models.tiny import make_tiny_hf_model, sample_texts
 
     root = tmp_path_factory.mktemp("model")

@@ -109,8 +109,8 @@ def check_generate(model, ids: torch.Tensor, pad_id: int = 0, new: int = 6) -> N
 def round_trip(src: Path, tmp: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """hf_to_pp then pp_to_hg (several shards). Returns (HF output dir, the source's tensors,
     the pipeline checkpoint's state in "<layer>.<param>" layout)."""
-    from engine.convert import hf_to_pp, pp_to_hg
-    from engine.layout import layer_file, load_layer
+    from engine.checkpoints.convert import hf_to_pp, pp_to_hg
+    from engine.checkpoints.files import layer_file, load_layer
 
     hf_to_pp(src, tmp / "pp")
     out = pp_to_hg(tmp / "pp", tmp / "out", max_shard_bytes=64_000)

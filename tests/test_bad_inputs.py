@@ -184,7 +184,7 @@ def build_cases(w: Path, hf: Path, pp: Path, ckpt: Path, exported: Path) -> list
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
-    from engine.convert import hf_to_pp, pp_to_hg
+    from engine.checkpoints.convert import hf_to_pp, pp_to_hg
     from models.tiny import make_tiny_hf_model, sample_texts
 
     root = tmp_path_factory.mktemp("bad")

@@ -84,7 +84,7 @@ def test_time_based_saves_and_rotation(tiny_pp, tmp_path):
 
 
 def test_rotation_never_deletes_latest(tmp_path):
-    from engine.checkpoint import rotate
+    from engine.checkpoints.tags import rotate
 
     for s in (2, 4, 6, 8):
         (tmp_path / f"global_step{s}").mkdir()
@@ -102,7 +102,7 @@ def test_damaged_checkpoint_is_refused_by_name(tiny_pp, tmp_path):
 
 
 def test_metrics_truncated_to_the_resumed_step(tmp_path):
-    from engine.metrics import truncate_metrics
+    from engine.training.metrics import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
@@ -118,12 +118,14 @@ def _continue_from_universal(model_path, save, tag, raw):
 
     from engine import distributed as D
     from engine.config import from_dict, validate
-    from engine.optim import build_optimizer
-    from engine.train import Model, build_data, deepspeed_config, layer_options
+    from engine.training.optim import build_optimizer
+    from engine.model import Model
+    from engine.training.loop import build_data
+    from engine.training.deepspeed_setup import deepspeed_config, layer_options
     from models.pipeline import build_pipeline
 
     cfg = from_dict(raw)
-    model = Model.from_checkpoint_dir(model_path)
+    model = Model.from_dir(model_path)
     D.init_distributed()
     validate(cfg, D.world_size(), model.n_layers)
     topo = ProcessTopology(axes=["pipe", "data"], dims=[1, 2])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.convert import hf_to_pp, pp_to_hg
-from engine.layout import LayoutError
+from engine.checkpoints.convert import hf_to_pp, pp_to_hg
+from engine.checkpoints.files import LayoutError
 from models.tiny import make_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.generate import (API_STOP, Chat, SamplingConfig, generate, load_lm, load_ours, plan_devices,
-                             process_logits, prompt_ids)
+from engine.inference.generate import (API_STOP, Chat, SamplingConfig, generate, load_lm, load_ours, plan_devices,
+                                       process_logits, prompt_ids)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = [str(p) for p in sorted((ROOT / "examples" / "data").glob("*.json*"))]
@@ -30,7 +30,7 @@ N_NEW = 12
 
 
 def make_model(root, tied: bool):
-    from engine.convert import hf_to_pp
+    from engine.checkpoints.convert import hf_to_pp
     from models.tiny import make_tiny_hf_model, sample_texts
 
     hf = make_tiny_hf_model(root / "hf", "llama", sample_texts(DATA), seed=3, tie_word_embeddings=tied)

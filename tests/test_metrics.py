@@ -46,7 +46,7 @@ def config(model_path, save_path, dims, parts, steps, **over) -> dict:
 
 
 def _train(raw):
-    from engine.train import train
+    from engine.training.loop import train
 
     return train(from_dict(raw)).losses
 
@@ -65,7 +65,7 @@ def reference_eval_loss(ckpt_dir: Path, raw: dict) -> float:
     from transformers import AutoTokenizer
 
     from data.dataset import build_dataset
-    from engine.layout import hf_dir_of, layer_file, load_layer, read_hf_config, resolve_tag
+    from engine.checkpoints.files import hf_dir_of, layer_file, load_layer, read_hf_config, resolve_tag
     from models import family_for_hf_config
     from models.blocks import AttnOptions, LayerOptions
     from models.pipeline import SequentialModel
@@ -123,7 +123,7 @@ def test_profile_step_writes_top_ops_and_trace(run):
 
 
 def test_gpu_summary_busy_idle_and_kernels():
-    from engine.profiling import gpu_summary
+    from engine.training.profiling import gpu_summary
 
     def k(name, ts, dur, cat="kernel"):
         return {"cat": cat, "name": name, "ts": ts, "dur": dur}
@@ -147,7 +147,7 @@ def test_loss_png_and_plot_command(run, tmp_path):
     with Image.open(png) as im:
         im.verify()
     out = tmp_path / "redrawn.png"
-    proc = subprocess.run([sys.executable, "-m", "engine.metrics", "plot", str(save), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "engine.training.metrics", "plot", str(save), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == PNG_SIGNATURE
@@ -171,7 +171,7 @@ def test_tensorboard_scalars(run):
 
 
 def test_plot_from_metrics_file(tmp_path):
-    from engine.metrics import main
+    from engine.training.metrics import main
 
     records = [{"step": s, "loss": 3 - 0.1 * s, "lr": 1e-3, "lm_loss": 2.9 - 0.1 * s} for s in range(1, 6)]
     records[2]["eval_loss"] = 2.5
@@ -184,7 +184,7 @@ def test_plot_from_metrics_file(tmp_path):
 def test_quiet_prints_keep_deepspeed_warnings(capsys, monkeypatch):
     from deepspeed.utils import logger
 
-    from engine.metrics import quiet_prints, setup_logging
+    from engine.training.metrics import quiet_prints, setup_logging
 
     monkeypatch.delenv("PPLLM_VERBOSE", raising=False)
     level = logger.level
@@ -204,7 +204,7 @@ def test_quiet_prints_keep_deepspeed_warnings(capsys, monkeypatch):
 def test_eval_batches_pad_and_scale():
     import numpy as np
 
-    from engine.evaluate import EvalBatches
+    from engine.training.evaluate import EvalBatches
 
     class Rows:  # 5 rows of 4 tokens; row i has i + 1 loss tokens
         max_seq_len, pad_id = 4, 0
@@ -233,8 +233,8 @@ def test_demo_on_the_trained_checkpoint(run, tmp_path):
     generate() on its pp_to_hg export, token for token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.convert import pp_to_hg
-    from engine.generate import SamplingConfig, generate, load_lm, prompt_ids
+    from engine.checkpoints.convert import pp_to_hg
+    from engine.inference.generate import SamplingConfig, generate, load_lm, prompt_ids
 
     save, _ = run
     hf = pp_to_hg(save, tmp_path / "hf")

@@ -204,7 +204,7 @@ def test_pipeline_matches_transformers_and_trains_tied(hf_dir):
 
 def test_convert_round_trip(hf_dir, tmp_path):
     """HF -> pipeline -> HF is bit-exact, writes the tied weight once, and loads with transformers."""
-    from engine.convert import hf_to_pp, pp_to_hg
+    from engine.checkpoints.convert import hf_to_pp, pp_to_hg
 
     pp = hf_to_pp(hf_dir, tmp_path / "pp")
     out = pp_to_hg(pp, tmp_path / "hf_out")

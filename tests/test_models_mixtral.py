@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from models import get_family
 from models.blocks import AttnOptions, LayerOptions
+from models.keymap import model_from_hf, model_to_hf
 from models.pipeline import SequentialModel, make_loss
 from tests.dist import run_ranks
 from tests.model_check import shifted_labels
@@ -46,8 +47,7 @@ def hf_state(hf_dir) -> dict[str, torch.Tensor]:
     """The HF checkpoint in our layout ("<layer>.<param>"), read by HF key from disk."""
     fam = get_family(FAMILY)
     disk = load_file(hf_dir / "model.safetensors")
-    return {f"{i}.{ours}": disk[theirs] for i, names in enumerate(fam.hf_keys(args_of(hf_dir)))
-            for ours, theirs in names.items()}
+    return model_from_hf(fam, args_of(hf_dir), disk.__getitem__)
 
 
 def args_of(hf_dir):
@@ -215,8 +215,8 @@ def test_pipeline_aux_loss_across_stages_and_micro_batches(hf_dir):
     stepped = load_file(hf_dir.parent / "stepped" / "model.safetensors")
     after = {**ranks[0]["after"], **ranks[1]["after"]}
     assert set(after) == set(state)
-    diff = {theirs: float((after[f"{i}.{ours_name}"] - stepped[theirs]).abs().max())
-            for i, names in enumerate(get_family(FAMILY).hf_keys(args_of(hf_dir))) for ours_name, theirs in names.items()}
+    diff = {theirs: float((t - stepped[theirs]).abs().max())
+            for theirs, t in model_to_hf(get_family(FAMILY), args_of(hf_dir), after).items()}
     worst = max(diff, key=diff.get)
     assert diff[worst] < ATOL, (worst, diff[worst])
     gate = "1.block_sparse_moe.gate.weight"  # stage 0's router: its aux gradient crossed the stages
@@ -225,7 +225,7 @@ def test_pipeline_aux_loss_across_stages_and_micro_batches(hf_dir):
 
 def test_convert_round_trip(hf_dir, tmp_path):
     """HF -> pipeline -> HF is bit-exact with the on-disk per-expert names and loads with transformers."""
-    from engine.convert import hf_to_pp, pp_to_hg
+    from engine.checkpoints.convert import hf_to_pp, pp_to_hg
 
     out = pp_to_hg(hf_to_pp(hf_dir, tmp_path / "pp"), tmp_path / "hf_out")
     original = load_file(hf_dir / "model.safetensors")

@@ -118,8 +118,8 @@ def test_dry_run_cli(tmp_path):
 
 def _finetune(raw, out):
     from engine.config import from_dict
-    from engine.finetune import train_and_export
-    from engine.train import train
+    from engine.training.export import train_and_export
+    from engine.training.loop import train
 
     result = train_and_export(from_dict(raw), train, out)
     return result.final_step
@@ -128,7 +128,7 @@ def _finetune(raw, out):
 def test_one_command_finetune_exports_then_resumes_to_a_skip(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.finetune import EXPORT_MARKER
+    from engine.training.export import EXPORT_MARKER
     from models.tiny import make_tiny_hf_model, sample_texts
     from tests.dist import run_ranks
     from tests.test_train import DATA, config

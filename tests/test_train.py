@@ -25,7 +25,7 @@ def config(model_path, save_path, dims=(2, 1), parts=(3, 3), steps=6, **over) ->
 
 
 def _train(raw):
-    from engine.train import train
+    from engine.training.loop import train
 
     result = train(from_dict(raw))
     return result.losses
@@ -65,7 +65,7 @@ def test_resume_is_bitwise_identical(tiny_pp, tmp_path, precision):
 
 
 def test_bf16_gradients_accumulate_in_fp32(tiny_pp, tmp_path):
-    from engine.train import deepspeed_config
+    from engine.training.deepspeed_setup import deepspeed_config
 
     bf16 = {"bf16": {"enabled": True}}
     ds = deepspeed_config(from_dict(config(tiny_pp, tmp_path, **bf16)))
@@ -93,7 +93,7 @@ def test_train_straight_from_hf_dir_and_from_scratch(tiny_pp, tmp_path):
 
 
 def test_moe_aux_loss_reaches_the_metrics_under_pp(tmp_path):
-    from engine.convert import hf_to_pp
+    from engine.checkpoints.convert import hf_to_pp
     from models.tiny import make_tiny_hf_model, sample_texts
 
     make_tiny_hf_model(tmp_path / "hf", "mixtral", sample_texts(DATA))

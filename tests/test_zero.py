@@ -19,7 +19,7 @@ def zero_config(model_path, save_path, stage, steps=6, **over) -> dict:
 
 def _train_zero(raw):
     from engine.config import from_dict
-    from engine.train import train_zero
+    from engine.training.loop import train_zero
 
     return train_zero(from_dict(raw)).losses
 
@@ -54,34 +54,38 @@ def test_stage_matches_pipeline_and_resumes_bitwise(tiny_pp, pipeline_losses, tm
 def test_zero3_export_loads_in_transformers(tiny_pp, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.convert import pp_to_hg
-    from engine.layout import layer_file, load_layer
-    from models.llama import hf_keys, Args
+    from engine.checkpoints.convert import pp_to_hg
+    from engine.checkpoints.files import layer_file, load_layer
+    from models import llama
+    from models.keymap import model_to_hf
 
     run_zero(zero_config(tiny_pp, tmp_path / "run", 3, steps=3))  # WarmupLR: lr 0 on steps 1-2
     out = pp_to_hg(tmp_path / "run", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    args = Args.from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
-    trained = {theirs: load_layer(layer_file(tmp_path / "run" / "global_step3", idx))[ours]
-               for idx, names in enumerate(hf_keys(args)) for ours, theirs in names.items()}
+    args = llama.Args.from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    layers = {f"{idx}.{k}": v for idx in range(len(llama.hf_keys(args)))
+              if layer_file(tmp_path / "run" / "global_step3", idx).exists()
+              for k, v in load_layer(layer_file(tmp_path / "run" / "global_step3", idx)).items()}
+    trained = model_to_hf(llama, args, layers)
     assert set(trained) <= set(hf)
     for key, value in trained.items():
         assert torch.equal(hf[key], value), key
-    start = load_layer(layer_file(Path(tiny_pp) / "global_step0", 1))["self_attn.q_proj.weight"]
-    assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], start)  # it trained
+    start = load_layer(layer_file(Path(tiny_pp) / "global_step0", 1))["self_attn.qkv_proj.weight"]
+    assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], start[:start.shape[1]])  # it trained
 
 
 def _first_step_loss(model_dir, raw, dp: int) -> float:
     """Step 1's loss for the weights in model_dir, computed in this process (no DeepSpeed): the
     mean over dp ranks and micro-batches of the loader's scaled losses."""
-    from engine.checkpoint import layer_states
+    from engine.checkpoints.tags import layer_states
     from engine.config import from_dict
-    from engine.train import Model, build_data
+    from engine.model import Model
+    from engine.training.loop import build_data
     from models.loss import causal_lm_loss
     from models.pipeline import SequentialModel
 
     cfg = from_dict(raw)
-    model = Model.from_checkpoint_dir(model_dir)
+    model = Model.from_dir(model_dir)
     seq, states = SequentialModel(model.family, model.args), layer_states(model_dir, model.family, model.args)
     for idx, layer in seq.owned_layers():
         layer.load_state_dict(states(idx)[1])
@@ -122,7 +126,7 @@ def test_zero3_offload_and_activation_checkpointing_match_pipeline(tiny_pp, pipe
 def test_offload_uses_deepspeed_cpu_adam(tiny_pp, pipeline_losses, tmp_path):
     """THE SLOW TEST (~1 min once per machine: JIT-builds DeepSpeed's cpu_adam op, cached after).
     offload_optimizer without zero_force_ds_cpu_optimizer: false is what DeepSpeed requires its own
-    CPU Adam for; engine.optim builds it, and it trains like torch's AdamW."""
+    CPU Adam for; engine.training.optim builds it, and it trains like torch's AdamW."""
     losses = run_zero(zero_config(tiny_pp, tmp_path / "run", 2, zero={"offload_optimizer": {"device": "cpu"}},
                                   save_at_end=False))
     for s in range(1, 7):
@@ -130,7 +134,7 @@ def test_offload_uses_deepspeed_cpu_adam(tiny_pp, pipeline_losses, tmp_path):
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     from engine.config import from_dict
-    from engine.optim import build_optimizer
+    from engine.training.optim import build_optimizer
 
     cfg = from_dict(zero_config(tiny_pp, tmp_path / "run", 2, zero={"offload_optimizer": {"device": "cpu"}}))
     assert isinstance(build_optimizer(cfg.ds["optimizer"], [torch.nn.Parameter(torch.ones(2))], cfg.ds), DeepSpeedCPUAdam)

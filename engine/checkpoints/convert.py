@@ -16,21 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models import family_for_hf_config
-from models.pipeline import SequentialModel
 
-from .layout import (INDEX_NAMES, LayoutError, StagingDir, check_layer, copy_hf_side_files, hf_dir_of, layer_file,
-                     load_layer, read_hf_config, read_json, resolve_tag, write_text_atomic)
+from engine.checkpoints.files import (INDEX_NAMES, LayoutError, StagingDir, check_layer, copy_hf_side_files, hf_dir_of,
+                                      layer_file, load_layer, read_hf_config, read_json, resolve_tag, write_text_atomic)
+from engine.model import expected_shapes
 
 INIT_TAG = "global_step0"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def expected_shapes(family, args) -> list[dict[str, torch.Size]]:
-    """Per internal layer: {param name: shape}, from the family's layers built on the meta device."""
-    with torch.device("meta"):
-        model = SequentialModel(family, args)
-    return [{k: p.shape for k, p in model._modules[str(i)].state_dict().items()} for i in range(len(model.defs))]
 
 
 class HFWeights:

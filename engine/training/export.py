@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .layout import LayoutError, resolve_tag
+from engine.checkpoints.files import LayoutError, resolve_tag
 
 EXPORT_MARKER = "export_source.json"
 
@@ -34,7 +34,7 @@ def check_export_target(out: str | Path) -> None:
 
 def export_hf(save_path: str | Path, out: str | Path, log=print) -> Path:
     """pp_to_hg of save_path's latest tag into `out`, unless `out` already holds exactly that."""
-    from .convert import pp_to_hg
+    from engine.checkpoints.convert import pp_to_hg
 
     save_path, out = Path(save_path).resolve(), Path(out)
     tag = resolve_tag(save_path).name
@@ -59,7 +59,7 @@ def export_hf(save_path: str | Path, out: str | Path, log=print) -> Path:
 
 def train_and_export(cfg, train_fn, out: str | Path | None):
     """train_fn(cfg), then (all ranks at a barrier) rank 0 exports to `out`."""
-    from . import distributed as D
+    from engine import distributed as D
 
     if out is not None and D.rank() == 0:
         check_export_target(out)

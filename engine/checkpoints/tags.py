@@ -14,11 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
-from . import distributed as D
-from . import faults, reshape
-from .config import TrainConfig, save_config
-from .layout import (LayoutError, check_layer, copy_hf_side_files, fsync_tree, is_pipeline_dir, layer_file, load_layer,
-                     resolve_tag, write_text_atomic)
+from engine import distributed as D
+from engine import fault_hooks
+from engine.checkpoints import reshape
+from engine.config import TrainConfig, save_config
+from engine.checkpoints.files import (LayoutError, check_layer, copy_hf_side_files, fsync_tree, is_pipeline_dir,
+                                      layer_file, load_layer, resolve_tag, write_text_atomic)
 
 META = "meta.json"  # {"family", "n_layers", "step", "layout", "files"}: refuse another model's or a damaged
 #                     checkpoint; "layout" (pp, dp, parts, ZeRO stage, dtype) picks the reshape path
@@ -47,7 +48,7 @@ def layer_states(model_path: str | Path, family, args):
             path = layer_file(tag_dir, idx)
             return path, load_layer(path)
         return layer_state
-    from .convert import HFWeights
+    from engine.checkpoints.convert import HFWeights
 
     weights, keys = HFWeights(Path(model_path), getattr(family, "HF_BASE_PREFIX", "")), family.hf_keys(args)
 
@@ -146,7 +147,7 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
     layout = layout_of(cfg, n_layers, kind)
     D.barrier()
     if publisher and tmp.is_dir():
-        faults.pause_in_save(root, step)  # test hook: a kill "while writing a checkpoint" made deterministic
+        fault_hooks.pause_in_save(root, step)  # test hook: a kill "while writing a checkpoint" made deterministic
         save_config(cfg, tmp / "config.yml")
         meta = {"family": family_name, "n_layers": n_layers, "step": step, "layout": layout, "files": manifest(tmp)}
         (tmp / META).write_text(json.dumps(meta))

@@ -21,7 +21,7 @@ import torch
 
 from models.loss import IGNORE
 
-from .config import ConfigError
+from engine.config import ConfigError
 
 
 class EvalBatches:
@@ -157,4 +157,4 @@ class Evaluator:
                 loss.pop_metrics()  # drop what training left
             return evaluate_module(forward, self.batches, loss)
         finally:
-            engine.train(was_training)
+            engine.training.loop(was_training)

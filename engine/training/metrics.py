@@ -5,7 +5,7 @@
                             `tensorboard` package is importable
 <save_path>/loss.png        train loss (+ eval loss) and learning rate per step; redrawn after
                             each evaluation and at the end, or any time with
-                            `python -m engine.metrics plot <save_path>`
+                            `python -m engine.training.metrics plot <save_path>`
 
 Other ranks write nothing and stay quiet; PPLLM_VERBOSE=1 lets every rank print its messages
 (prefixed with its rank) and keeps DeepSpeed's INFO logs. Otherwise DeepSpeed's logger is set
@@ -219,7 +219,7 @@ def plot(save_path: str | Path, out: str | Path | None = None) -> Path:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m engine.metrics", description="Training metrics tools.")
+    p = argparse.ArgumentParser(prog="python -m engine.training.metrics", description="Training metrics tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("plot", help="redraw the loss curve PNG from <save_path>/metrics.jsonl")
     pp.add_argument("save_path", help="training save_path (or a metrics.jsonl file)")

@@ -1,4 +1,4 @@
-"""How one global step runs: the two training paths behind engine.train's shared loop.
+"""How one global step runs: the two training paths behind engine.training.loop's shared loop.
 
 A backend builds the model + DeepSpeed engine and runs a step over the loader's micro-batches:
 
@@ -25,13 +25,14 @@ import torch
 
 from models.pipeline import SequentialModel, build_pipeline, init_layer, init_weights, training_loss
 
-from . import checkpoint as ckpt
-from . import distributed as D
-from .config import TrainConfig, validate
-from .layout import check_layer, layer_file
-from .optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
-from .plan import resolve_auto_parts
-from .train import Model, deepspeed_config, layer_options, wrapped_optimizer
+from engine.checkpoints import tags as ckpt
+from engine import distributed as D
+from engine.config import TrainConfig, validate
+from engine.checkpoints.files import check_layer, layer_file
+from engine.training.optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
+from engine.plan import resolve_auto_parts
+from engine.model import Model
+from engine.training.deepspeed_setup import deepspeed_config, layer_options, wrapped_optimizer
 
 
 class PipelineBackend:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import time
 
-from . import distributed as D
+from engine import distributed as D
 
 
 class NonFiniteLoss(RuntimeError):

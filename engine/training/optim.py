@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed as D
-from .config import ConfigError
+from engine import distributed as D
+from engine.config import ConfigError
 
 
 def param_groups(params, weight_decay: float) -> list[dict]:

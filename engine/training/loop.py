@@ -1,6 +1,6 @@
 """The training loop shared by train_ds.py (pipeline) and train_ds_zero.py (ZeRO-1/2/3).
 
-One global step = the loader's micro-batches for that step, run by a backend (engine/backends.py):
+One global step = the loader's micro-batches for that step, run by a backend (engine/training/backends.py):
 the pipeline's `engine.train_batch`, or forward/backward per micro-batch under ZeRO. Data, loss
 normalisation, metrics, checkpoints and resume are this module's and the same for both. The
 loader is a pure function of (seed, step), so resuming at step k replays exactly what an
@@ -16,19 +16,16 @@ from pathlib import Path
 
 import torch
 
-from models import family_for_hf_config
-from models.blocks import AttnOptions, LayerOptions, attn_impl
-from models.pipeline import layer_groups
-
-from . import checkpoint as ckpt
-from . import faults
-from . import distributed as D
-from .control import NonFiniteLoss, RunControl
-from .config import ConfigError, TrainConfig, check_paths
-from .layout import hf_dir_of, read_hf_config
-from .evaluate import Evaluator
-from .profiling import profiled_step
-from .metrics import PEAK_FLOPS, Metrics, flops_per_token, quiet_prints, setup_logging
+from engine import distributed as D
+from engine import fault_hooks
+from engine.checkpoints import tags as ckpt
+from engine.config import ConfigError, TrainConfig, check_paths
+from engine.model import Model
+from engine.training.backends import PipelineBackend, ZeroBackend
+from engine.training.control import NonFiniteLoss, RunControl
+from engine.training.evaluate import Evaluator
+from engine.training.metrics import PEAK_FLOPS, Metrics, flops_per_token, quiet_prints, setup_logging
+from engine.training.profiling import profiled_step
 
 
 @dataclass
@@ -37,73 +34,6 @@ class RunResult:
     final_step: int = 0
     checkpoint: Path | None = None
     interrupted: bool = False  # stopped early by SIGTERM/SIGINT (after saving)
-
-
-@dataclass
-class Model:
-    """What the loop needs to know about the model being trained."""
-
-    family: object
-    args: object
-    hf_dir: Path
-    n_layers: int  # pipeline layers as `parts` counts them
-
-    @classmethod
-    def from_checkpoint_dir(cls, model_path: str) -> "Model":
-        hf_dir = hf_dir_of(model_path)
-        hf = read_hf_config(hf_dir)
-        family = family_for_hf_config(hf, str(hf_dir / "config.json"))
-        args = family.Args.from_hf_config(hf)
-        return cls(family, args, hf_dir, len(layer_groups(family, args)))
-
-    @property
-    def name(self) -> str:
-        return self.family.__name__.split(".")[-1]
-
-    def n_params(self) -> int:
-        from .convert import expected_shapes
-
-        seen, total = set(), 0
-        for idx, (layer, shapes) in enumerate(zip(self.family.hf_keys(self.args), expected_shapes(self.family, self.args))):
-            for ours, theirs in layer.items():
-                if theirs not in seen:
-                    seen.add(theirs)
-                    total += math.prod(shapes[ours])
-        return total
-
-
-def layer_options(cfg: TrainConfig) -> LayerOptions:
-    impl = attn_impl(cfg.packing, cfg.use_flash_attn, D.on_gpu())
-    return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
-                        compile=cfg.compile_blocks)
-
-
-def wrapped_optimizer(cfg: TrainConfig) -> bool:
-    """Whether DeepSpeed wraps the optimizer (bf16/fp16/ZeRO: it then clips and records the norm)."""
-    return cfg.dtype != "fp32" or cfg.ds.get("zero_optimization", {}).get("stage", 0) > 0
-
-
-def deepspeed_config(cfg: TrainConfig, pipeline: bool = True) -> dict:
-    """DeepSpeed's keys minus the optimizer (we pass a client optimizer, see engine.optim)."""
-    ds = {k: v for k, v in cfg.ds.items() if k != "optimizer"}
-    if pipeline and cfg.bf16_grad_accum == "fp32" and "data_types" not in ds:
-        # fp32 gradient accumulation (DeepSpeed's BF16_Optimizer), each gradient added into the fp32
-        # buffer as soon as backward produces it and then freed (immediate_grad_update): 2.9% slower
-        # than bf16 accumulation on an H200 but exact over any number of micro-batches, and the
-        # bf16 gradients never pile up (bench/README.md).
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
-        ds["bf16"] = {"immediate_grad_update": True, **ds["bf16"]}
-    if not wrapped_optimizer(cfg):
-        ds.pop("gradient_clipping", None)  # done by GlobalGradClip instead
-    if ds.get("zero_optimization", {}).get("stage", 0) != cfg.zero_stage:
-        # bf16 at stage 0: DeepSpeed's stage-0 bf16 optimizer partitions fp32 master weights over
-        # data-parallel ranks but checkpoints only rank 0's share, and cannot load it back
-        # (KeyError 0). ZeRO-1 keeps the same memory layout and saves every share.
-        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
-    ds.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's prints
-    if ds.get("zero_optimization", {}).get("stage", 0) > 0 or "Lion" == cfg.ds.get("optimizer", {}).get("type"):
-        ds.setdefault("zero_allow_untested_optimizer", True)
-    return ds
 
 
 def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
@@ -128,23 +58,19 @@ def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
 
 def train(cfg: TrainConfig) -> RunResult:
     """Train a pipeline model as `cfg` says (train_ds.py), resuming from save_path when it holds a checkpoint."""
-    from .backends import PipelineBackend
-
     return run(cfg, PipelineBackend)
 
 
 def train_zero(cfg: TrainConfig) -> RunResult:
     """Train the whole model as one module under ZeRO-1/2/3 (train_ds_zero.py); same data, loss,
     metrics and checkpoints as `train`."""
-    from .backends import ZeroBackend
-
     return run(cfg, ZeroBackend)
 
 
 def run(cfg: TrainConfig, backend_cls) -> RunResult:
-    """The training loop; `backend_cls(cfg, model)` says how one global step runs (engine/backends.py)."""
+    """The training loop; `backend_cls(cfg, model)` says how one global step runs (engine/training/backends.py)."""
     check_paths(cfg)
-    model = Model.from_checkpoint_dir(cfg.model_path)
+    model = Model.from_dir(cfg.model_path)
     setup_logging()
     D.init_distributed()
     backend = backend_cls(cfg, model)  # validates cfg for its path
@@ -176,7 +102,7 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
                         + (f", resumed at step {step}" if step else ""))
     fpt = flops_per_token(model.n_params(), model.args.num_layers, model.args.hidden_size, cfg.max_seq_len)
     result, start = RunResult(final_step=step), step
-    faults.wrap_loss(backend.loss_owner, lambda: step + 1)
+    fault_hooks.wrap_loss(backend.loss_owner, lambda: step + 1)
 
     def save():
         return ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir, backend.kind,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from .layout import LayoutError
+from engine import distributed as D
+from engine.checkpoints.files import LayoutError
 
 DIR = "optim"
 COMMON = "common.pt"

@@ -27,7 +27,7 @@ import torch
 
 from data.templates import ACTION_RESULT
 
-from .layout import LayoutError, hf_dir_of, layer_file, load_layer, read_hf_config, resolve_tag
+from engine.checkpoints.files import LayoutError, hf_dir_of, layer_file, load_layer, read_hf_config, resolve_tag
 
 API_STOP = "Observation:"  # an api call ends here: the tool, not the model, writes the result
 
@@ -247,7 +247,8 @@ def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "
     from models.blocks import LayerOptions
     from models.pipeline import SequentialModel
 
-    from .convert import HFWeights, expected_shapes
+    from engine.checkpoints.convert import HFWeights
+    from engine.model import expected_shapes
 
     path = Path(path)
     is_pp = (path / "latest").is_file()

@@ -1,0 +1,1 @@
+"""Checkpoint formats on disk: files and tags, HF <-> pipeline conversion, reshape, the weight loader."""

@@ -1,0 +1,1 @@
+"""Inference: generation from a pipeline checkpoint or an HF dir."""
