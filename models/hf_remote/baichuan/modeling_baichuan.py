@@ -68,11 +68,9 @@ def attention_mask_4d(attention_mask, batch, q_len, kv_len, device):
     return mask
 
 
-def new_cache(config):
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # transformers < 4.56
-        return DynamicCache()
+# transformers 5.x renamed the KV cache from `past_key_values` to `cache` (forward argument, output
+# field; generate passes and reads the new name). Both are accepted; outputs use the installed name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class BaichuanAttention(nn.Module):
@@ -85,14 +83,14 @@ class BaichuanAttention(nn.Module):
         self.W_pack = nn.Linear(h, 3 * h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
 
-    def forward(self, x, position_ids, mask, past_key_values=None):
+    def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
         q, k, v = self.W_pack(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary:
             cos, sin = rotary_tables(position_ids, self.head_dim, self.rope_theta, q.dtype)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         if mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -118,8 +116,8 @@ class BaichuanLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = BaichuanMLP(config)
 
-    def forward(self, x, position_ids, mask, past_key_values=None):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, past_key_values)
+    def forward(self, x, position_ids, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,15 +166,17 @@ class BaichuanModel(BaichuanPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                past_key_values=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         b, s, _ = inputs_embeds.shape
+        cache = cache if cache is not None else past_key_values
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = new_cache(self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
@@ -194,12 +194,13 @@ class BaichuanModel(BaichuanPreTrainedModel):
             if self.gradient_checkpointing and self.training:
                 hidden = self._gradient_checkpointing_func(layer.__call__, hidden, position_ids, mask, None)
             else:
-                hidden = layer(hidden, position_ids, mask, past_key_values)
+                hidden = layer(hidden, position_ids, mask, cache)
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden += (hidden,)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=all_hidden if output_hidden_states else None)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden,
+                                      hidden_states=all_hidden if output_hidden_states else None,
+                                      **{CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -219,18 +220,18 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep: Optional[int] = 0, **kwargs):
+                logits_to_keep: Optional[int] = 0, past_key_values=None, **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, return_dict=True)
+                         cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         return result if return_dict is not False else result.to_tuple()

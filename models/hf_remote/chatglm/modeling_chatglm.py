@@ -60,11 +60,9 @@ def attention_mask_4d(attention_mask, batch, q_len, kv_len, device):
     return mask
 
 
-def new_cache(config):
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # transformers < 4.56
-        return DynamicCache()
+# transformers 5.x renamed the KV cache from `past_key_values` to `cache` (forward argument, output
+# field; generate passes and reads the new name). Both are accepted; outputs use the installed name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class SelfAttention(nn.Module):
@@ -79,15 +77,15 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, qkv, bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, x, position_ids, mask, past_key_values=None):
+    def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
         d, g = self.head_dim, self.num_groups
         q, k, v = self.query_key_value(x).split([self.num_heads * d, g * d, g * d], dim=-1)
         q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
         cos, sin = rotary_tables(position_ids, d, self.base, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # cached per group, not per head
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # cached per group, not per head
         rep = self.num_heads // g  # query head j reads group j // rep
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -113,8 +111,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, position_ids, mask, past_key_values=None):
-        x = x + self.self_attention(self.input_layernorm(x), position_ids, mask, past_key_values)
+    def forward(self, x, position_ids, mask, cache=None):
+        x = x + self.self_attention(self.input_layernorm(x), position_ids, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,16 +166,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                past_key_values=None, **kwargs):
         """Final-normed hidden states (ChatGLMForConditionalGeneration applies output_layer)."""
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
         b, s, _ = inputs_embeds.shape
+        cache = cache if cache is not None else past_key_values
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = new_cache(self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
@@ -191,12 +191,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if self.gradient_checkpointing and self.training:
                 hidden = self._gradient_checkpointing_func(layer.__call__, hidden, position_ids, mask, None)
             else:
-                hidden = layer(hidden, position_ids, mask, past_key_values)
+                hidden = layer(hidden, position_ids, mask, cache)
         hidden = self.encoder.final_layernorm(hidden)
         if output_hidden_states:
             all_hidden += (hidden,)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=all_hidden if output_hidden_states else None)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden,
+                                      hidden_states=all_hidden if output_hidden_states else None,
+                                      **{CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -218,18 +219,18 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.transformer.output_layer = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep: Optional[int] = 0, **kwargs):
+                logits_to_keep: Optional[int] = 0, past_key_values=None, **kwargs):
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               output_hidden_states=output_hidden_states, return_dict=True)
+                               cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                               use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.transformer.output_layer(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         return result if return_dict is not False else result.to_tuple()
