@@ -50,13 +50,17 @@ def rope_parameters(hf: dict) -> dict:
 def rope_inv_freq(dim: int, params: dict, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies for `dim` rotary dims and the cos/sin scale, per rope type.
 
-    Supports default, linear, dynamic (training lengths <= the original length: same as
-    default), llama3 and yarn; anything else is an error rather than a silent default.
+    Supports default, linear, dynamic (these are its frequencies up to `max_position_embeddings`;
+    Rotary recomputes them for longer documents), llama3 and yarn; anything else is an error
+    rather than a silent default.
     """
     base = float(params["rope_theta"])
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = params["rope_type"]
-    if kind in ("default", "dynamic"):
+    if kind == "dynamic":
+        return dynamic_ntk_inv_freq(dim, base, float(params["factor"]), max_position_embeddings,
+                                    max_position_embeddings), 1.0
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if kind == "default":
         return inv, 1.0
     if kind == "linear":
         return inv / float(params["factor"]), 1.0
@@ -88,17 +92,50 @@ def rope_inv_freq(dim: int, params: dict, max_position_embeddings: int) -> tuple
     raise ValueError(f"rope_type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)")
 
 
+def dynamic_ntk_inv_freq(dim: int, base: float, factor: float, max_pos: int, seq_len) -> torch.Tensor:
+    """transformers' dynamic NTK rope: past `max_pos` the base grows with the sequence length.
+    `seq_len` an int (at init) or an int64 tensor of per-token lengths -> [..., dim/2], the same
+    float32 arithmetic as transformers' _compute_dynamic_ntk_parameters."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if isinstance(seq_len, torch.Tensor):
+        seq_len, exponent = seq_len.clamp(min=max_pos)[..., None], exponent.to(seq_len.device)
+    else:
+        seq_len = max(seq_len, max_pos)
+    base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** exponent)
+
+
+def document_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """Per token, the length of its document (positions restart at 0 per packed document)."""
+    doc = document_ids(position_ids).long()
+    last = torch.zeros(doc.shape[0], doc.shape[1] + 1, dtype=position_ids.dtype, device=position_ids.device)
+    return last.scatter_reduce(1, doc, position_ids, "amax").gather(1, doc) + 1
+
+
 class Rotary(nn.Module):
-    """cos/sin tables from position ids (positions restart per packed document)."""
+    """cos/sin tables from position ids (positions restart per packed document).
+
+    rope_type dynamic: each document longer than `max_position_embeddings` gets the frequencies
+    transformers computes for that document alone (its sequence length); shorter ones keep the
+    original ones. (transformers also keeps a longer length's frequencies for later calls until
+    one is short again: a generation-cache artifact not reproduced here.)"""
 
     def __init__(self, dim: int, params: dict, max_position_embeddings: int, interleaved: bool = False):
         super().__init__()
         inv, self.scale = rope_inv_freq(dim, params, max_position_embeddings)
         self.register_buffer("inv_freq", inv, persistent=False)
         self.interleaved = interleaved  # tables for apply_rotary_interleaved: [.., dim/2], one entry per pair
+        self.dynamic = None
+        if params["rope_type"] == "dynamic":
+            self.dynamic = (dim, float(params["rope_theta"]), float(params["factor"]), max_position_embeddings)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+        inv = self.inv_freq.float().to(position_ids.device)
+        if self.dynamic is not None:  # no host sync: the scaled frequencies are computed for every token
+            lengths = document_lengths(position_ids)
+            inv = torch.where((lengths > self.dynamic[-1])[..., None],
+                              dynamic_ntk_inv_freq(*self.dynamic, lengths), inv)
+        freqs = position_ids[..., None].float() * inv
         emb = freqs if self.interleaved else torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 

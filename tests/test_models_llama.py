@@ -46,6 +46,30 @@ def test_sequential_matches_transformers(rope, tie):
     assert abs(loss - ref_loss) < 1e-5
 
 
+def test_dynamic_rope_past_max_positions_matches_transformers():
+    """rope_scaling dynamic: past max_position_embeddings transformers recomputes the frequencies
+    from the sequence length. A long document alone and inside a packed row (next to a short one
+    that keeps the original frequencies) equal transformers on each document alone."""
+    hf = llama.tiny_hf_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=32)
+    ref, state = reference(hf, seed=6)
+    g = torch.Generator().manual_seed(7)
+    docs = [torch.randint(4, hf["vocab_size"], (n,), generator=g) for n in (20, 45)]
+    # Short before long: transformers up to at least 5.6 keeps a long call's frequencies for later short calls.
+    _, short_ref = hf_loss_and_logits(ref, docs[0][None])
+    _, long_ref = hf_loss_and_logits(ref, docs[1][None])
+    _, long_ours = sequential_forward("llama", hf, state, docs[1][None], shifted_labels(docs[1][None]))
+    torch.testing.assert_close(long_ours, long_ref, atol=1e-5, rtol=0)
+    plain = dict(hf, rope_scaling=None)  # what training did before: plain rope past the end
+    _, long_plain = sequential_forward("llama", plain, state, docs[1][None], shifted_labels(docs[1][None]))
+    assert (long_plain - long_ref).abs().max() > 1e-4  # 1e-3 here: random weights attend almost uniformly
+    packed = SequentialModel(llama, llama.Args.from_hf_config(hf), LayerOptions(attn=AttnOptions(packed=True))).eval()
+    packed.load_state_dict(state)
+    with torch.no_grad():
+        row = packed(torch.cat(docs)[None], torch.cat([torch.arange(len(d)) for d in docs])[None])[0]
+    torch.testing.assert_close(row[:20], short_ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(row[20:], long_ref[0], atol=1e-5, rtol=0)
+
+
 def test_pipeline_one_and_two_stages_match_transformers():
     hf = llama.tiny_hf_config(rope_scaling=ROPES["llama3"])
     ref, state = reference(hf, seed=3)
