@@ -6,6 +6,8 @@ every forward). transformers ships no Baichuan: export writes our remote code (h
 """
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +26,29 @@ REMOTE_CODE_DIR = str(Path(__file__).resolve().parent / "hf_remote" / "baichuan"
 V1_VOCAB_SIZE = 64000  # Baichuan v1 (plain lm_head); Baichuan2 has 125696 and a NormHead
 
 
+V1_7B_ARCHITECTURE = "BaiChuanForCausalLM"  # Baichuan-7B v1's class name (capital C): always rotary
+
+
 def position_embedding_of(hf: dict) -> str:
-    """"rope" or "alibi". Public configs do not say: Baichuan ships one modeling file per size
-    (7B rotary, 13B ALiBi) and serving stacks key on hidden_size == 4096. Our exports write the
-    choice as `position_embedding`, which wins when present."""
-    kind = hf.get("position_embedding") or ("rope" if hf["hidden_size"] == 4096 else "alibi")
-    if kind not in ("rope", "alibi"):
+    """"rope" or "alibi". Our exports write it as `position_embedding` (vLLM-style configs as
+    "ROPE"/"ALIBI"); Baichuan-7B v1 names its class BaiChuanForCausalLM. Public Baichuan2 and
+    Baichuan-13B configs do not say (one modeling file per size: 7B rotary, 13B ALiBi), so the
+    kind is guessed from hidden_size == 4096 as serving stacks do, with a one-line warning."""
+    kind = hf.get("position_embedding")
+    if kind is None and V1_7B_ARCHITECTURE in (hf.get("architectures") or []):
+        kind = "rope"
+    if kind is None:
+        kind = "rope" if hf["hidden_size"] == 4096 else "alibi"
+        _warn_once(f"warning: config.json: no position_embedding; guessed {kind!r} from hidden_size="
+                   f"{hf['hidden_size']} (4096: Baichuan2-7B rotary, else 13B ALiBi); set it to override")
+    if str(kind).lower() not in ("rope", "alibi"):
         raise ValueError(f"config.json: position_embedding {kind!r} is not 'rope' or 'alibi'")
-    return kind
+    return str(kind).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass

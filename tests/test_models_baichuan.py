@@ -84,6 +84,25 @@ def test_public_configs_choose_rope_or_alibi_and_norm_head():
         baichuan.Args.from_hf_config({**PUBLIC_7B, "z_loss_weight": 1e-3})
 
 
+def test_position_embedding_read_from_config_else_guessed_with_a_warning(capsys):
+    baichuan._warn_once.cache_clear()
+    read = [({**PUBLIC_7B, "position_embedding": "alibi"}, "alibi"),  # ours, even against the size rule
+            ({**PUBLIC_13B, "position_embedding": "ROPE"}, "rope"),  # vLLM-style spelling
+            ({**PUBLIC_13B, "hidden_size": 4096, "architectures": ["BaiChuanForCausalLM"], "vocab_size": 64000},
+             "rope")]  # Baichuan-7B v1
+    from models.hf_remote.baichuan.configuration_baichuan import BaichuanConfig  # remote code: same rule
+    for hf, want in read:
+        assert baichuan.Args.from_hf_config(hf).position_embedding == want
+        assert BaichuanConfig(**hf).position_embedding == want
+    assert capsys.readouterr().err == ""
+    for hf, want in ((PUBLIC_13B, "alibi"), (PUBLIC_13B, "alibi"), (PUBLIC_7B, "rope")):  # public: guessed
+        assert baichuan.Args.from_hf_config(hf).position_embedding == want
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "guessed 'alibi' from hidden_size=5120" in err[0] and "hidden_size=4096" in err[1], err
+    with pytest.raises(ValueError, match="position_embedding 'nope'"):
+        baichuan.Args.from_hf_config({**PUBLIC_7B, "position_embedding": "nope"})
+
+
 def test_public_key_names():
     keys = baichuan.hf_keys(baichuan.Args.from_hf_config(PUBLIC_7B))
     assert len(keys) == 34

@@ -1,7 +1,8 @@
 """Baichuan / Baichuan2 configuration (remote code written next to converted checkpoints).
 
 Reads the public config.json fields. The public checkpoints do not record rotary vs ALiBi or
-whether lm_head is a NormHead: 7B-sized models (hidden_size 4096) use rotary, 13B ALiBi;
+whether lm_head is a NormHead: 7B-sized models (hidden_size 4096, or Baichuan-7B v1's class name
+BaiChuanForCausalLM) use rotary, 13B ALiBi;
 Baichuan2 (vocab 125696) normalises lm_head rows, v1 (vocab 64000) does not. Exports write both
 choices explicitly as `position_embedding` and `norm_head`.
 """
@@ -29,7 +30,9 @@ class BaichuanConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.z_loss_weight = z_loss_weight
-        self.position_embedding = position_embedding or ("rope" if hidden_size == 4096 else "alibi")
+        if position_embedding is None and "BaiChuanForCausalLM" in (kwargs.get("architectures") or []):
+            position_embedding = "rope"  # Baichuan-7B v1's class name
+        self.position_embedding = (position_embedding or ("rope" if hidden_size == 4096 else "alibi")).lower()
         self.norm_head = norm_head if norm_head is not None else vocab_size != 64000
         self.rope_theta = rope_theta
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
