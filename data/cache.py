@@ -134,20 +134,20 @@ class _Chunk:
     samples: int = 0
     truncated: int = 0
     dropped: int = 0
-    errors: list = field(default_factory=list)  # [file, index, field, problem] of skipped samples
+    errors: list = field(default_factory=list)  # [file, index, field, problem, line] of skipped samples
 
 
 def _encode_chunk(job: _Job, records: list[tuple[int, object]]) -> _Chunk:
     samples, errors = [], []
-    for index, record in records:
+    for index, record, line in records:
         try:
             if isinstance(record, SampleError):
                 raise record
-            samples.append(parse_sample(record, job.path, index))
+            samples.append(parse_sample(record, job.path, index, line=line))
         except SampleError as e:
             if not job.skip_bad_samples:
                 raise
-            errors.append([e.file, e.index, e.field, e.problem])
+            errors.append([e.file, e.index, e.field, e.problem, e.line])
     encoded = encode_batch(samples, job.tokenizer, job.max_seq_len, job.template) if samples else []
     kept = [e for e in encoded if e.n_loss > 0]  # truncation left no answer token: nothing to learn from it
     cat = lambda arrays, dtype: np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)  # noqa: E731
@@ -172,7 +172,7 @@ def _encode_in_worker(records):
 
 def _chunks(path: str):
     chunk = []
-    for item in read_records(path):
+    for item in read_records(path, lines=True):
         chunk.append(item)
         if len(chunk) == CHUNK_SIZE:
             yield chunk

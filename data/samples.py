@@ -6,10 +6,11 @@
     conver_has_api  {"api_desc", "rounds"} where a round may be
                     ["ans-api", {"actions": [{inner_thought, api_name, api_param, api_res}], "ans"}]
     ref_qa          {"reference", "rounds"}
+Every type but pretrain may carry "system" (a system prompt; the chat template's system role).
 
 What is accepted (and why):
 - Extra keys are ignored (datasets often carry ids or sources).
-- instruct: a missing, null or empty "input" means no input.
+- instruct: a missing, null or empty "input" means no input; likewise "system" for every type.
 - rounds: start with "ask"; consecutive "ask" turns are merged into one user turn (joined by a
   newline), as gdGPT's own example has them; an answer ("ans", or "ans-api" in conver_has_api)
   must follow an ask (two answers in a row are an error: nothing tells who said the second);
@@ -30,14 +31,17 @@ SAMPLE_TYPES = ("pretrain", "instruct", "conversation", "conver_has_api", "ref_q
 
 
 class SampleError(ValueError):
-    """A malformed sample: `file:index: field: problem` on one line."""
+    """A malformed sample or data file, on one line: `file: line L: sample I: field 'F': problem`
+    (line: as an editor shows it, when known; index and field: None for a file-level problem)."""
 
-    def __init__(self, file: str, index: int, field: str, problem: str):
-        self.file, self.index, self.field, self.problem = file, index, field, problem
-        super().__init__(f"{file}: sample {index}: field '{field}': {problem}")
+    def __init__(self, file: str, index: int | None, field: str | None, problem: str, line: int | None = None):
+        self.file, self.index, self.field, self.problem, self.line = file, index, field, problem, line
+        where = [f"line {line}"] * (line is not None) + [f"sample {index}"] * (index is not None) + \
+            [f"field '{field}'"] * (field is not None)
+        super().__init__(": ".join([file, *where, problem]))
 
     def __reduce__(self):  # survives the trip back from a tokenizing worker process
-        return SampleError, (self.file, self.index, self.field, self.problem)
+        return SampleError, (self.file, self.index, self.field, self.problem, self.line)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Instruct:
     instruct: str
     output: str  # "" only in a generation prompt (render_prompt)
     input: str = ""
+    system: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,18 +87,21 @@ Turn = Union[Ask, Answer, ApiAnswer]
 @dataclass(frozen=True)
 class Conversation:
     rounds: tuple[Turn, ...]
+    system: str = ""
 
 
 @dataclass(frozen=True)
 class ConverHasApi:
     api_desc: str
     rounds: tuple[Turn, ...]
+    system: str = ""
 
 
 @dataclass(frozen=True)
 class RefQA:
     reference: str
     rounds: tuple[Turn, ...]
+    system: str = ""
 
 
 Sample = Union[Pretrain, Instruct, Conversation, ConverHasApi, RefQA]
@@ -104,11 +112,11 @@ TYPE_OF = {Pretrain: "pretrain", Instruct: "instruct", Conversation: "conversati
 class _Checker:
     """Field access that turns every problem into a SampleError at (file, index, field path)."""
 
-    def __init__(self, file: str, index: int):
-        self.file, self.index = file, index
+    def __init__(self, file: str, index: int, line: int | None = None):
+        self.file, self.index, self.line = file, index, line
 
     def fail(self, field: str, problem: str):
-        raise SampleError(self.file, self.index, field, problem)
+        raise SampleError(self.file, self.index, field, problem, self.line)
 
     def get(self, obj: dict, key: str, field: str, kind, required: bool = True):
         if key not in obj or obj[key] is None:
@@ -138,30 +146,33 @@ def _kind_name(kind) -> str:
     return {str: "string", list: "list", dict: "object"}.get(kind, getattr(kind, "__name__", str(kind)))
 
 
-def parse_sample(obj: Any, file: str = "<sample>", index: int = 0, *, for_prompt: bool = False) -> Sample:
+def parse_sample(obj: Any, file: str = "<sample>", index: int = 0, *, for_prompt: bool = False,
+                 line: int | None = None) -> Sample:
     """Validate one JSON sample into a typed record.
 
     for_prompt: a generation prompt (demo.py): instruct may lack "output" and rounds must end
-    with an "ask" instead of an answer.
+    with an "ask" instead of an answer. line: where the sample starts in its file (for messages).
     """
-    c = _Checker(file, index)
+    c = _Checker(file, index, line)
     if not isinstance(obj, dict):
         c.fail("type", f"sample must be an object, got {type(obj).__name__}")
     kind = c.get(obj, "type", "type", str)
     if kind == "pretrain":
         return Pretrain(c.text(obj, "text", "text", non_empty=True))
+    system = c.text(obj, "system", "system", required=False)
     if kind == "instruct":
         return Instruct(instruct=c.text(obj, "instruct", "instruct", non_empty=True),
                         input=c.text(obj, "input", "input", required=False),
-                        output=c.text(obj, "output", "output", required=not for_prompt, non_empty=not for_prompt))
+                        output=c.text(obj, "output", "output", required=not for_prompt, non_empty=not for_prompt),
+                        system=system)
     if kind == "conversation":
-        return Conversation(_rounds(c, obj, allow_api=False, for_prompt=for_prompt))
+        return Conversation(_rounds(c, obj, allow_api=False, for_prompt=for_prompt), system)
     if kind == "conver_has_api":
         return ConverHasApi(c.text(obj, "api_desc", "api_desc", non_empty=True),
-                            _rounds(c, obj, allow_api=True, for_prompt=for_prompt))
+                            _rounds(c, obj, allow_api=True, for_prompt=for_prompt), system)
     if kind == "ref_qa":
         return RefQA(c.text(obj, "reference", "reference", non_empty=True),
-                     _rounds(c, obj, allow_api=False, for_prompt=for_prompt))
+                     _rounds(c, obj, allow_api=False, for_prompt=for_prompt), system)
     c.fail("type", f"unknown sample type {kind!r} (expected one of {', '.join(SAMPLE_TYPES)})")
 
 
