@@ -18,7 +18,7 @@ import numpy as np
 
 from .cache import FileCache, load_or_build, tokenizer_fingerprint
 from .packing import layout_row, pack_rows
-from .templates import TEMPLATES
+from .templates import resolve_template
 from .tokenize import SpecialIds
 
 
@@ -95,8 +95,7 @@ def build_dataset(paths: list[str], tokenizer, max_seq_len: int, *, weights: lis
         paths = [paths]
     if not paths:
         raise ValueError("no data files given")
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r} (expected one of {', '.join(TEMPLATES)})")
+    template = resolve_template(template, tokenizer)  # 'auto' -> the concrete choice, which keys the cache
     weights = [1.0] * len(paths) if weights is None else list(weights)
     if len(weights) != len(paths):
         raise ValueError(f"{len(weights)} weights for {len(paths)} data files")

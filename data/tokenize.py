@@ -2,13 +2,16 @@
 
 Layout of one encoded sample (a "document"):
     [BOS] rendered text tokens [EOS]
-- BOS is prepended when the tokenizer has one (context: nothing predicts it); if the rendered
-  text already starts with it (a chat template that writes it), it is not added twice.
+- Plain layouts (template "default"; pretrain samples always): BOS is prepended when the
+  tokenizer adds one itself (its own `tokenizer(text)` starts with BOS: llama's sentencepiece
+  does, GPT-2-style BPE does not), never anywhere else. The sample text is literal: a "</s>" typed
+  in the data stays text and never becomes a special token. EOS follows the final answer and is
+  a target (the model learns to stop).
+- Chat template: its text is tokenized as is (its special tokens parsed as such) and trusted
+  for both ends: it writes BOS itself when it wants one, and each assistant turn ends with the
+  template's end-of-turn token, which is the target that teaches stopping; no BOS or EOS is
+  added (EOS only for a template without an end-of-turn token).
 - Text tokens are target when they start inside a target segment (answers; all of pretrain).
-- EOS follows the final answer and is a target (the model learns to stop). A chat template
-  that writes EOS itself (as its end-of-turn) is trusted instead: no second EOS is added.
-- With template="default" the sample text is literal: a "</s>" typed in the data stays text
-  and never becomes a special token; a chat template's special tokens are parsed as such.
 - Longer than max_seq_len: the tail is cut (the EOS and maybe part of the answer are lost) and
   the sample is counted as truncated; if no target token survives, it is dropped and counted.
 Labels are derived from this later (data.dataset): labels[t] = ids[t+1] if target[t+1] else -100.
@@ -20,12 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .samples import Sample
-from .templates import Segment, render
+from .templates import Segment, chat_style, render, render_prompt, resolve_template, uses_chat_template
 
 
 @dataclass(frozen=True)
 class SpecialIds:
-    bos: int | None
+    bos: int | None  # None: no BOS is ever added (the tokenizer has none or does not add it itself)
     eos: int
     pad: int
 
@@ -35,7 +38,10 @@ class SpecialIds:
         if eos is None:
             raise ValueError("the tokenizer has no eos_token: answers could not be terminated")
         pad = tokenizer.pad_token_id
-        return cls(bos=tokenizer.bos_token_id, eos=eos, pad=eos if pad is None else pad)
+        bos = tokenizer.bos_token_id
+        if bos is not None and tokenizer("a")["input_ids"][:1] != [bos]:
+            bos = None  # e.g. SmolLM2's bos <|im_start|>: the tokenizer never adds it, neither do we
+        return cls(bos=bos, eos=eos, pad=eos if pad is None else pad)
 
 
 @dataclass
@@ -52,29 +58,52 @@ class Encoded:
 
 def encode_batch(samples: list[Sample], tokenizer, max_seq_len: int, template: str = "default",
                  special: SpecialIds | None = None) -> list[Encoded]:
-    """Encode many samples with one tokenizer call (the fast tokenizer batches in Rust)."""
+    """Encode many samples with one tokenizer call per kind of text (the fast tokenizer batches
+    in Rust): chat-template texts keep their special tokens, plain texts are literal."""
     special = special or SpecialIds.of(tokenizer)
+    template = resolve_template(template, tokenizer)
+    chat = [uses_chat_template(s, template) for s in samples]
+    stops = any(chat) and bool(chat_style(tokenizer).eot_token)  # the template's end-of-turn ends its turns
     rendered = [render(s, template, tokenizer) for s in samples]
-    texts = ["".join(seg.text for seg in segs) for segs in rendered]
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                        split_special_tokens=template == "default")
-        pieces = [(np.asarray(ids, dtype=np.int64), _target_by_offsets(segs, offsets))
-                  for segs, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])]
-    else:
-        pieces = [_encode_by_segment(segs, tokenizer, template) for segs in rendered]
-    return [_finish(ids, target, special, max_seq_len) for ids, target in pieces]
+    pieces: list = [None] * len(samples)
+    for kind in (False, True):
+        idx = [i for i, c in enumerate(chat) if c == kind]
+        if not idx:
+            continue
+        if getattr(tokenizer, "is_fast", False):
+            enc = tokenizer(["".join(seg.text for seg in rendered[i]) for i in idx], add_special_tokens=False,
+                            return_offsets_mapping=True, split_special_tokens=not kind)
+            for i, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"]):
+                pieces[i] = (np.asarray(ids, dtype=np.int64), _target_by_offsets(rendered[i], offsets))
+        else:
+            for i in idx:
+                pieces[i] = _encode_by_segment(rendered[i], tokenizer, literal=not kind)
+    return [_finish(ids, target, special, max_seq_len, chat=c, chat_stops=stops)
+            for (ids, target), c in zip(pieces, chat)]
 
 
 def encode(sample: Sample, tokenizer, max_seq_len: int, template: str = "default") -> Encoded:
     return encode_batch([sample], tokenizer, max_seq_len, template)[0]
 
 
-def encode_prompt(text: str, tokenizer, template: str = "default") -> list[int]:
-    """Token ids of a generation prompt (data.templates.render_prompt) with the training rules."""
-    special = SpecialIds.of(tokenizer)
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=template == "default")["input_ids"]
-    return ids if special.bos is None or (ids and ids[0] == special.bos) else [special.bos] + ids
+def encode_prompt(text: str, tokenizer, template: str = "default", chat: bool | None = None) -> list[int]:
+    """Token ids of a generation prompt's text with the training rules (`chat`: the text came
+    from the chat template; default: whenever `template` resolves to it)."""
+    if chat is None:
+        chat = resolve_template(template, tokenizer) == "chat_template"
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=not chat)["input_ids"]
+    bos = SpecialIds.of(tokenizer).bos
+    return ids if chat or bos is None or (ids and ids[0] == bos) else [bos] + ids
+
+
+def prompt_token_ids(sample, tokenizer, template: str = "default", pending: list[tuple[str, str]] = ()) -> list[int]:
+    """Token ids of a sample in prompt form (data.templates.render_prompt), as training encodes it."""
+    from .samples import parse_sample
+
+    if isinstance(sample, dict):
+        sample = parse_sample(sample, "<prompt>", 0, for_prompt=True)
+    chat = uses_chat_template(sample, resolve_template(template, tokenizer))
+    return encode_prompt(render_prompt(sample, template, tokenizer, pending), tokenizer, template, chat=chat)
 
 
 def _target_by_offsets(segs: list[Segment], offsets) -> np.ndarray:
@@ -85,20 +114,21 @@ def _target_by_offsets(segs: list[Segment], offsets) -> np.ndarray:
     return is_target[np.searchsorted(bounds, starts, side="right") - 1]
 
 
-def _encode_by_segment(segs: list[Segment], tokenizer, template: str) -> tuple[np.ndarray, np.ndarray]:
+def _encode_by_segment(segs: list[Segment], tokenizer, literal: bool) -> tuple[np.ndarray, np.ndarray]:
     """Slow tokenizers have no offsets: tokenize segment by segment."""
     ids, target = [], []
     for seg in segs:
-        part = tokenizer(seg.text, add_special_tokens=False, split_special_tokens=template == "default")["input_ids"]
+        part = tokenizer(seg.text, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
         ids += part
         target += [seg.target] * len(part)
     return np.asarray(ids, dtype=np.int64), np.asarray(target, dtype=bool)
 
 
-def _finish(ids: np.ndarray, target: np.ndarray, special: SpecialIds, max_seq_len: int) -> Encoded:
-    if special.bos is not None and not (len(ids) and ids[0] == special.bos):
+def _finish(ids: np.ndarray, target: np.ndarray, special: SpecialIds, max_seq_len: int, chat: bool = False,
+            chat_stops: bool = False) -> Encoded:
+    if not chat and special.bos is not None:
         ids, target = np.concatenate([[special.bos], ids]), np.concatenate([[False], target])
-    if not (ids == special.eos).any():
+    if not (chat and chat_stops) and not (ids == special.eos).any():
         ids, target = np.concatenate([ids, [special.eos]]), np.concatenate([target, [True]])
     truncated = len(ids) > max_seq_len
     return Encoded(ids[:max_seq_len], target[:max_seq_len], truncated)

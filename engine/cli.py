@@ -76,6 +76,7 @@ def _data_errors() -> tuple:
 
     try:
         from data.samples import SampleError
-        return (SampleError, UnsupportedModel)
+        from data.templates import TemplateError
+        return (SampleError, TemplateError, UnsupportedModel)
     except ImportError:
         return (UnsupportedModel,)

@@ -74,7 +74,9 @@ class TrainConfig:
     packing: bool = doc("pack several samples per row (no attention across them)", default=False)
     skip_bad_samples: bool = doc("skip and count malformed samples instead of stopping", default=False)
     data_weights: list[float] | None = doc("sampling weight per data file (default: 1 each)", default=None)
-    prompt_template: str = doc("'default' or 'chat_template' (the tokenizer's own)", default="default")
+    prompt_template: str = doc("auto: the tokenizer's chat template when it has one, else default; default: the "
+                               "### User/### Assistant layouts (data/templates.py); chat_template: the "
+                               "tokenizer's own (an error without one)", default="auto")
     cache_dir: str | None = doc("tokenized-data cache (default: <save_path>/data_cache)", default=None)
     eval_data_path: list[str] | None = doc("held-out sample files for eval loss/perplexity (none: no eval)",
                                            default=None)

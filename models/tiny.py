@@ -57,7 +57,7 @@ def make_tiny_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int =
             character_coverage=1.0, user_defined_symbols=["\n"], normalization_rule_name="identity",
             remove_extra_whitespaces=False, num_threads=1, hard_vocab_limit=False, minloglevel=2, **SPECIAL_IDS)
         shutil.copy(f"{tmp}/tokenizer.model", out_dir / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(str(out_dir), pad_token="<pad>")
+    tok = LlamaTokenizer.from_pretrained(str(out_dir), pad_token="<pad>", add_bos_token=True)  # as llama's own tokenizers
     tok.save_pretrained(out_dir)
     return tok
 

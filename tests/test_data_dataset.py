@@ -144,18 +144,20 @@ def test_chat_template_targets_the_assistant_turns(tiny_tokenizer):
                       ["ans-api", {"actions": [{"inner_thought": "Look.", "api_name": "search", "api_param": "{}",
                                                 "api_res": "wet"}], "ans": "Yes."}]]}
     sample = parse_sample(raw)
-    text = "".join(s.text for s in render(sample, "chat_template", tok))
+    text = "".join(s.text for s in render(sample, "auto", tok))
     assert text == ("<|user|>\nAPI:\nsearch: find.\n\nIs it raining?</s>\n<|assistant|>\n"
-                    "Thought: Look.\nAction: search\nAction Input: {}\nObservation: wet\nFinal Answer: Yes.</s>\n")
+                    "Thought: Look.\nAction: search\nAction Input: {}</s>\n<|tool|>\nwet</s>\n"
+                    "<|assistant|>\nFinal Answer: Yes.</s>\n"), "the api result is a tool message"
     enc = encode(sample, tok, 512, template="chat_template")
     ids = enc.ids.tolist()
-    assert ids[0] == 1 and ids.count(2) == 2, "the template's end-of-turn EOS is kept and not doubled"
+    assert ids[0] != 1 and ids.count(2) == 4, "the template's text as is: no BOS added, its </s> not doubled"
     assert tok.decode(enc.ids[enc.target]).replace(" ", "") == (
-        "Thought:Look.\nAction:search\nActionInput:{}\nObservation:FinalAnswer:Yes.</s>\n")
+        "Thought:Look.\nAction:search\nActionInput:{}</s>FinalAnswer:Yes.</s>")
     prompt = render_prompt({"type": "instruct", "instruct": "Hi"}, "chat_template", tok)
     assert prompt == "<|user|>\nHi</s>\n<|assistant|>\n"
     with pytest.raises(ValueError, match="chat_template"):
         render(sample, "chat_template", tiny_tokenizer)
+    assert render(sample, "auto", tiny_tokenizer) == render(sample, "default"), "auto without a chat template"
 
 
 def test_worker_pool_gives_the_same_cache_and_errors(tmp_path, tiny_tokenizer, monkeypatch):
