@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from models import family_for_hf_config
+from models.hf_config import args_from_hf_config
 from models.pipeline import SequentialModel, layer_groups
 
-from engine.checkpoints.files import hf_dir_of, read_hf_config
+from engine.checkpoints.files import LayoutError, locate, read_hf_config, read_json
 
 
 def expected_shapes(family, args) -> list[dict[str, torch.Size]]:
@@ -35,10 +36,10 @@ class Model:
 
     @classmethod
     def from_dir(cls, model_path: str | Path) -> "Model":
-        hf_dir = hf_dir_of(model_path)
+        hf_dir = locate(model_path).hf_dir
         hf = read_hf_config(hf_dir)
         family = family_for_hf_config(hf, str(hf_dir / "config.json"))
-        args = family.Args.from_hf_config(hf)
+        args = args_from_hf_config(family, hf, str(hf_dir / "config.json"))  # every field read is checked
         return cls(family, args, hf_dir, len(layer_groups(family, args)))
 
     @property
@@ -53,3 +54,37 @@ class Model:
                     seen.add(theirs)
                     total += math.prod(shapes[ours])
         return total
+
+
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError)
+
+
+def load_tokenizer(hf_dir: str | Path):
+    """The model dir's tokenizer (AutoTokenizer; remote code allowed: public baichuan/chatglm ship
+    theirs as code). Its files are user input: a damaged one is one LayoutError line naming it."""
+    from transformers import AutoTokenizer
+
+    hf_dir = Path(hf_dir)
+    for name in TOKENIZER_JSON:  # parse errors named by file and line, before transformers reads them
+        if (hf_dir / name).is_file():
+            read_json(hf_dir / name, "tokenizer file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+    except Exception as e:
+        # a damaged file surfaces as one of these from transformers, or as a plain Exception from the
+        # tokenizers library (Rust); any other exception is a bug and keeps its traceback
+        if not (isinstance(e, TOKENIZER_ERRORS) or type(e) is Exception):
+            raise
+        raise LayoutError(f"{hf_dir}: the tokenizer cannot be loaded ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        import jinja2
+
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        except jinja2.TemplateSyntaxError as e:
+            raise LayoutError(f"{hf_dir}: the tokenizer's chat_template is not a valid template (line {e.lineno}: "
+                              f"{e.message})") from None
+    return tokenizer

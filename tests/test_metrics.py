@@ -65,20 +65,15 @@ def reference_eval_loss(ckpt_dir: Path, raw: dict) -> float:
     from transformers import AutoTokenizer
 
     from data.dataset import build_dataset
-    from engine.checkpoints.files import hf_dir_of, layer_file, load_layer, read_hf_config, resolve_tag
-    from models import family_for_hf_config
+    from engine.checkpoints.weights import open_weights
     from models.blocks import AttnOptions, LayerOptions
     from models.pipeline import SequentialModel
 
-    hf_dir = hf_dir_of(ckpt_dir)
-    hf = read_hf_config(hf_dir)
-    family = family_for_hf_config(hf)
-    args = family.Args.from_hf_config(hf)
-    model = SequentialModel(family, args, LayerOptions(attn=AttnOptions(packed=raw["packing"])))
-    tag = resolve_tag(ckpt_dir)
-    state = {f"{i}.{k}": v for i in range(len(model.defs)) for k, v in load_layer(layer_file(tag, i)).items()}
-    model.load_state_dict(state)
-    dataset = build_dataset(raw["eval_data_path"], AutoTokenizer.from_pretrained(hf_dir), raw["max_seq_len"],
+    source = open_weights(ckpt_dir)
+    model = SequentialModel(source.model.family, source.model.args, LayerOptions(attn=AttnOptions(packed=raw["packing"])))
+    for idx, layer in model.owned_layers():
+        layer.load_state_dict(source.layer(idx))
+    dataset = build_dataset(raw["eval_data_path"], AutoTokenizer.from_pretrained(source.model.hf_dir), raw["max_seq_len"],
                             packing=raw["packing"], seed=raw["seed"])
     total, count = 0.0, 0
     with torch.no_grad():

@@ -77,7 +77,7 @@ def test_zero3_export_loads_in_transformers(tiny_pp, tmp_path):
 def _first_step_loss(model_dir, raw, dp: int) -> float:
     """Step 1's loss for the weights in model_dir, computed in this process (no DeepSpeed): the
     mean over dp ranks and micro-batches of the loader's scaled losses."""
-    from engine.checkpoints.tags import layer_states
+    from engine.checkpoints.weights import open_weights
     from engine.config import from_dict
     from engine.model import Model
     from engine.training.loop import build_data
@@ -86,9 +86,9 @@ def _first_step_loss(model_dir, raw, dp: int) -> float:
 
     cfg = from_dict(raw)
     model = Model.from_dir(model_dir)
-    seq, states = SequentialModel(model.family, model.args), layer_states(model_dir, model.family, model.args)
+    seq, source = SequentialModel(model.family, model.args), open_weights(model_dir, model)
     for idx, layer in seq.owned_layers():
-        layer.load_state_dict(states(idx)[1])
+        layer.load_state_dict(source.layer(idx))
     total = 0.0
     with torch.no_grad():
         for rank in range(dp):

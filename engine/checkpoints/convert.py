@@ -2,8 +2,9 @@
 
 hf_to_pp reads HF safetensors (or .bin) shards tensor by tensor and writes one file per
 pipeline layer; pp_to_hg reads layer files (memory-mapped) and writes safetensors shards with
-an index. Both verify every key and shape against the family's layers before writing, and write
-into a temporary directory renamed into place only when complete.
+an index. Both read through engine/checkpoints/weights.py (which verifies every key and shape
+against the family's layers before anything is written) and write into a temporary directory
+renamed into place only when complete.
 """
 from __future__ import annotations
 
@@ -12,112 +13,54 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models import family_for_hf_config
+from models.keymap import to_hf
 
-from engine.checkpoints.files import (INDEX_NAMES, LayoutError, StagingDir, check_layer, copy_hf_side_files, hf_dir_of,
-                                      layer_file, load_layer, read_hf_config, read_json, resolve_tag, write_text_atomic)
-from engine.model import expected_shapes
+from engine.checkpoints import integrity
+from engine.checkpoints.files import LayoutError, StagingDir, copy_hf_side_files, layer_file, read_hf_config, write_text_atomic
+from engine.checkpoints.weights import open_weights
 
 INIT_TAG = "global_step0"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-class HFWeights:
-    """Random access to the tensors of an HF model dir (safetensors or .bin, sharded or not)."""
-
-    def __init__(self, hf_dir: Path, base_prefix: str = ""):
-        self.dir, self.base_prefix = hf_dir, base_prefix
-        self.where: dict[str, Path] = {}
-        for index_name in INDEX_NAMES:
-            if (hf_dir / index_name).is_file():
-                index = read_json(hf_dir / index_name, "weight index")
-                self.where = {k: hf_dir / f for k, f in index["weight_map"].items()}
-                break
-        else:
-            files = sorted(hf_dir.glob("*.safetensors")) or sorted(hf_dir.glob("pytorch_model*.bin"))
-            for f in files:
-                for key in self._keys(f):
-                    self.where[key] = f
-        if not self.where:
-            raise LayoutError(f"{hf_dir}: no weights found (*.safetensors or pytorch_model*.bin)")
-        self._bin_cache: tuple[Path, dict] | None = None
-        self._alias: dict[str, str] = {}
-
-    @staticmethod
-    def _keys(f: Path):
-        if f.suffix == ".safetensors":
-            with safe_open(f, "pt") as fh:
-                return list(fh.keys())
-        return list(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        f = self._file(key)
-        key = self._alias.get(key, key)
-        if f.suffix == ".safetensors":
-            with safe_open(f, "pt") as fh:
-                return tuple(fh.get_slice(key).get_shape())
-        return tuple(self._bin(f)[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        f = self._file(key)
-        key = self._alias.get(key, key)
-        if f.suffix == ".safetensors":
-            with safe_open(f, "pt") as fh:
-                return fh.get_tensor(key)
-        return self._bin(f)[key].clone()
-
-    def _file(self, key: str) -> Path:
-        if key not in self.where and self.base_prefix and key.startswith(self.base_prefix):
-            bare = key[len(self.base_prefix):]  # some hub checkpoints store the base model unprefixed
-            if bare in self.where:
-                self.where[key] = self.where[bare]
-                self._alias[key] = bare
-        if key not in self.where:
-            raise LayoutError(f"{self.dir}: tensor '{key}' missing — not a checkpoint of this model family/size")
-        f = self.where[key]
-        if not f.is_file():
-            raise LayoutError(f"{f}: weight shard listed in the index is missing")
-        return f
-
-    def _bin(self, f: Path) -> dict:
-        if self._bin_cache is None or self._bin_cache[0] != f:  # one shard mapped at a time
-            try:
-                self._bin_cache = (f, torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as e:
-                raise LayoutError(f"{f}: cannot be read ({type(e).__name__})") from None
-        return self._bin_cache[1]
+def source_dtype(hf_cfg: dict) -> str | None:
+    """The dtype the source model was distributed in, as its config.json names it (transformers 5:
+    `dtype`, before: `torch_dtype`); kept in <pp dir>/hf/config.json by hf_to_pp and training."""
+    name = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
+    return name if name in DTYPES else None
 
 
 def hf_to_pp(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a pipeline checkpoint dir (tag global_step0 + hf/) from an HF model dir."""
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    hf = read_hf_config(hf_dir)
-    family = family_for_hf_config(hf, str(hf_dir / "config.json"))
-    args = family.Args.from_hf_config(hf)
-    keys, shapes = family.hf_keys(args), expected_shapes(family, args)
-    if not any((hf_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise LayoutError(f"{hf_dir}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}); "
+    source = open_weights(hf_dir)
+    if not source.where.is_hf:
+        raise LayoutError(f"{hf_dir}: already a pipeline checkpoint dir (it has 'latest'); use it as model_path")
+    if not any((source.where.hf_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise LayoutError(f"{source.where.hf_dir}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}); "
                           "save the tokenizer with save_pretrained into this dir")
-    weights = HFWeights(hf_dir, getattr(family, "HF_BASE_PREFIX", ""))
-    for idx, (names, want) in enumerate(zip(keys, shapes)):  # verify everything before writing
-        if set(names) != set(want):
-            raise LayoutError(f"family {family.__name__}: key map of layer {idx} does not match its parameters")
-        for ours, theirs in names.items():
-            if weights.shape(theirs) != tuple(want[ours]):
-                raise LayoutError(f"{hf_dir}: '{theirs}' has shape {list(weights.shape(theirs))}, config.json "
-                                  f"implies {list(want[ours])}")
+    source.verify()  # every key and shape before writing
     with StagingDir(out_dir) as tmp:
         (tmp / INIT_TAG).mkdir()
-        for idx, names in enumerate(keys):
-            torch.save({ours: weights.get(theirs).contiguous() for ours, theirs in names.items()},
-                       layer_file(tmp / INIT_TAG, idx))
-        copy_hf_side_files(hf_dir, tmp / "hf")
+        for idx in range(len(source)):  # HF's separate q/k/v, gate/up joined into our fused tensors
+            torch.save({ours: t.contiguous() for ours, t in source.layer(idx).items()}, layer_file(tmp / INIT_TAG, idx))
+        copy_hf_side_files(source.where.hf_dir, tmp / "hf")
+        _record_dtype(tmp / "hf" / "config.json", source)
         write_text_atomic(tmp / "latest", INIT_TAG)
-    return out_dir
+    return Path(out_dir)
+
+
+def _record_dtype(config_path: Path, source) -> None:
+    """A config.json without a dtype gets the source tensors' one, so pp_to_hg exports in it later."""
+    cfg = json.loads(config_path.read_text())
+    if source_dtype(cfg) is None:
+        dtypes = {t.dtype for t in source.layer(0).values()}
+        if len(dtypes) == 1 and next(iter(dtypes)) in DTYPE_NAMES:
+            cfg["torch_dtype"] = DTYPE_NAMES[next(iter(dtypes))]
+            config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 class ShardWriter:
@@ -155,39 +98,38 @@ class ShardWriter:
 
 
 def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
-             max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write an HF model dir (safetensors shards + index + config + tokenizer) from a pipeline checkpoint."""
-    pp_dir, out_dir = Path(pp_dir), Path(out_dir)
-    tag_dir, hf_src = resolve_tag(pp_dir, tag), hf_dir_of(pp_dir)
-    hf = read_hf_config(hf_src)
-    family = family_for_hf_config(hf, str(hf_src / "config.json"))
-    args = family.Args.from_hf_config(hf)
-    keys, shapes = family.hf_keys(args), expected_shapes(family, args)
-    dtypes, seen, twins = set(), set(), set()
-    for idx, (want, names) in enumerate(zip(shapes, keys)):  # verify every layer file before writing anything
-        if set(names.values()) <= seen and not layer_file(tag_dir, idx).exists():
-            twins.add(idx)  # a tied twin: DeepSpeed writes no file for it, its owner holds the weight
-            continue
-        state = load_layer(layer_file(tag_dir, idx))
-        check_layer(layer_file(tag_dir, idx), state, want)
-        dtypes |= {t.dtype for t in state.values()}
-        seen |= set(names.values())
-    extra = layer_file(tag_dir, len(shapes))
-    if extra.exists():
-        raise LayoutError(f"{extra}: checkpoint has more layers than config.json describes — another model")
+             max_shard_bytes: int = 5 * 2**30, dtype: str = "auto") -> Path:
+    """Write an HF model dir (safetensors shards + index + config + tokenizer) from a pipeline checkpoint.
+
+    `dtype`: the tensors' dtype in the export; "auto" is the source model's (its config.json's, see
+    source_dtype), else the layer files' own. Training checkpoints hold fp32 masters, so a bf16
+    model trained in any precision is exported in bf16 again."""
+    source = open_weights(pp_dir, tag=tag)
+    if source.where.is_hf:
+        raise LayoutError(f"{pp_dir}: not a pipeline checkpoint dir (no 'latest' file)")
+    family, hf_src = source.model.family, source.where.hf_dir
+    integrity.verify_weights(source.layer_dir)  # sizes + hashes of the layer files (meta.json), before reading
+    source.verify()  # every layer file's keys and shapes before writing anything
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LayoutError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    out_dtype = DTYPES.get(dtype if dtype != "auto" else source_dtype(read_hf_config(hf_src)))
+    dtypes = set()
     with StagingDir(out_dir) as tmp:
         writer, written = ShardWriter(tmp, max_shard_bytes), set()
-        for idx, names in enumerate(keys):
-            if idx in twins:
+        for idx, names in enumerate(source.keys):
+            if idx in source.twins:  # its owner holds the weight (DeepSpeed writes no file for it)
                 continue
-            state = load_layer(layer_file(tag_dir, idx))
-            for ours, theirs in names.items():
-                if theirs not in written:  # a tied twin repeats its key
-                    writer.add(theirs, state[ours])
+            state = source.layer(idx)
+            if out_dtype is not None:
+                state = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in state.items()}
+            dtypes |= {t.dtype for t in state.values()}
+            for theirs, tensor in to_hf(names, state).items():  # our fused tensors split into HF's
+                if theirs not in written:
+                    writer.add(theirs, tensor)
                     written.add(theirs)
         writer.finish()
         copy_hf_side_files(hf_src, tmp)
-        out_cfg = dict(hf)
+        out_cfg = read_hf_config(hf_src)
         out_cfg["architectures"] = [family.HF_ARCHITECTURE]
         if len(dtypes) == 1:
             out_cfg["torch_dtype"] = out_cfg["dtype"] = DTYPE_NAMES.get(dtypes.pop(), "float32")
@@ -197,4 +139,4 @@ def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
             for f in sorted(Path(family.REMOTE_CODE_DIR).glob("*.py")):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
-    return out_dir
+    return Path(out_dir)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,12 +30,22 @@ def layer_file(tag_dir: str | Path, idx: int) -> Path:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file (UTF-8, BOM accepted); anything else is one LayoutError line."""
     if not path.is_file():
         raise LayoutError(f"{path}: {what} not found")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise LayoutError(f"{path}: line {line}: byte 0x{e.object[e.start]:02x} is not UTF-8 — damaged or "
+                          "not a JSON file") from None
     except json.JSONDecodeError as e:
-        raise LayoutError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise LayoutError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise LayoutError(f"{path}: nested too deeply to be a {what}") from None
+    if not isinstance(data, dict):
+        raise LayoutError(f"{path}: {what} must be a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
@@ -47,23 +59,133 @@ def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> Path:
         latest = ckpt_dir / "latest"
         if not latest.is_file():
             raise LayoutError(f"{ckpt_dir}: not a pipeline checkpoint dir (no 'latest' file)")
-        tag = latest.read_text().strip()
+        tag, named_by = _read_latest(latest), "'latest'"
+    else:
+        named_by = "--tag"
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or not tag.isprintable():
+        raise LayoutError(f"{ckpt_dir / 'latest' if named_by != '--tag' else ckpt_dir}: {named_by} names {tag!r}, "
+                          "not a checkpoint tag (a directory name such as global_step100)")
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
-        raise LayoutError(f"{tag_dir}: checkpoint tag named by 'latest' does not exist")
+        raise LayoutError(f"{tag_dir}: checkpoint tag named by {named_by} does not exist")
     return tag_dir
+
+
+def _read_latest(latest: Path) -> str:
+    """The tag in a `latest` file: one short line of text (DeepSpeed writes it without a newline)."""
+    data = latest.read_bytes()[:4097]
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise LayoutError(f"{latest}: not a text file naming a checkpoint tag (damaged?); write the tag to "
+                          "resume from into it, e.g. global_step100") from None
+    if len(data) > 4096 or "\n" in text:
+        raise LayoutError(f"{latest}: should hold one checkpoint tag, holds {len(text.splitlines())} lines")
+    return text
+
+
+def is_pipeline_dir(model_dir: str | Path) -> bool:
+    """A dir of layer files under tags (ours, DeepSpeed's, gdGPT's training output): it has `latest`."""
+    return (Path(model_dir) / "latest").is_file()
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A model dir as found on disk: where config + tokenizer are, and where the weights are."""
+
+    path: Path
+    hf_dir: Path  # config.json, tokenizer, generation config
+    layers: Callable[[str | None], Path] | None = None  # tag -> dir of layer_XX files; None: HF weights in hf_dir
+
+    @property
+    def is_hf(self) -> bool:
+        return self.layers is None
+
+
+def _pipeline_layout(path: Path) -> ModelDir | None:
+    if not is_pipeline_dir(path):
+        return None
+    hf = path / "hf" if (path / "hf" / "config.json").is_file() else path
+    return ModelDir(path, hf, lambda tag: resolve_tag(path, tag))
+
+
+def _hf_layout(path: Path) -> ModelDir | None:
+    if (path / "hf" / "config.json").is_file():  # config + tokenizer only (a save_path before its first tag)
+        return ModelDir(path, path / "hf")
+    return ModelDir(path, path) if (path / "config.json").is_file() else None
+
+
+# Detectors tried in order; the first that recognises a dir wins. Another tool's checkpoint tree
+# is supported by adding its detector here (everything that reads weights goes through `locate`).
+LAYOUTS: list[Callable[[Path], ModelDir | None]] = [_pipeline_layout, _hf_layout]
+
+
+def locate(model_dir: str | Path) -> ModelDir:
+    """What `model_dir` is: a pipeline checkpoint dir, an HF model dir, or another known layout."""
+    path = Path(model_dir)
+    for detect in LAYOUTS:
+        found = detect(path)
+        if found is not None:
+            return found
+    raise LayoutError(f"{path}: neither a pipeline checkpoint dir (no 'latest' file) nor an HF model dir "
+                      f"(no config.json)")
 
 
 def hf_dir_of(model_dir: str | Path) -> Path:
     """Where config + tokenizer live: <dir>/hf for a pipeline checkpoint, or an HF model dir itself."""
-    for hf in (Path(model_dir) / "hf", Path(model_dir)):
-        if (hf / "config.json").is_file():
-            return hf
-    raise LayoutError(f"{model_dir}: neither a pipeline checkpoint (hf/config.json) nor an HF model dir (config.json)")
+    return locate(model_dir).hf_dir
 
 
-def is_pipeline_dir(model_dir: str | Path) -> bool:
-    return (Path(model_dir) / "latest").is_file()
+# bytes per element of each safetensors dtype (the format's spec)
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the library's own limit
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's header against the file (an interrupted download leaves a short or
+    garbage file): 8-byte header length, a JSON header, every tensor's byte range inside the data,
+    and the data as long as the header says. Reads only the header."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = fh.read(n) if 0 < n <= min(SAFETENSORS_MAX_HEADER, size - 8) else b""
+    except OSError as e:
+        raise LayoutError(f"{path}: cannot be read ({e.strerror})") from None
+
+    def bad(what: str):
+        raise LayoutError(f"{path}: {what} — not a complete safetensors file (interrupted download?)")
+
+    if n < 0:
+        bad(f"{size} bytes, shorter than the 8-byte header length")
+    if not 0 < n <= SAFETENSORS_MAX_HEADER or n > size - 8:
+        bad(f"header length {n} does not fit the file's {size} bytes")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        bad("header is not JSON")
+    if not isinstance(header, dict):
+        bad("header is not a JSON object")
+    data, end_max = size - 8 - n, 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(t, dict) and t.get("dtype") in SAFETENSORS_DTYPES and isinstance(t.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in t["shape"]) and isinstance(t.get("data_offsets"), list)
+              and len(t["data_offsets"]) == 2 and all(isinstance(o, int) for o in t["data_offsets"]))
+        if not ok:
+            bad(f"header entry for '{name}' is malformed")
+        begin, end = t["data_offsets"]
+        count = 1
+        for d in t["shape"]:
+            count *= d
+        if not 0 <= begin <= end or end - begin != count * SAFETENSORS_DTYPES[t["dtype"]]:
+            bad(f"'{name}': byte range {begin}..{end} does not hold {t['dtype']} {t['shape']}")
+        end_max = max(end_max, end)
+    if end_max != data:
+        bad(f"header describes {end_max} bytes of tensor data, the file has {data}")
 
 
 def load_layer(path: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +255,9 @@ class StagingDir:
     def __enter__(self) -> Path:
         if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
             raise LayoutError(f"{self.final}: output already exists; choose a new path or remove it")
+        blocked = next((p for p in self.final.absolute().parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise LayoutError(f"{self.final}: {blocked} is a file, not a directory; choose another output path")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()

@@ -1,9 +1,12 @@
-"""Training checkpoints: crash-safe save, resume, initial weights.
+"""Training checkpoints: crash-safe save and resume (initial weights: engine/checkpoints/weights.py).
 
-Protocol (every tag): DeepSpeed writes into `<save>/.tmp-<tag>/`; once every rank is done,
-the resolved config and our meta are added, the tree is fsynced and renamed to `<save>/<tag>/`,
-and only then `latest` is replaced atomically. A crash at any point leaves `latest` naming a
-complete tag; leftover `.tmp-*` dirs are reported and removed at the next start.
+Protocol (every tag): every rank writes its share of the tag's files (engine/checkpoints/reshape.py:
+layer files holding the fp32 master, optim/ per layer, optim/common.pt) into `<save>/.tmp-<tag>/`,
+hashing each file as it is written; once every rank is done the publisher adds the resolved
+config and meta.json (size + hash of every file), fsyncs the tree, renames it to `<save>/<tag>/`,
+and only then replaces `latest` atomically. A crash at any point leaves `latest` naming a
+complete tag; leftover `.tmp-*` dirs are reported and removed at the next start. Resume checks
+every file's size and hash (shared out over the ranks) before anything is loaded.
 """
 from __future__ import annotations
 
@@ -11,18 +14,19 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from engine import distributed as D
 from engine import fault_hooks
-from engine.checkpoints import reshape
+from engine.checkpoints import integrity, reshape, writes
 from engine.config import TrainConfig, save_config
-from engine.checkpoints.files import (LayoutError, check_layer, copy_hf_side_files, fsync_tree, is_pipeline_dir,
-                                      layer_file, load_layer, resolve_tag, write_text_atomic)
+from engine.checkpoints.files import (LayoutError, copy_hf_side_files, fsync_tree, is_pipeline_dir, resolve_tag,
+                                      write_text_atomic)
 
-META = "meta.json"  # {"family", "n_layers", "step", "layout", "files"}: refuse another model's or a damaged
-#                     checkpoint; "layout" (pp, dp, parts, ZeRO stage, dtype) picks the reshape path
+META = "meta.json"  # {"format", "family", "n_layers", "step", "layout", "n_params", "files": {file: size},
+#                     "hash": algorithm, "hashes": {file: hash}}: refuse another model's or a damaged checkpoint
 
 
 def tag_name(step: int) -> str:
@@ -35,38 +39,7 @@ def tag_step(tag: str) -> int:
 
 
 def has_checkpoint(save_path: str | Path) -> bool:
-    return (Path(save_path) / "latest").is_file()
-
-
-def layer_states(model_path: str | Path, family, args):
-    """`idx -> (source path, {param: tensor})` for internal layer idx, from a pipeline checkpoint
-    dir (its layer files, memory-mapped) or an HF model dir (only that layer's tensors are read)."""
-    if is_pipeline_dir(model_path):
-        tag_dir = resolve_tag(model_path)
-
-        def layer_state(idx):
-            path = layer_file(tag_dir, idx)
-            return path, load_layer(path)
-        return layer_state
-    from engine.checkpoints.convert import HFWeights
-
-    weights, keys = HFWeights(Path(model_path), getattr(family, "HF_BASE_PREFIX", "")), family.hf_keys(args)
-
-    def hf_layer_state(idx):
-        return Path(model_path), {ours: weights.get(theirs) for ours, theirs in keys[idx].items()}
-    return hf_layer_state
-
-
-def load_initial_weights(module, model_path: str | Path, family, args) -> None:
-    """Load this stage's layers, checking keys and shapes first (see layer_states)."""
-    layer_state = layer_states(model_path, family, args)
-    for local_idx, layer in enumerate(module.forward_funcs):
-        if not hasattr(layer, "state_dict"):
-            continue
-        path, state = layer_state(local_idx + module._local_start)
-        check_layer(path, state, {k: v.shape for k, v in layer.state_dict().items()})
-        layer.load_state_dict(state)
-    module._synchronize_tied_weights()
+    return is_pipeline_dir(save_path)
 
 
 def layout_of(cfg: TrainConfig, n_layers: int, kind: str = "pipeline") -> dict:
@@ -111,23 +84,43 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def manifest(tag_dir: Path) -> dict[str, int]:
-    """{relative path: size} of every file in a tag (meta.json itself excluded)."""
-    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-            if p.is_file() and p.name != META}
+def _manifest(tag_dir: Path, written: dict[str, list]) -> tuple[dict[str, int], dict[str, str]]:
+    """{relative path: size} and {relative path: hash} of every file in a tag (meta.json excluded):
+    the hashes the writers computed while writing, files written otherwise (config.yml) hashed here."""
+    sizes, hashes = {}, {}
+    for p in sorted(tag_dir.rglob("*")):
+        if not p.is_file() or p.name == META:
+            continue
+        rel = str(p.relative_to(tag_dir))
+        sizes[rel] = p.stat().st_size
+        rec = written.get(rel)
+        hashes[rel] = rec[1] if rec is not None and rec[0] == sizes[rel] else integrity.hash_file(p)
+    return sizes, hashes
+
+
+def _gather(written: dict[str, list]) -> dict[str, list]:
+    import torch.distributed as tdist
+
+    if D.world_size() == 1 or not tdist.is_initialized():
+        return written
+    parts = [None] * D.world_size()
+    tdist.all_gather_object(parts, written)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, hf_dir: Path, kind: str = "pipeline",
-         write_weights=None) -> Path:
+         log=None) -> Path:
     """Save a complete, atomically published checkpoint tag for `step` (call on every rank).
 
-    `write_weights(tmp_tag_dir, publisher)`, when given, is called on every rank after DeepSpeed's
-    save to add the per-layer weight files DeepSpeed does not write itself (the ZeRO path).
-
-    DeepSpeed writes `.tmp-<tag>/`; the publisher (global rank 0 on a shared filesystem, local
-    rank 0 of each node on node-local disks) adds config.yml and meta.json (with a size manifest
-    of every file), fsyncs the tree, renames it to `<tag>` and only then replaces `latest`.
+    Every rank writes its share into `.tmp-<tag>/` (reshape.save); the publisher (global rank 0
+    on a shared filesystem, local rank 0 of each node on node-local disks) adds config.yml and
+    meta.json (size and hash of every file), fsyncs the tree, renames it to `<tag>` and only then
+    replaces `latest`. A failed write (disk full, I/O error) on any rank raises SaveFailed on
+    every rank (engine/checkpoints/writes.py) with `latest` and the previous tags untouched and the
+    partial `.tmp-<tag>` removed (or, after a crash, at the next start).
+    `log(text)` (rank 0) gets one line: size, bytes per parameter and seconds.
     """
+    t0 = time.perf_counter()
     root = Path(cfg.save_path)
     tag = tag_name(step)
     tmp_tag = f".tmp-{tag}"
@@ -138,31 +131,42 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
     if D.rank() == 0:
         tmp.mkdir(parents=True)
     D.barrier()
-    publisher = D.rank() == 0 if _shared_storage(root, tmp) else int(os.environ.get("LOCAL_RANK", "0")) == 0
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
-    if write_weights is not None:
-        write_weights(tmp, publisher)
-    if cfg.reshape_state and kind == "pipeline":  # optim/ is written from pipeline engines only
-        reshape.save(engine, tmp)
+    shared = _shared_storage(root, tmp)
+    publisher = D.rank() == 0 if shared else int(os.environ.get("LOCAL_RANK", "0")) == 0
+    note = writes.kept_note(root, tag)
+    with writes.deferred():  # a failed write (disk full) is raised by agree, on every rank, not mid-collective
+        written = reshape.save(engine, tmp)
+    writes.agree(lambda: publisher and writes.discard(root, tag), note)
+    written = _gather(written)
     layout = layout_of(cfg, n_layers, kind)
     D.barrier()
-    if publisher and tmp.is_dir():
-        fault_hooks.pause_in_save(root, step)  # test hook: a kill "while writing a checkpoint" made deterministic
-        save_config(cfg, tmp / "config.yml")
-        meta = {"family": family_name, "n_layers": n_layers, "step": step, "layout": layout, "files": manifest(tmp)}
-        (tmp / META).write_text(json.dumps(meta))
-        if not (root / "hf").is_dir():
-            copy_hf_side_files(hf_dir, root / "hf")
-        fsync_tree(tmp)
-        stale = root / tag  # a tag `latest` never pointed at (crash between rename and `latest`)
-        if stale.is_dir() and _latest(root) != tag:
-            shutil.rmtree(stale)
-        os.replace(tmp, root / tag)
-        fsync_dir(root)
-        write_text_atomic(root / "latest", tag)
-        fsync_dir(root)
-        rotate(root, cfg.keep_last)
-    D.barrier()
+    size = n_params = 0
+    with writes.recorded(tmp):
+        if publisher and tmp.is_dir():
+            fault_hooks.pause_in_save(root, step)  # test hook: a kill "while writing a checkpoint" made deterministic
+            save_config(cfg, tmp / "config.yml")
+            files, hashes = _manifest(tmp, written)
+            n_params = sum(rec[2] for rec in written.values())
+            meta = {"format": reshape.FORMAT, "family": family_name, "n_layers": n_layers, "step": step,
+                    "layout": layout, "n_params": n_params, "shared_storage": shared, "files": files,
+                    "hash": integrity.ALGO, "hashes": hashes}
+            (tmp / META).write_text(json.dumps(meta))
+            size = sum(files.values()) + (tmp / META).stat().st_size
+            if not (root / "hf").is_dir():
+                copy_hf_side_files(hf_dir, root / "hf")
+            fsync_tree(tmp)
+            stale = root / tag  # a tag `latest` never pointed at (crash between rename and `latest`)
+            if stale.is_dir() and _latest(root) != tag:
+                shutil.rmtree(stale)
+            os.replace(tmp, root / tag)
+            fsync_dir(root)
+            write_text_atomic(root / "latest", tag)
+            fsync_dir(root)
+            rotate(root, cfg.keep_last)
+    writes.agree(lambda: publisher and writes.discard(root, tag), note)
+    if D.rank() == 0 and n_params:
+        (log or print)(f"checkpoint {tag}: {size / 2**30:.2f} GiB, {size / n_params:.1f} B/param, "
+                       f"{time.perf_counter() - t0:.1f}s")
     return root / tag
 
 
@@ -199,55 +203,91 @@ def clean_partial(root: Path, log) -> None:
         p.unlink(missing_ok=True)
 
 
+_VERIFIED: set[tuple[str, str]] = set()  # (tag dir, meta.json text) already checked in this process
+
+
+def _verify(tag_dir: Path, meta: dict, text: str) -> None:
+    """Every file's size and hash before anything is loaded, hashed in parallel: each rank takes a
+    share (of the files its node sees, on node-local disks); a bad file fails every rank with the
+    same one-line error naming it."""
+    import torch.distributed as tdist
+
+    if (str(tag_dir), text) in _VERIFIED:
+        return
+    rels = sorted(meta.get("files", {}))
+    dist = D.world_size() > 1 and tdist.is_initialized()
+    if not dist:
+        rank, world = 0, 1
+    elif meta.get("shared_storage", True):
+        rank, world = D.rank(), D.world_size()
+    else:
+        rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    error = None
+    try:
+        integrity.verify(tag_dir, meta, rels[rank::world])
+    except LayoutError as e:
+        error = str(e)
+    if dist:
+        errors = [None] * D.world_size()
+        tdist.all_gather_object(errors, error)
+        error = min((e for e in errors if e is not None), default=None)
+    if error is not None:
+        raise LayoutError(error)
+    if not integrity.has_hashes(meta) and D.rank() == 0:
+        print(f"note: {tag_dir}: saved without checksums (by an older version): checked file sizes only",
+              file=sys.stderr)
+    _VERIFIED.add((str(tag_dir), text))
+
+
 def _checked_meta(cfg: TrainConfig, family_name: str, n_layers: int) -> tuple[Path, dict]:
     tag_dir = resolve_tag(cfg.save_path)
     meta_path = tag_dir / META
     if not meta_path.is_file():
         raise LayoutError(f"{tag_dir}: not a training checkpoint of ours (no {META})")
+    text = meta_path.read_text()
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(text)
     except json.JSONDecodeError:
         raise LayoutError(f"{meta_path}: not valid JSON (damaged checkpoint)") from None
     if meta.get("family") != family_name or meta.get("n_layers") != n_layers:
         raise LayoutError(f"{tag_dir}: checkpoint of a {meta.get('family')} model with {meta.get('n_layers')} layers, "
                           f"but model_path is a {family_name} model with {n_layers}")
-    for rel, size in meta.get("files", {}).items():
-        f = tag_dir / rel
-        if not f.is_file():
-            raise LayoutError(f"{f}: missing from checkpoint {tag_dir.name} (damaged; remove the tag and point "
-                              f"'latest' at an older one)")
-        if f.stat().st_size != size:
-            raise LayoutError(f"{f}: {f.stat().st_size} bytes, the checkpoint recorded {size} (truncated or damaged)")
+    _verify(tag_dir, meta, text)
     return tag_dir, meta
 
 
-def layout_changed(cfg: TrainConfig, family_name: str, n_layers: int, kind: str = "pipeline") -> bool:
-    """Whether the checkpoint `latest` names was saved on another pp x dp layout / parts / precision.
+def weights_from_tag(cfg: TrainConfig, family_name: str, n_layers: int, kind: str = "pipeline") -> bool:
+    """Check the checkpoint `latest` names (every file's size and hash) and say where resuming
+    takes the weights from: True: its layer files, before the engine is built (then `resume`
+    sets the optimizer state: any pp x dp layout, parts, ZeRO stage, precision); False: an older
+    tag without optim/, which DeepSpeed's own load restores on the layout that wrote it.
 
-    Our optimizer copy (optim/) is written and read by pipeline engines only: a checkpoint of the
-    other training path (pipeline <-> ZeRO) is refused here, before anything is built."""
+    Pipeline and ZeRO checkpoints do not resume each other: refused here, before anything is built."""
     tag_dir, meta = _checked_meta(cfg, family_name, n_layers)
     saved = meta.get("layout")
-    if saved in (None, layout_of(cfg, n_layers, kind)):
-        return False
-    if kind != "pipeline" or saved.get("engine", "pipeline") != "pipeline":
+    if saved is not None and saved.get("engine", "pipeline") != kind:
         raise LayoutError(f"{tag_dir}: saved by {saved.get('engine', 'pipeline')} training on {saved}; its optimizer "
                           f"state resumes only there. To go on from its weights with a fresh optimizer, set "
                           f"model_path: {cfg.save_path} and a new save_path")
-    return True
+    if reshape.has_state(tag_dir):
+        return True
+    if meta.get("format", 1) >= reshape.FORMAT or saved not in (None, layout_of(cfg, n_layers, kind)):
+        raise LayoutError(f"{tag_dir}: has no topology-free optimizer state ({reshape.DIR}/{reshape.COMMON}); an "
+                          f"older tag without it resumes only on the layout that wrote it ({saved})")
+    return False
 
 
 def resume(engine, cfg: TrainConfig, family_name: str, n_layers: int, kind: str = "pipeline") -> int:
     """Load the checkpoint `latest` names into the engine; return the next step to run.
 
-    Same layout: DeepSpeed's own load. Another layout (the weights were already loaded from the
-    tag's layer files before the engine was built): optimizer state from the topology-free copy.
+    The weights were loaded from the tag's layer files before the engine was built (see
+    weights_from_tag); the fp32 masters and optimizer state come from here. An older tag without
+    optim/: DeepSpeed's own load of its own files, each read weights-only (engine/checkpoints/legacy.py).
     """
     tag_dir, meta = _checked_meta(cfg, family_name, n_layers)
-    if meta.get("layout") not in (None, layout_of(cfg, n_layers, kind)):  # pipeline only: see layout_changed
+    if reshape.has_state(tag_dir):
         reshape.load(engine, tag_dir)
         return int(meta["step"])
-    path, client = engine.load_checkpoint(cfg.save_path, tag=tag_dir.name, load_module_strict=True)
-    if path is None:
-        raise LayoutError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
-    return int(client["step"])
+    from engine.checkpoints import legacy
+
+    return legacy.load(engine, cfg.save_path, tag_dir)

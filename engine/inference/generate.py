@@ -7,8 +7,9 @@ at a time):
   OurLM   our own `SequentialModel`, loaded layer file by layer file from a pipeline checkpoint
           dir (<dir>/latest + layer files + <dir>/hf) or from an HF dir (key map of the family),
           its contiguous layers placed on one or several devices (activations move between
-          them). No KV cache: every step recomputes the whole sequence (our layers have no
-          cache interface); fine for tiny models and short answers, O(n^2) for long ones.
+          them). KV cache: each block's attention keeps its keys/values (models.blocks.KVCache,
+          on that block's device), so a step runs only the new token through the layers, and
+          only the last position through the head.
   HFLM    transformers' AutoModelForCausalLM on an HF dir (our pp_to_hg output), with its KV
           cache; one device.
 
@@ -27,7 +28,7 @@ import torch
 
 from data.templates import ACTION_RESULT
 
-from engine.checkpoints.files import LayoutError, hf_dir_of, layer_file, load_layer, read_hf_config, resolve_tag
+from engine.checkpoints.files import LayoutError, locate
 
 API_STOP = "Observation:"  # an api call ends here: the tool, not the model, writes the result
 
@@ -202,19 +203,23 @@ def resolve_dtype(name: str, devices: list[str]) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- our model
 class OurLM:
-    """models.pipeline.SequentialModel with its layers placed on `devices` (recompute, no cache)."""
+    """models.pipeline.SequentialModel with its layers placed on `devices`, with a KV cache."""
 
     def __init__(self, model, layer_devices: list[torch.device], hf_dir: Path, family, args):
+        from models.pipeline import layer_groups
+
         self.model, self.layer_devices = model, layer_devices
         self.hf_dir, self.family, self.args = hf_dir, family, args
+        self.head_start = len(model.defs) - len(layer_groups(family, args)[-1])  # final norm + head from here
         self.ids: list[int] = []
+        self.caches: list = []
 
     @property
     def first_device(self) -> torch.device:
         return self.layer_devices[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, V] of SequentialModel.forward, layer by layer on each layer's device."""
+        """Logits [B, S, V] of SequentialModel.forward, layer by layer on each layer's device (no cache)."""
         position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         x = (input_ids, position_ids)
         for i, d in enumerate(self.model.defs):
@@ -228,11 +233,30 @@ class OurLM:
         return getattr(self.args, "max_position_embeddings", None)
 
     def reset(self) -> None:
+        from models.blocks import BlockBase, KVCache
+
         self.ids = []
+        self.caches = [KVCache() if isinstance(self.model._modules[str(i)], BlockBase) else None
+                       for i in range(len(self.model.defs))]
 
     def next_logits(self, new_ids: list[int]) -> torch.Tensor:
+        """Logits after `new_ids`, which follow the tokens fed since reset() (whose keys and
+        values the caches hold)."""
+        if not self.caches:
+            self.reset()
+        start = len(self.ids)
         self.ids += new_ids
-        logits = self.forward(torch.tensor([self.ids], dtype=torch.long))
+        x = (torch.tensor([new_ids], dtype=torch.long), torch.arange(start, len(self.ids))[None])
+        for i, d in enumerate(self.model.defs):
+            layer = self.model._modules[str(i)]
+            x = move(x, self.layer_devices[i])
+            if i == self.head_start:  # only the last position's logits are wanted
+                x = (x[0][:, -1:],) + tuple(x[1:])
+            if self.caches[i] is not None:
+                x = layer(x, cache=self.caches[i])
+            else:
+                x = d.forward_fn(layer, x) if d.forward_fn is not None else layer(x)
+        logits = x[0] if isinstance(x, tuple) else x
         return logits[0, -1].float().cpu()
 
 
@@ -243,36 +267,17 @@ def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "
     Layers are built one at a time directly on their device and loaded from their own layer
     file (memory-mapped), so no process ever holds the whole model on one device or in RAM.
     """
-    from models import family_for_hf_config
     from models.blocks import LayerOptions
     from models.pipeline import SequentialModel
 
-    from engine.checkpoints.convert import HFWeights
-    from engine.model import expected_shapes
+    from engine.checkpoints.weights import open_weights
 
-    path = Path(path)
-    is_pp = (path / "latest").is_file()
-    hf_dir = hf_dir_of(path) if is_pp else path
-    hf = read_hf_config(hf_dir)
-    family = family_for_hf_config(hf, str(hf_dir / "config.json"))
-    args = family.Args.from_hf_config(hf)
+    source = open_weights(path, tag=tag)
+    family, args, hf_dir = source.model.family, source.model.args, source.where.hf_dir
     devices = devices or default_devices()
     torch_dtype = resolve_dtype(dtype, devices)
-    shapes = expected_shapes(family, args)
-    layer_bytes = [sum(math.prod(s) for s in layer.values()) for layer in shapes]
+    layer_bytes = [sum(math.prod(s) for s in layer.values()) for layer in source.shapes]
     plan = plan_devices(layer_bytes, devices)
-    if is_pp:
-        tag_dir = resolve_tag(path, tag)
-
-        def state_of(i):
-            f = layer_file(tag_dir, i)
-            return f, load_layer(f)
-    else:
-        weights, keys = HFWeights(hf_dir), family.hf_keys(args)
-
-        def state_of(i):
-            return hf_dir, {ours: weights.get(theirs) for ours, theirs in keys[i].items()}
-
     with torch.device("meta"):
         model = SequentialModel(family, args)  # structure and names only; layers replaced below
     shared: dict[str, torch.nn.Module] = {}
@@ -283,10 +288,7 @@ def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "
         else:
             with torch.device(plan[i]):
                 layer = d.cls(args, LayerOptions())
-            where, state = state_of(i)
-            if set(state) != set(shapes[i]):
-                raise LayoutError(f"{where}: layer {i} holds {sorted(state)[:3]}..., expected {sorted(shapes[i])[:3]}...")
-            layer.load_state_dict(state)
+            layer.load_state_dict(source.layer(i))
             layer.to(torch_dtype)
             if d.tie is not None:
                 shared[d.tie] = layer
@@ -325,11 +327,8 @@ class HFLM:
 
 def load_lm(path: str | Path, backend: str = "ours", devices: list[str] | None = None, dtype: str = "auto"):
     """A language model for `generate` from a pipeline checkpoint dir or an HF dir."""
-    path = Path(path)
-    if not (path / "latest").is_file() and not (path / "config.json").is_file():
-        raise LayoutError(f"{path}: neither a pipeline checkpoint dir (latest) nor an HF model dir (config.json)")
     if backend == "hf":
-        if (path / "latest").is_file():
+        if not locate(path).is_hf:
             raise LayoutError(f"{path}: backend 'hf' needs an HF dir (convert with pp_to_hg, or use backend 'ours')")
         return HFLM(path, (devices or default_devices())[0], dtype)
     if backend != "ours":
@@ -338,9 +337,9 @@ def load_lm(path: str | Path, backend: str = "ours", devices: list[str] | None =
 
 
 def load_tokenizer(lm):
-    from transformers import AutoTokenizer
+    from engine.model import load_tokenizer as load  # a damaged tokenizer file is one error line
 
-    return AutoTokenizer.from_pretrained(lm.hf_dir, trust_remote_code=True)
+    return load(lm.hf_dir)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -436,16 +435,12 @@ class Chat:
 def read_prompts(path: str | Path, default_kind: str = "instruct") -> list:
     """Prompts from a JSONL file or a JSON array: sample dicts in prompt form, or plain strings
     (taken as `default_kind` with that text)."""
-    import json
+    from data.reader import read_records
 
-    raw = Path(path).read_text()
-    try:
-        items = json.loads(raw)
-        items = items if isinstance(items, list) else [items]
-    except json.JSONDecodeError:
-        items = [json.loads(line) for line in raw.splitlines() if line.strip()]
     out = []
-    for item in items:
+    for _, item in read_records(str(path)):  # the training data's reader: UTF-8 (BOM ok), errors name the line
+        if isinstance(item, Exception):
+            raise item
         if isinstance(item, str):
             item = ({"type": "instruct", "instruct": item} if default_kind == "instruct" else
                     {"type": "pretrain", "text": item} if default_kind == "pretrain" else

@@ -12,12 +12,11 @@ scaled losses (= sum of answer-token CE / answer tokens of the global batch), an
 gradients of exactly that: DeepSpeed divides by gradient_accumulation_steps in backward and
 averages over data-parallel ranks (all-reduce / ZeRO reduce-scatter alike).
 
-Checkpoints: the pipeline engine writes one file per layer (layer_XX-model_states.pt). The ZeRO
-engine's own files are per-rank partitions, so ZeroBackend.write_weights adds the same layer
-files to every tag, gathered one layer at a time (ZeRO-3: GatheredParameters), written from CPU
-by the publisher. So `convert_model.py pp_to_hg` exports either path's checkpoints unchanged,
-no rank ever holds the whole model, and either path starts from the other's weights
-(model_path: <the other run's save_path>).
+Checkpoints: both paths write the same tag format (engine/checkpoints/reshape.py): one file per
+layer holding its fp32 master weights (layer_XX-model_states.pt) and one with its optimizer state
+(optim/layer_XX.pt), ZeRO partitions gathered one parameter at a time. So `convert_model.py
+pp_to_hg` exports either path's checkpoints unchanged, no rank ever holds the whole model, and
+either path starts from the other's weights (model_path: <the other run's save_path>).
 """
 from __future__ import annotations
 
@@ -25,10 +24,9 @@ import torch
 
 from models.pipeline import SequentialModel, build_pipeline, init_layer, init_weights, training_loss
 
-from engine.checkpoints import tags as ckpt
 from engine import distributed as D
 from engine.config import TrainConfig, validate
-from engine.checkpoints.files import check_layer, layer_file
+from engine.checkpoints.weights import load_stage, open_weights
 from engine.training.optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
 from engine.plan import resolve_auto_parts
 from engine.model import Model
@@ -37,7 +35,6 @@ from engine.training.deepspeed_setup import deepspeed_config, layer_options, wra
 
 class PipelineBackend:
     kind = "pipeline"
-    write_weights = None  # DeepSpeed's pipeline engine writes the layer files itself
 
     def __init__(self, cfg: TrainConfig, model: Model):
         from deepspeed.runtime.pipe.topology import ProcessTopology
@@ -62,9 +59,9 @@ class PipelineBackend:
         if weights == "scratch":
             init_weights(module, cfg.seed)
         elif weights:
-            ckpt.load_initial_weights(module, weights, model.family, model.args)
+            load_stage(module, weights, model)
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
-        optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters(), cfg.ds)
+        optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
         self.clip = None if wrapped_optimizer(cfg) else GlobalGradClip(
             optimizer, module, float(cfg.ds.get("gradient_clipping", 0.0)), self.engine.grid.get_model_parallel_group())
@@ -127,7 +124,7 @@ class ZeroBackend:
             self._each_layer(lambda idx, layer: init_layer(layer, cfg.seed, idx), modifier_rank=0)
         elif weights:
             self._load(weights)
-        optimizer = build_optimizer(cfg.ds.get("optimizer"), module.parameters(), cfg.ds)
+        optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
         return self.engine
 
@@ -167,24 +164,14 @@ class ZeroBackend:
     def _load(self, model_path: str) -> None:
         """Layer by layer from a pipeline checkpoint dir or an HF dir; every rank checks keys and
         shapes (an error stops all ranks, none waits in a collective)."""
-        layer_state = ckpt.layer_states(model_path, self.model.family, self.model.args)
+        source = open_weights(model_path, self.model)
 
         def load(idx, layer):
-            path, state = layer_state(idx)
-            check_layer(path, state, {k: v.shape for k, v in layer.state_dict().items()})
+            state = source.layer(idx)
             with torch.no_grad():
                 layer.load_state_dict(state)
 
         self._each_layer(load, modifier_rank=0)
-
-    def write_weights(self, tag_dir, publisher: bool) -> None:
-        """The pipeline layer files of this tag (every rank joins the gathers; the publisher writes)."""
-        def write(idx, layer):
-            if publisher:
-                torch.save({k: v.detach().cpu().clone() for k, v in layer.state_dict().items()},
-                           layer_file(tag_dir, idx))
-
-        self._each_layer(write, modifier_rank=None)
 
     @staticmethod
     def _register_tied_weights(module: SequentialModel) -> None:
