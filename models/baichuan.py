@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import UnsupportedModel
 from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, alibi_bias, alibi_slopes,
                      apply_rotary, attend)
 from .llama import Embed, FinalNorm
@@ -42,7 +43,7 @@ def position_embedding_of(hf: dict) -> str:
         _warn_once(f"warning: config.json: no position_embedding; guessed {kind!r} from hidden_size="
                    f"{hf['hidden_size']} (4096: Baichuan2-7B rotary, else 13B ALiBi); set it to override")
     if str(kind).lower() not in ("rope", "alibi"):
-        raise ValueError(f"config.json: position_embedding {kind!r} is not 'rope' or 'alibi'")
+        raise UnsupportedModel(f"config.json: position_embedding {kind!r} is not 'rope' or 'alibi'")
     return str(kind).lower()
 
 
@@ -67,9 +68,9 @@ class Args:
     @classmethod
     def from_hf_config(cls, hf: dict) -> "Args":
         if hf.get("tie_word_embeddings"):
-            raise ValueError("config.json: tie_word_embeddings=true is not a Baichuan model")
+            raise UnsupportedModel("config.json: tie_word_embeddings=true is not a Baichuan model")
         if hf.get("z_loss_weight"):
-            raise ValueError(f"config.json: z_loss_weight={hf['z_loss_weight']} is not supported (public Baichuan2 "
+            raise UnsupportedModel(f"config.json: z_loss_weight={hf['z_loss_weight']} is not supported (public Baichuan2 "
                              "configs use 0); set it to 0")
         return cls(
             vocab_size=hf["vocab_size"],

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
+from . import UnsupportedModel
 from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary_interleaved, attend)
 
 MODEL_TYPES = ("chatglm",)
@@ -44,10 +45,10 @@ class Args:
     @classmethod
     def from_hf_config(cls, hf: dict) -> "Args":
         if "padded_vocab_size" not in hf:
-            raise ValueError("config.json: no padded_vocab_size — ChatGLM-6B v1 is not supported (ChatGLM2/3 are)")
+            raise UnsupportedModel("config.json: no padded_vocab_size — ChatGLM-6B v1 is not supported (ChatGLM2/3 are)")
         for field, want in _REQUIRED:
             if hf.get(field, want) != want:
-                raise ValueError(f"config.json: {field}={hf[field]} is not supported (only {want})")
+                raise UnsupportedModel(f"config.json: {field}={hf[field]} is not supported (only {want})")
         heads = hf["num_attention_heads"]
         return cls(
             vocab_size=hf["padded_vocab_size"],
