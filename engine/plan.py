@@ -221,7 +221,8 @@ class StageEstimate:
 
     @property
     def peak(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.extra.get("fixed", 0.0)
+        return (self.weights + self.grads + self.optimizer + self.activations + self.extra.get("fixed", 0.0)
+                + self.extra.get("gathered", 0.0))
 
 
 def _ckpt_factor(setup: Setup) -> float:
@@ -313,17 +314,20 @@ def resolve_parts(cfg, family, args, gpu: bool = True, mem_gib: float | None = N
     return auto_parts(layer_costs(family, args, setup), setup, mem_gib * GiB if mem_gib else None)
 
 
-def resolve_auto_parts(cfg, model, kind: str = "pipeline", log=print) -> None:
-    """Replace `parts: auto` in cfg by the cost model's split (a no-op for explicit parts, the
-    ZeRO path, or a layout that validate will reject anyway); the budget is this GPU's memory."""
-    if kind != "pipeline" or isinstance(cfg.model_topo.parts, list) or model.n_layers < cfg.pipe_dim:
-        return
+def resolve_auto_parts(cfg, model, kind: str = "pipeline", log=print) -> list[int] | str | None:
+    """cfg's parts with `auto` replaced by the cost model's split (explicit parts, the ZeRO path
+    and a layout validate will reject anyway come back as they are); the budget is this GPU's
+    memory. cfg itself is not changed."""
+    parts = cfg.model_topo.parts
+    if kind != "pipeline" or isinstance(parts, list) or model.n_layers < cfg.pipe_dim:
+        return parts
     import torch
 
     gpu = torch.cuda.is_available()
     mem = torch.cuda.get_device_properties(0).total_memory / GiB if gpu else None
-    cfg.model_topo.parts = resolve_parts(cfg, model.family, model.args, gpu=gpu, mem_gib=mem)
-    log(f"parts: auto -> {cfg.model_topo.parts} (slowest stage minimised by engine/plan.py's cost model)")
+    parts = resolve_parts(cfg, model.family, model.args, gpu=gpu, mem_gib=mem)
+    log(f"parts: auto -> {parts} (slowest stage minimised by engine/plan.py's cost model)")
+    return parts
 
 
 def gib(x: float) -> str:
@@ -342,6 +346,8 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
     name = family.__name__.split(".")[-1]
     total = sum(c.params for c in costs) - sum(c.tie_params for c in costs[1:] if c.tie)
     opt = setup.optimizer + (" (offloaded)" if setup.offload_optimizer else "")
+    if not pipeline:
+        return _zero_report(cfg, name, total, setup, stages[0], costs, world_size, gpu_mem_gib, opt), stages
     lines = [f"dry run: {name}, {total / 1e9:.2f}B parameters, {len(costs)} pipeline layers; world {world_size} = "
              f"pp {setup.pp} x dp {setup.dp}",
              f"  {setup.dtype}, ZeRO-{setup.zero}, optimizer {opt}, grad ckpt {setup.ckpt}, compiled "
@@ -363,6 +369,28 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
     if not any(s.peak > gpu_mem_gib * GiB for s in stages):
         lines.append(f"  fits: largest stage ~{gib(max(s.peak for s in stages))} GiB of {gpu_mem_gib:g} GiB")
     return "\n".join(lines), stages
+
+
+def _zero_report(cfg, name, total, setup: Setup, rank: StageEstimate, costs, world_size, gpu_mem_gib, opt) -> str:
+    """train_ds_zero.py: the same cost model, one row per rank (every rank holds the same shares).
+    ZeRO-3 also holds, while a layer runs, its gathered full weights and the next layer's prefetch."""
+    if setup.zero == 3:  # offloaded parameters too: they compute on the GPU
+        rank.extra["gathered"] = 2 * max(c.params for c in costs) * setup.act_bytes
+    lines = [f"dry run: {name}, {total / 1e9:.2f}B parameters, ZeRO-{setup.zero} over {world_size} data-parallel ranks "
+             f"(no pipeline)",
+             f"  {setup.dtype}, optimizer {opt}, parameters {'offloaded' if setup.offload_param else 'on GPU'}, grad "
+             f"ckpt {setup.ckpt}, seq {setup.seq}, micro {setup.micro} x {setup.n_micro} accumulation steps",
+             f"  per rank  {'params':>8} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'gathered':>8} "
+             f"{'peak GiB':>8}",
+             f"  {'':8} {rank.params / 1e9 / max(setup.dp if setup.zero == 3 else 1, 1):>7.2f}B {gib(rank.weights):>8} "
+             f"{gib(rank.grads):>7} {gib(rank.optimizer):>7} {gib(rank.activations):>7} "
+             f"{gib(rank.extra.get('gathered', 0.0)):>8} {gib(rank.peak):>8}"]
+    if rank.peak > gpu_mem_gib * GiB:
+        lines.append(f"  WARNING: a rank needs ~{gib(rank.peak)} GiB > --gpu-mem-gib {gpu_mem_gib:g}: use grad ckpt, a "
+                     "smaller micro-batch, ZeRO-3, or offload")
+    else:
+        lines.append(f"  fits: ~{gib(rank.peak)} GiB per rank of {gpu_mem_gib:g} GiB")
+    return "\n".join(lines)
 
 
 def dry_run(cfg, world_size: int, gpu_mem_gib: float = 80.0, pipeline: bool = True) -> str:

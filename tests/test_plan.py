@@ -142,3 +142,17 @@ def test_one_command_finetune_exports_then_resumes_to_a_skip(tmp_path):
     stamp = (out / "config.json").stat().st_mtime_ns
     assert run_ranks(_finetune, 2, raw, str(out)) == [2, 2]  # finished: resume is a no-op, export skipped
     assert (out / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_resolve_auto_parts_returns_the_split_and_leaves_cfg_alone(tiny_pp):
+    from engine.config import from_dict
+    from engine.model import Model
+    from engine.plan import resolve_auto_parts
+
+    model = Model.from_dir(tiny_pp)
+    raw = {"model_path": str(tiny_pp), "data_path": ["x.jsonl"], "save_path": "run", "train_micro_batch_size_per_gpu": 1,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": "auto"}}
+    cfg, said = from_dict(raw), []
+    parts = resolve_auto_parts(cfg, model, log=said.append)
+    assert cfg.model_topo.parts == "auto" and len(parts) == 2 and sum(parts) == model.n_layers and said
+    assert resolve_auto_parts(cfg, model, kind="zero") == "auto"

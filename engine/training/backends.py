@@ -20,6 +20,8 @@ either path starts from the other's weights (model_path: <the other run's save_p
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from models.pipeline import SequentialModel, build_pipeline, init_layer, init_weights, training_loss
@@ -40,9 +42,10 @@ class PipelineBackend:
         from deepspeed.runtime.pipe.topology import ProcessTopology
 
         validate(cfg, D.world_size(), model.n_layers)
-        self.cfg, self.model = cfg, model
-        resolve_auto_parts(cfg, model, self.kind, print if D.rank() == 0 else (lambda _: None))  # after validate
-        self.parts = cfg.model_topo.parts
+        self.parts = resolve_auto_parts(cfg, model, self.kind, print if D.rank() == 0 else (lambda _: None))
+        # the run's config from here on (checkpoint layout, config.yml): `parts: auto` resolved
+        self.cfg = cfg = replace(cfg, model_topo=replace(cfg.model_topo, parts=self.parts))
+        self.model = model
         topo = cfg.model_topo.process_topology
         self.topology = ProcessTopology(axes=topo.axes, dims=topo.dims)
         self.dp_rank, self.dp_size = self.topology.get_coord(D.rank()).data, cfg.data_dim

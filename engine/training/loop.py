@@ -18,11 +18,14 @@ import torch
 
 from engine import distributed as D
 from engine import fault_hooks
+from engine.checkpoints import lock as runlock
 from engine.checkpoints import tags as ckpt
+from engine.checkpoints import writes
 from engine.config import ConfigError, TrainConfig, check_paths
-from engine.model import Model
+from engine.model import Model, load_tokenizer
 from engine.training.backends import PipelineBackend, ZeroBackend
-from engine.training.control import NonFiniteLoss, RunControl
+from engine.training.control import NonFiniteLoss, RunControl, watch_launcher
+from engine.training.deepspeed_setup import check_deepspeed, check_device_dtype, fill_schedule
 from engine.training.evaluate import Evaluator
 from engine.training.metrics import PEAK_FLOPS, Metrics, flops_per_token, quiet_prints, setup_logging
 from engine.training.profiling import profiled_step
@@ -37,12 +40,10 @@ class RunResult:
 
 
 def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
-    from transformers import AutoTokenizer
-
     from data.dataset import build_dataset
     from data.loader import StepLoader
 
-    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir, trust_remote_code=True)  # public baichuan/chatglm ship theirs as code
+    tokenizer = load_tokenizer(model.hf_dir)
     dataset = build_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, weights=cfg.data_weights,
                             packing=cfg.packing, skip_bad_samples=cfg.skip_bad_samples, template=cfg.prompt_template,
                             cache_dir=cfg.cache_dir or str(Path(cfg.save_path) / "data_cache"), seed=cfg.seed)
@@ -72,24 +73,39 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
     check_paths(cfg)
     model = Model.from_dir(cfg.model_path)
     setup_logging()
+    runlock.refuse_if_held_here(cfg.save_path)  # a second launch here must not reach the first one's rendezvous
     D.init_distributed()
     backend = backend_cls(cfg, model)  # validates cfg for its path
+    cfg = backend.cfg  # with what the backend resolved (parts: auto)
+    check_deepspeed(cfg, pipeline=backend.kind == "pipeline")  # DeepSpeed's own keys, before anything is built
+    check_device_dtype(cfg)
     resume = cfg.resume is True or (cfg.resume == "auto" and ckpt.has_checkpoint(cfg.save_path))
     if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
         raise ConfigError(f"{cfg.source}: resume is true but {cfg.save_path} has no checkpoint")
+    lock = runlock.take(cfg.save_path)  # one run per save_path, taken before anything is written
+    stop_watching = watch_launcher()  # the deepspeed launcher killed alone: save and stop, not train on
+    try:
+        return _train(cfg, model, backend, resume)
+    finally:
+        stop_watching()
+        if lock is not None:
+            lock.release()
 
+
+def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
     dataset, loader = build_data(cfg, model, backend.dp_rank, backend.dp_size)  # bad data fails before allocation
-    reshaped = resume and ckpt.layout_changed(cfg, model.name, model.n_layers, backend.kind)
+    from_tag = resume and ckpt.weights_from_tag(cfg, model.name, model.n_layers, backend.kind)  # files checked
+    total = min(loader.total_steps, cfg.max_steps) if cfg.max_steps else loader.total_steps
+    fill_schedule(cfg, total)  # e.g. total_num_steps: the run's step count
 
     torch.manual_seed(cfg.seed)
-    if reshaped:  # saved on another layout: weights from its layer files, optimizer state in ckpt.resume
+    if from_tag:  # weights from the tag's layer files (fp32 masters), optimizer state in ckpt.resume
         weights = cfg.save_path
-    else:  # resuming on the same layout: DeepSpeed's own load fills the weights
+    else:  # an older tag without optim/: DeepSpeed's own load fills the weights
         weights = None if resume else "scratch" if cfg.from_scratch else cfg.model_path
     with quiet_prints():  # DeepSpeed's bare INFO prints (SEED_LAYERS=..., Using topology: ...)
         engine = backend.build(weights)
     evaluator = Evaluator.maybe(cfg, model.hf_dir, engine)  # held-out set (eval_data_path), if any
-    total = min(loader.total_steps, cfg.max_steps) if cfg.max_steps else loader.total_steps
     is_logger = D.rank() == 0
     if is_logger:
         Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
@@ -105,8 +121,11 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
     fault_hooks.wrap_loss(backend.loss_owner, lambda: step + 1)
 
     def save():
+        if is_logger:  # the new tag is written before older ones are rotated out
+            writes.warn_if_short(cfg.save_path, *_expected_tag_size(cfg.save_path, model.n_params()),
+                                 metrics_log.message)
         return ckpt.save(engine, cfg, step, model.name, model.n_layers, model.hf_dir, backend.kind,
-                         backend.write_weights)
+                         log=metrics_log.message)
 
     control = RunControl(cfg.save_every_minutes, is_logger)
     try:
@@ -134,6 +153,7 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
             if skipped and cfg.on_nonfinite_loss == "stop":
                 raise NonFiniteLoss(f"step {step}: loss is {loss}; its update was not applied; stopping (set "
                                     f"on_nonfinite_loss: skip to go on; the last checkpoint is kept)")
+            fault_hooks.hold_after_step(cfg.save_path, step)
             stop, timed = control.poll()
             if (stop or timed or cfg.save_every_steps and step % cfg.save_every_steps == 0) and step < total:
                 result.checkpoint = save()
@@ -150,3 +170,15 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
         metrics_log.close()
     result.final_step = step
     return result
+
+
+def _expected_tag_size(save_path: str, n_params: int) -> tuple[int, str]:
+    """(bytes, what that is based on) of the next checkpoint tag: the size of the one `latest`
+    names, or about 12 bytes per parameter (fp32 master + two AdamW moments) before the first."""
+    try:
+        tag = (Path(save_path) / "latest").read_text().strip()
+        if tag and (Path(save_path) / tag).is_dir():
+            return writes.tag_bytes(Path(save_path) / tag), f"the size of {tag}"
+    except OSError:
+        pass
+    return 12 * n_params, "about 12 bytes per parameter"
