@@ -1,14 +1,17 @@
 """ZeRO-1/2/3 training (optional CPU offload) of the whole model as one module, with the same
 config, data, checkpoints and export as train_ds.py:
-`deepspeed train_ds_zero.py --config configs/ds_config_zero.yml`."""
-from engine.cli import config_parser, parse_config, user_errors
+`deepspeed train_ds_zero.py --config configs/ds_config_zero.yml`.
+
+`--dry-run --world-size N` validates the config and prints the per-rank memory estimate
+without a launcher; `--export-hf OUT` turns the final checkpoint into an HF model dir."""
+from engine.cli import add_plan_args, config_parser, parse_config, run_or_plan, user_errors
 from engine.training.loop import train_zero
 
 
 @user_errors
 def main(argv=None):
-    _, cfg = parse_config(config_parser(__doc__), argv)
-    train_zero(cfg)
+    a, cfg = parse_config(add_plan_args(config_parser(__doc__)), argv)
+    run_or_plan(a, cfg, train_zero, pipeline=False)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
     if a.dry_run:
         from engine.distributed import world_size
         from engine.plan import dry_run
+        from engine.training.deepspeed_setup import check_deepspeed
 
-        print(dry_run(cfg, a.world_size or world_size(), a.gpu_mem_gib, pipeline=pipeline))
+        text = dry_run(cfg, a.world_size or world_size(), a.gpu_mem_gib, pipeline=pipeline)
+        check_deepspeed(cfg, pipeline)  # DeepSpeed's own config classes: what passes here passes at launch
+        print(text)
         return None
     from engine.training.export import train_and_export
 
@@ -56,7 +59,11 @@ def parse_config(p: argparse.ArgumentParser, argv=None):
         sys.exit(0)
     if not a.config:
         p.error("--config is required")
-    return a, load_config(a.config, a.set)
+    cfg = load_config(a.config, a.set)
+    if os.environ.get("RANK", "0") == "0":
+        for note in getattr(cfg, "notes", []):  # gdGPT-only keys mapped or dropped
+            print(f"note: {note}", file=sys.stderr)
+    return a, cfg
 
 
 def user_errors(fn):

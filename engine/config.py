@@ -7,8 +7,10 @@ closest known key as a suggestion. All cross-field checks live in `validate`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from engine.gdgpt_compat import map_gdgpt_keys
 
 
 class ConfigError(ValueError):
@@ -46,7 +50,8 @@ OPTIMIZERS = ("AdamW", "Adam", "Lion")
 @dataclass
 class ProcessTopology:
     axes: list[str] = doc("process grid axes, outermost first", default_factory=lambda: ["pipe", "data"])
-    dims: list[int] = doc("size of each axis; product = number of GPUs", default_factory=lambda: [1, 1])
+    dims: list[int] | None = doc("size of each axis; product = number of GPUs (unset: every process one "
+                                 "pipeline stage, [N, 1], for train_ds.py; [1, N] for train_ds_zero.py)", default=None)
 
 
 @dataclass
@@ -97,6 +102,8 @@ class TrainConfig:
                             "(0 = off)", default=0)
     resume: bool | str = doc("'auto': continue from save_path if it has a checkpoint; true: must; false: never",
                              default="auto")
+    aux_max_z_loss: dict | None = doc("gdGPT's max-z loss: {weight: w} adds w x mean over positions of (max "
+                                      "log-softmax of the LM logits)^2 to the loss, logged as z_loss", default=None)
     model_topo: ModelTopo = doc("pipeline/data-parallel layout", default_factory=ModelTopo)
     ds: dict = doc("DeepSpeed's own keys, passed through", default_factory=dict)
     source: str = doc("file the config was read from (set by the loader)", default="<dict>")
@@ -109,6 +116,10 @@ class TrainConfig:
     @property
     def data_dim(self) -> int:
         return self.model_topo.process_topology.dims[self.model_topo.process_topology.axes.index("data")]
+
+    @property
+    def max_z_weight(self) -> float:
+        return float((self.aux_max_z_loss or {}).get("weight", 0.0))
 
     @property
     def micro_batch(self) -> int:
@@ -146,7 +157,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------- parsing
 def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -229,16 +240,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{p}' is not a mapping")
-        node[leaf] = parse_value(text)
+        try:
+            node[leaf] = parse_value(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
     return raw
 
 
 def from_dict(raw: dict, where: str = "<dict>") -> TrainConfig:
-    raw = dict(raw or {})
+    raw = copy.deepcopy(dict(raw or {}))
+    notes = map_gdgpt_keys(raw)
     ds = {k: raw.pop(k) for k in list(raw) if k in DEEPSPEED_KEYS}
     cfg = _build(TrainConfig, raw, where)
     cfg.ds, cfg.source = ds, where
+    _check_ds_sections(ds, where)
+    cfg.notes = [f"{where}: {n}" for n in notes]  # one line each, shown by the entry scripts (rank 0)
     _resolve_batch(cfg)
+    resolve_lr(cfg)
     return cfg
 
 
@@ -247,11 +265,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is fine
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: byte 0x{e.object[e.start]:02x} is not UTF-8 ({e.reason}); "
+                          "save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{at} not valid YAML: {getattr(e, 'problem', e)}") from None
+        at = f" line {mark.line + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{at} not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     return from_dict(apply_overrides(raw, overrides or []), str(path))
@@ -281,13 +309,87 @@ def _resolve_batch(cfg: TrainConfig) -> None:
         ds["gradient_accumulation_steps"] = 1
 
 
+DEFAULT_LR = 1e-5
+# DeepSpeed schedulers that set the peak lr themselves (others take the optimizer's lr as the peak)
+SCHEDULER_PEAK = {"WarmupLR": "warmup_max_lr", "WarmupDecayLR": "warmup_max_lr", "OneCycle": "cycle_max_lr"}
+SCHEDULER_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")  # need total_num_steps: filled from the run's step count
+
+
+def _unset(value) -> bool:
+    """gdGPT's early configs wrote -1 for 'computed by the script'."""
+    return value is None or value == "auto" or isinstance(value, (int, float)) and value < 0
+
+
+def resolve_lr(cfg: TrainConfig) -> None:
+    """One peak lr: `optimizer.params.lr` (default 1e-5). A scheduler that sets its own peak
+    (warmup_max_lr, cycle_max_lr) takes it from there unless given; given both with different
+    values is an error naming both keys. warmup_min_lr defaults to 0; total_num_steps, when
+    unset, is filled at launch with the run's step count (engine.training.deepspeed_setup)."""
+    where, ds = cfg.source, cfg.ds
+    for key in ("optimizer", "scheduler"):
+        if key in ds and ds[key] is None:  # `scheduler:` left empty: none
+            del ds[key]
+    opt = ds.setdefault("optimizer", {"type": "AdamW"})
+    sched = ds.get("scheduler")
+    for key, block in (("optimizer", opt), ("scheduler", sched)):
+        if block is not None and (not isinstance(block, dict) or not isinstance(block.get("params") or {}, dict)):
+            raise ConfigError(f"{where}: '{key}' must be a mapping with 'type' and a 'params' mapping")
+    params = opt["params"] = opt.get("params") or {}
+    lr = params.get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
+        raise ConfigError(f"{where}: optimizer.params.lr must be a positive number, got {lr!r}")
+    if sched is None:
+        params.setdefault("lr", DEFAULT_LR)
+        return
+    kind = sched.get("type")
+    sp = sched["params"] = sched.get("params") or {}
+    peak_key = SCHEDULER_PEAK.get(kind)
+    if peak_key:
+        peak = None if _unset(sp.get(peak_key)) else sp[peak_key]
+        if lr is not None and peak is not None and not math.isclose(lr, peak, rel_tol=1e-9):
+            raise ConfigError(f"{where}: optimizer.params.lr {lr:g} and scheduler.params.{peak_key} {peak:g} disagree "
+                              f"(the optimizer's lr is the peak the scheduler reaches): drop scheduler.params.{peak_key} "
+                              "or give both the same value")
+        params["lr"] = lr = lr if lr is not None else peak if peak is not None else DEFAULT_LR
+        sp[peak_key] = lr
+    else:
+        params.setdefault("lr", DEFAULT_LR)
+    if kind in ("WarmupLR", "WarmupDecayLR"):
+        sp.setdefault("warmup_min_lr", 0.0)
+    if kind in SCHEDULER_TOTAL:
+        total = sp.get("total_num_steps")
+        if _unset(total):
+            sp.pop("total_num_steps", None)  # the run's step count, at launch
+        elif cfg.max_steps and total != cfg.max_steps:
+            raise ConfigError(f"{where}: max_steps {cfg.max_steps} and scheduler.params.total_num_steps {total} "
+                              "disagree: drop total_num_steps (it defaults to the run's step count) or give both "
+                              "the same value")
+
+
 def check_paths(cfg: TrainConfig) -> None:
-    """The inputs a run reads exist (before anything is built or allocated)."""
+    """The inputs a run reads exist and the dirs it writes can be (before anything is built or allocated)."""
+    where = cfg.source
+    for key in ("model_path", "save_path"):
+        if not getattr(cfg, key).strip():
+            raise ConfigError(f"{where}: '{key}' is empty")
     if not Path(cfg.model_path).is_dir():
-        raise ConfigError(f"{cfg.source}: model_path {cfg.model_path}: no such directory")
-    for i, p in enumerate(cfg.data_path):
-        if not Path(p).is_file():
-            raise ConfigError(f"{cfg.source}: data_path[{i}] {p}: no such file")
+        raise ConfigError(f"{where}: model_path {cfg.model_path}: no such directory")
+    for key in ("data_path", "eval_data_path"):
+        for i, p in enumerate(getattr(cfg, key) or []):
+            if not Path(p).is_file():
+                raise ConfigError(f"{where}: {key}[{i}] {p}: no such file")
+    for key in ("save_path", "cache_dir"):
+        blocked = _file_in_the_way(getattr(cfg, key))
+        if blocked:
+            raise ConfigError(f"{where}: {key} {getattr(cfg, key)}: {blocked} is a file, not a directory")
+
+
+def _file_in_the_way(path: str | None) -> Path | None:
+    """The path itself or an ancestor that exists as a non-directory (so the dir cannot be made)."""
+    if not path:
+        return None
+    p = Path(path).absolute()
+    return next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
 
 
 def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = True) -> None:
@@ -297,6 +399,10 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     """
     where = cfg.source
     topo = cfg.model_topo.process_topology
+    if topo.dims is None:  # gdGPT's ZeRO configs have no model_topo
+        topo.dims = [world_size, 1] if pipeline else [1, world_size]
+        if topo.axes and topo.axes[0] == "data":
+            topo.dims.reverse()
     if sorted(topo.axes) != ["data", "pipe"]:
         raise ConfigError(f"{where}: model_topo.process_topology.axes must be [pipe, data], got {topo.axes}")
     if len(topo.dims) != 2 or any(d < 1 for d in topo.dims):
@@ -371,6 +477,99 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
         raise ConfigError(f"{where}: on_nonfinite_loss must be stop or skip, got {cfg.on_nonfinite_loss!r}")
     if isinstance(cfg.resume, str) and cfg.resume != "auto":
         raise ConfigError(f"{where}: resume must be auto, true or false, got {cfg.resume!r}")
+    _check_gdgpt_keys(cfg)
+    _check_values(cfg)
+
+
+def _check_gdgpt_keys(cfg: TrainConfig) -> None:
+    """aux_max_z_loss and optimizer.no_wd_kws, the two training keys gdGPT added."""
+    where, z = cfg.source, cfg.aux_max_z_loss
+    if z is not None:
+        extra = sorted(set(z) - {"weight"})
+        if extra:
+            raise ConfigError(f"{where}: unknown key 'aux_max_z_loss.{extra[0]}' (it takes only 'weight')")
+        w = z.get("weight")
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"{where}: aux_max_z_loss.weight must be a number >= 0, got {w!r}")
+    kws = (cfg.ds.get("optimizer") or {}).get("no_wd_kws")
+    if kws is None:
+        return
+    if not isinstance(kws, list) or not all(isinstance(k, str) for k in kws):
+        raise ConfigError(f"{where}: optimizer.no_wd_kws must be a list of strings (regular expressions), got {kws!r}")
+    for k in kws:
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ConfigError(f"{where}: optimizer.no_wd_kws: {k!r} is not a regular expression ({e})") from None
+
+
+# ---------------------------------------------------------------------- value checks
+# DeepSpeed sections we or DeepSpeed read as mappings (`bf16: true` would fail deep inside either)
+DS_MAPPINGS = ("optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "zero_optimization",
+               "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger",
+               "data_types", "pipeline", "checkpoint", "elasticity", "aio", "compile", "timers")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_ds_sections(ds: dict, where: str) -> None:
+    """The shapes of the DeepSpeed keys we read ourselves (values are DeepSpeed's to check, in validate)."""
+    for key in DS_MAPPINGS:
+        if key in ds and ds[key] is not None and not isinstance(ds[key], dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping (e.g. {key}: {{...}}), got {ds[key]!r}")
+    for key in ("bf16", "fp16"):
+        enabled = (ds.get(key) or {}).get("enabled", False)
+        if not isinstance(enabled, bool) and enabled != "auto":
+            raise ConfigError(f"{where}: '{key}.enabled' must be true or false, got {enabled!r}")
+    zero = ds.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key) is not None and not isinstance(zero[key], dict):
+            raise ConfigError(f"{where}: 'zero_optimization.{key}' must be a mapping (e.g. {{device: cpu}}), "
+                              f"got {zero[key]!r}")
+    stage = zero.get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise ConfigError(f"{where}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+    clip = ds.get("gradient_clipping", 0.0)
+    if not _is_number(clip) or not clip >= 0:
+        raise ConfigError(f"{where}: 'gradient_clipping' must be a number >= 0, got {clip!r}")
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype", "fp32")
+    if accum not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"{where}: 'data_types.grad_accum_dtype' must be fp32, fp16 or bf16, got {accum!r}")
+    opt = ds.get("optimizer") or {}
+    for key, value in (opt.get("params") or {}).items() if isinstance(opt.get("params"), dict) else ():
+        if key == "betas":
+            ok = isinstance(value, list) and len(value) == 2 and all(_is_number(b) and 0 <= b < 1 for b in value)
+            if not ok:
+                raise ConfigError(f"{where}: 'optimizer.params.betas' must be two numbers in [0, 1), got {value!r}")
+        elif key in ("lr", "eps", "weight_decay") and (not _is_number(value) or not value >= 0):
+            raise ConfigError(f"{where}: 'optimizer.params.{key}' must be a number >= 0, got {value!r}")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Values no cross-field rule covers: each key against what it may hold."""
+    from data.templates import TEMPLATES
+
+    where = cfg.source
+    if not cfg.data_path:
+        raise ConfigError(f"{where}: 'data_path' is empty: give at least one sample file")
+    for key in ("data_path", "eval_data_path"):
+        for i, p in enumerate(getattr(cfg, key) or []):
+            if not p.strip():
+                raise ConfigError(f"{where}: '{key}[{i}]' is empty")
+    if cfg.prompt_template not in TEMPLATES:
+        raise ConfigError(f"{where}: prompt_template must be one of {', '.join(TEMPLATES)}, got "
+                          f"{cfg.prompt_template!r}{_suggest(cfg.prompt_template, TEMPLATES)}")
+    weights = cfg.data_weights or []
+    for i, w in enumerate(weights):
+        if not (0 <= w < math.inf):
+            raise ConfigError(f"{where}: 'data_weights[{i}]' must be a finite number >= 0, got {w!r}")
+    if weights and not any(weights):
+        raise ConfigError(f"{where}: 'data_weights' are all 0: no file would be read")
+    for key in ("seed", "evaluate_every", "eval_batches"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
 
 
 def help_text() -> str:

@@ -359,6 +359,7 @@ class LayerOptions:
     # (keep matmul and attention outputs, recompute the cheap elementwise ops between them).
     grad_ckpt: bool | str = False
     compile: bool = False  # torch.compile each block (fixed shapes, one graph per block)
+    max_z_loss: float = 0.0  # weight of gdGPT's max-z term (models.loss.MaxZLoss); read by the loss only
 
     @property
     def ckpt_mode(self) -> str:

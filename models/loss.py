@@ -17,3 +17,38 @@ def causal_lm_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tenso
     labels, scale = target
     ce = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return ce * scale.to(ce.dtype)
+
+
+def max_z(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of (max_v log_softmax(logits))^2 = (max logit - logsumexp)^2 (fp32)."""
+    logits = logits.float()
+    return (logits.amax(dim=-1) - logits.logsumexp(dim=-1)).pow(2).mean()
+
+
+class MaxZLoss:
+    """gdGPT's `aux_max_z_loss`: `base(outputs, target) + weight * max_z(logits)`.
+
+    As in gdGPT, the term covers every position of the micro-batch (prompt and padding too) and
+    is already a mean, so it enters with factor 1: DeepSpeed's 1/(gas * dp) averaging of the
+    micro-batch losses makes the step's term the mean over micro-batches, as gdGPT had it.
+    `pop_metrics()` adds `z_loss` (the unweighted term, summed over micro-batches since the last
+    pop) to the base loss's own metrics (or `lm_loss` for the plain causal-LM loss).
+    """
+
+    def __init__(self, base, weight: float):
+        self.base, self.weight = base, weight
+        self._sums: torch.Tensor | None = None
+
+    def __call__(self, outputs, target) -> torch.Tensor:
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        lm = self.base(outputs, target)
+        z = max_z(logits)
+        terms = torch.stack((lm.detach().float(), z.detach()))
+        self._sums = terms if self._sums is None else self._sums + terms
+        return lm + self.weight * z.to(lm.dtype)
+
+    def pop_metrics(self) -> dict[str, float]:
+        base_loss, z = self._sums.tolist() if self._sums is not None else (0.0, 0.0)
+        self._sums = None
+        pop = getattr(self.base, "pop_metrics", None)
+        return {**(pop() if pop else {"lm_loss": base_loss}), "z_loss": z}

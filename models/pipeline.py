@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .blocks import LayerDef, LayerOptions
-from .loss import causal_lm_loss
+from .loss import MaxZLoss, causal_lm_loss
 
 
 def layer_groups(family: ModuleType, args) -> list[list[LayerDef]]:
@@ -58,11 +58,12 @@ def make_loss(family: ModuleType, args):
 
 
 def training_loss(family: ModuleType, args, opts: LayerOptions):
-    """make_loss, compiled with the blocks on GPU (fused cross-entropy: no fp32 copy of the logits)."""
+    """make_loss, compiled with the blocks on GPU (fused cross-entropy: no fp32 copy of the logits);
+    plus gdGPT's max-z term when opts.max_z_loss > 0."""
     loss = make_loss(family, args)
     if opts.compile and torch.cuda.is_available() and not hasattr(loss, "pop_metrics"):
         loss = torch.compile(loss)
-    return loss
+    return MaxZLoss(loss, opts.max_z_loss) if opts.max_z_loss > 0 else loss
 
 
 def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int):

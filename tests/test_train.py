@@ -18,7 +18,7 @@ def config(model_path, save_path, dims=(2, 1), parts=(3, 3), steps=6, **over) ->
                           "parts": list(parts) if parts else "auto"},
            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
-           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3,
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0,  # up to optimizer.params.lr
                                                         "warmup_num_steps": 2}}}
     raw.update(over)
     return raw

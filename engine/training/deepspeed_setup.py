@@ -4,13 +4,13 @@ from __future__ import annotations
 from models.blocks import AttnOptions, LayerOptions, attn_impl
 
 from engine import distributed as D
-from engine.config import TrainConfig
+from engine.config import SCHEDULER_TOTAL, ConfigError, TrainConfig
 
 
 def layer_options(cfg: TrainConfig) -> LayerOptions:
     impl = attn_impl(cfg.packing, cfg.use_flash_attn, D.on_gpu())
     return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
-                        compile=cfg.compile_blocks)
+                        compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight)
 
 
 def wrapped_optimizer(cfg: TrainConfig) -> bool:
@@ -39,3 +39,85 @@ def deepspeed_config(cfg: TrainConfig, pipeline: bool = True) -> dict:
     if ds.get("zero_optimization", {}).get("stage", 0) > 0 or "Lion" == cfg.ds.get("optimizer", {}).get("type"):
         ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
+
+
+def fill_schedule(cfg: TrainConfig, total_steps: int) -> None:
+    """Scheduler params that depend on the run: total_num_steps (WarmupDecayLR, WarmupCosineLR)
+    left unset in the config is the run's step count (gdGPT computed it the same way)."""
+    sched = cfg.ds.get("scheduler")
+    if sched and sched.get("type") in SCHEDULER_TOTAL and "total_num_steps" not in sched["params"]:
+        sched["params"]["total_num_steps"] = max(int(total_steps), 1)
+
+
+# DeepSpeed's pydantic config models -> the config key they parse (for one-line errors)
+_DS_SECTIONS = {"DeepSpeedFP16Config": "fp16", "DeepSpeedBF16Config": "bf16", "DeepSpeedZeroConfig": "zero_optimization",
+                "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+                "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+                "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing"}
+
+
+def check_device_dtype(cfg: TrainConfig) -> None:
+    """DeepSpeed refuses a precision the device lacks only deep inside initialize (fp16 on CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(cfg.dtype)
+    if supported is not None and not supported():
+        raise ConfigError(f"{cfg.source}: {cfg.dtype} is not supported on this device (DeepSpeed's "
+                          f"{acc.device_name()} accelerator): set {cfg.dtype}.enabled: false, or another precision")
+
+
+def check_deepspeed(cfg: TrainConfig, pipeline: bool = True, total_steps: int | None = None) -> None:
+    """What DeepSpeed will be given, checked by DeepSpeed's own config classes without launching:
+    the resolved config dict (DeepSpeedConfig, its pydantic sections included) and the scheduler,
+    built on a stand-in optimizer. A rejection becomes one ConfigError line; cfg is not changed.
+    Run by --dry-run and by every launch before anything is built."""
+    import copy
+    import logging
+    import types
+
+    import torch
+    from deepspeed import comm as dist
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from deepspeed.utils import logger
+    from pydantic import ValidationError
+
+    ds = copy.deepcopy(deepspeed_config(cfg, pipeline))
+    # DeepSpeedConfig checks the batch triple against the data-parallel size it finds: the grid's
+    # (as the engine passes it) under a launcher, 1 without one; ours was checked by validate
+    dp = cfg.data_dim if dist.is_initialized() else 1
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp
+    grid = types.SimpleNamespace(get_data_parallel_world_size=lambda: dp)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        DeepSpeedConfig(ds, mpu=grid)
+    except ValidationError as e:
+        err = e.errors()[0]
+        section = _DS_SECTIONS.get(e.title, e.title)
+        key = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"{cfg.source}: DeepSpeed rejects {section}.{key}: {err['msg']}") from None
+    except (AssertionError, ValueError, DeepSpeedConfigError) as e:
+        raise ConfigError(f"{cfg.source}: DeepSpeed rejects the config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        logger.setLevel(level)
+    sched = copy.deepcopy(ds.get("scheduler"))
+    if not sched:
+        return
+    kind, params = sched.get("type"), dict(sched.get("params") or {})
+    if kind in SCHEDULER_TOTAL and "total_num_steps" not in params:
+        params["total_num_steps"] = max(total_steps or 1, 1)  # filled from the data at launch
+    cls = getattr(lr_schedules, str(kind), None) or getattr(torch.optim.lr_scheduler, str(kind), None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"{cfg.source}: scheduler.type {kind!r} is neither a DeepSpeed nor a torch scheduler "
+                          f"(DeepSpeed's: {', '.join(lr_schedules.VALID_LR_SCHEDULES)})")
+    lr = cfg.ds["optimizer"]["params"]["lr"]
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    try:
+        logger.setLevel(logging.ERROR)
+        cls(stand_in, **params)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f"{cfg.source}: scheduler {kind}: {str(e).splitlines()[0]}") from None
+    finally:
+        logger.setLevel(level)

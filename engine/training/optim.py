@@ -5,17 +5,31 @@ JIT compile on CPU, identical behaviour under pipeline and ZeRO, and Lion withou
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from engine import distributed as D
 from engine.config import ConfigError
 
 
-def param_groups(params, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms and biases (1-D) are not decayed."""
-    params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+def param_groups(params, weight_decay: float, no_wd_kws: list[str] | None = None) -> list[dict]:
+    """Decay matrices only; norms and biases (1-D) are not decayed.
+
+    `params`: parameters, or (name, parameter) pairs. With `no_wd_kws` (gdGPT's optimizer key, a
+    list of regular expressions) and names, the rule is gdGPT's instead: a parameter whose name
+    matches one of them (re.search, e.g. 'bias', '[a-zA-Z]*norm') is not decayed, every other is.
+    """
+    named = [item if isinstance(item, tuple) else ("", item) for item in params]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if no_wd_kws:
+        if any(not n for n, _ in named):
+            raise ValueError("no_wd_kws needs parameter names (pass named_parameters())")
+        keep = [not any(re.search(k, n) for k in no_wd_kws) for n, _ in named]
+    else:
+        keep = [p.ndim >= 2 for _, p in named]
+    return [{"params": [p for (_, p), k in zip(named, keep) if k], "weight_decay": weight_decay},
+            {"params": [p for (_, p), k in zip(named, keep) if not k], "weight_decay": 0.0}]
 
 
 def uses_ds_cpu_optimizer(ds: dict) -> bool:
@@ -33,7 +47,7 @@ def build_optimizer(spec: dict | None, params, ds: dict | None = None) -> torch.
     kind, kw = spec.get("type", "AdamW"), dict(spec.get("params") or {})
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
-    groups = param_groups(params, float(kw.pop("weight_decay", 0.0)))
+    groups = param_groups(params, float(kw.pop("weight_decay", 0.0)), spec.get("no_wd_kws"))
     try:
         if ds is not None and uses_ds_cpu_optimizer(ds):
             if kind == "Lion":

@@ -1,0 +1,233 @@
+"""Coming from gdGPT: its own configs (tests/data/gdgpt/, every variant of its history) dry-run and
+train with only paths changed; its keys act (aux_max_z_loss, no_wd_kws, computed total_num_steps,
+ZeRO without model_topo); the lr means what it says (issue 19)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import ConfigError, from_dict, load_config
+from tests.dist import run_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+GDGPT = ROOT / "tests" / "data" / "gdgpt"
+PIPE_CONFIGS = sorted(GDGPT.glob("ds_config_pp@*"))
+ZERO_CONFIGS = sorted(GDGPT.glob("ds_config_zero@*"))
+DATA = [str(p) for p in sorted((ROOT / "examples" / "data").glob("*.json*"))]
+BLOOM_7B = dict(model_type="bloom", vocab_size=250880, hidden_size=4096, n_layer=30, n_head=32,
+                layer_norm_epsilon=1e-5)  # the model gdGPT's pipeline configs are written for (parts [1, 5 x 6, 1])
+LLAMA_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """config.json-only dirs of the 7B models gdGPT's configs describe (--dry-run reads nothing else)."""
+    root = tmp_path_factory.mktemp("shapes")
+    for name, hf in (("bloom", BLOOM_7B), ("llama", LLAMA_7B)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(hf))
+    return root
+
+
+def paths(model, save) -> list[str]:
+    return ["--set", f"model_path={model}", "--set", f"data_path={DATA[0]}", "--set", f"save_path={save}"]
+
+
+def cli(script, argv, capsys) -> tuple[int, str, str]:
+    import importlib
+
+    main = importlib.import_module(script).main
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("path", PIPE_CONFIGS + ZERO_CONFIGS, ids=lambda p: p.name)
+def test_every_gdgpt_config_dry_runs_with_only_paths_changed(path, shapes, tmp_path, capsys):
+    zero = path.name.startswith("ds_config_zero")
+    model = shapes / ("llama" if zero else "bloom")
+    code, out, err = cli("train_ds_zero" if zero else "train_ds",
+                         ["--config", str(path), "--dry-run", "--world-size", "8"] + paths(model, tmp_path), capsys)
+    assert code == 0, err
+    assert "dry run:" in out and ("ZeRO-3 over 8 data-parallel ranks" in out if zero else "pp 8 x dp 1" in out)
+    assert "fits" in out or "WARNING" in out
+    raw, notes = path.read_text(), "\n".join(l for l in err.splitlines() if l.startswith("note: "))
+    for key in ("fused_optimizer", "compression_training", '"axis"'):  # mapped or dropped, each with a note
+        assert (key.strip('"') in notes) == (key in raw), err
+    assert "error" not in err
+
+
+def test_dry_run_checks_deepspeeds_own_keys(shapes, tmp_path, capsys):
+    base = ["--config", str(PIPE_CONFIGS[-1]), "--dry-run", "--world-size", "8"] + paths(shapes / "bloom", tmp_path)
+    for extra, message in [
+        (["--set", "fp16.loss_scale_windw=10"], "DeepSpeed rejects fp16.loss_scale_windw: Extra inputs are not permitted"),
+        (["--set", "zero_optimization.stage=1", "--set", "zero_optimization.offload_optimizer.devce=cpu"],
+         "DeepSpeed rejects zero_optimization.offload_optimizer.devce"),
+        (["--set", "scheduler.params.warmup_max_lr=1e-3"], "scheduler WarmupCosineLR: "),  # not its parameter
+        (["--set", "scheduler.type=WarmupCosineLRR"], "is neither a DeepSpeed nor a torch scheduler"),
+    ]:
+        code, _, err = cli("train_ds", base + extra, capsys)
+        assert code == 2 and message in err, (extra, err)
+        assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1
+
+
+# ---------------------------------------------------------------------- lr and schedule (issue 19)
+def raw_config(**over) -> dict:
+    raw = {"model_path": "m", "data_path": "d.jsonl", "save_path": "s",
+           "optimizer": {"type": "AdamW", "params": {"lr": 2e-5}},
+           "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10}}}
+    raw.update(over)
+    return raw
+
+
+def test_optimizer_lr_is_the_peak_the_scheduler_reaches():
+    cfg = from_dict(raw_config())
+    assert cfg.ds["scheduler"]["params"] == {"warmup_num_steps": 10, "warmup_max_lr": 2e-5, "warmup_min_lr": 0.0}
+    # the README's own override on a shipped config: nothing else to change
+    tiny = load_config(ROOT / "configs" / "tiny_llama_cpu.yml", ["optimizer.params.lr=1e-5"])
+    assert tiny.ds["scheduler"]["params"]["warmup_max_lr"] == 1e-5 == tiny.ds["optimizer"]["params"]["lr"]
+    assert "total_num_steps" not in tiny.ds["scheduler"]["params"]  # the run's step count, at launch
+    # a scheduler that sets its own peak gives it to the optimizer
+    own = from_dict(raw_config(optimizer={"type": "AdamW", "params": {}},
+                               scheduler={"type": "WarmupLR", "params": {"warmup_max_lr": 3e-4}}))
+    assert own.ds["optimizer"]["params"]["lr"] == 3e-4
+    assert from_dict(raw_config(scheduler=None)).ds["optimizer"]["params"]["lr"] == 2e-5
+    assert from_dict(raw_config(optimizer=None, scheduler=None)).ds["optimizer"]["params"]["lr"] == 1e-5
+    same = from_dict(raw_config(scheduler={"type": "WarmupLR", "params": {"warmup_max_lr": 2e-5}}))
+    assert same.ds["scheduler"]["params"]["warmup_max_lr"] == 2e-5  # both set, equal: no conflict
+    early = from_dict(raw_config(scheduler={"type": "WarmupDecayLR", "params": {"warmup_max_lr": -1,
+                                                                               "total_num_steps": -1}}))
+    assert early.ds["scheduler"]["params"]["warmup_max_lr"] == 2e-5  # gdGPT's early "-1 = computed"
+    assert "total_num_steps" not in early.ds["scheduler"]["params"]
+    for path in PIPE_CONFIGS + ZERO_CONFIGS:  # gdGPT's WarmupCosineLR takes the optimizer's lr as its peak
+        cfg = load_config(path, ["model_path=m", "data_path=d", "save_path=s"])  # the early JSONs name no paths
+        assert cfg.ds["optimizer"]["params"]["lr"] in (1e-5, 5e-5)
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(scheduler={"type": "WarmupDecayLR", "params": {"warmup_max_lr": 2e-3}}),
+     "optimizer.params.lr 2e-05 and scheduler.params.warmup_max_lr 0.002 disagree"),
+    (dict(scheduler={"type": "OneCycle", "params": {"cycle_max_lr": 1e-3, "cycle_min_lr": 1e-5}}),
+     "optimizer.params.lr 2e-05 and scheduler.params.cycle_max_lr 0.001 disagree"),
+    (dict(max_steps=100, scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": 5000}}),
+     "max_steps 100 and scheduler.params.total_num_steps 5000 disagree"),
+    (dict(aux_max_z_loss={"weight": -1}), "aux_max_z_loss.weight must be a number >= 0"),
+    (dict(aux_max_z_loss={"wieght": 1e-4}), "unknown key 'aux_max_z_loss.wieght'"),
+    (dict(optimizer={"type": "AdamW", "params": {"lr": 1e-5}, "no_wd_kws": ["(norm"]}),
+     "optimizer.no_wd_kws: '(norm' is not a regular expression"),
+])
+def test_conflicts_are_one_line_naming_both_keys(over, message):
+    from engine.config import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(raw_config(**over), "x.yml"), 1, 6)
+    assert str(e.value).startswith("x.yml: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_schedule_total_is_the_runs_step_count():
+    from engine.training.deepspeed_setup import fill_schedule
+
+    cfg = from_dict(raw_config())
+    fill_schedule(cfg, 37)
+    assert cfg.ds["scheduler"]["params"]["total_num_steps"] == 37
+    kept = from_dict(raw_config(scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": 90}}))
+    fill_schedule(kept, 37)
+    assert kept.ds["scheduler"]["params"]["total_num_steps"] == 90  # given explicitly: kept
+
+
+# ---------------------------------------------------------------------- no_wd_kws, max-z loss
+def test_no_wd_kws_exempts_matching_names_from_weight_decay():
+    from engine.training.optim import build_optimizer
+    from models import get_family
+    from models.pipeline import SequentialModel
+
+    fam = get_family("bloom")  # biases and layer norms everywhere
+    module = SequentialModel(fam, fam.Args.from_hf_config(fam.tiny_hf_config()))
+    spec = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}, "no_wd_kws": ["bias", "[a-zA-Z]*norm"]}
+    opt = build_optimizer(spec, module.named_parameters())
+    names = {id(p): n for n, p in module.named_parameters()}
+    decayed, exempt = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert exempt and all("bias" in n or "norm" in n for n in exempt)
+    assert decayed and not any("bias" in n or "norm" in n for n in decayed)
+    assert decayed | exempt == set(names.values())
+    default = build_optimizer({**spec, "no_wd_kws": None}, module.named_parameters())  # ours: 1-D params exempt
+    assert all(p.ndim < 2 for p in default.param_groups[1]["params"])
+
+
+def test_max_z_loss_matches_gdgpts_formula():
+    from models.loss import MaxZLoss, causal_lm_loss
+    from models.mixtral import MoELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11) * 3
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -100
+    target = (labels, torch.tensor(0.25))
+    w = 2e-4
+
+    def reference(x):  # gdGPT's term, written out: weight * mean over positions of (max log_softmax)^2
+        return w * x.log_softmax(dim=-1).max(dim=-1)[0].pow(2.0).mean()
+
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = MaxZLoss(causal_lm_loss, w)
+    got = loss(a, target)
+    want = causal_lm_loss(b, target) + reference(b)
+    got.backward(), want.backward()
+    assert torch.allclose(got, want, rtol=1e-6) and torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+    metrics = loss.pop_metrics()
+    assert metrics["z_loss"] == pytest.approx(float(reference(logits)) / w, rel=1e-6)
+    assert metrics["lm_loss"] == pytest.approx(float(causal_lm_loss(logits, target)), rel=1e-6)
+    moe = MaxZLoss(MoELoss(0.5), w)  # an MoE keeps its router loss and metrics; z_loss is added
+    out = moe((logits, torch.tensor(0.3)), target)
+    assert float(out) == pytest.approx(float(causal_lm_loss(logits, target) + 0.15 + reference(logits)), rel=1e-6)
+    assert set(moe.pop_metrics()) == {"lm_loss", "aux_loss", "z_loss"}
+
+
+# ---------------------------------------------------------------------- real runs (2 CPU processes)
+def _train_from_file(path, overrides, zero):
+    from engine.training.loop import train, train_zero
+
+    return (train_zero if zero else train)(load_config(path, overrides)).losses
+
+
+def run_gdgpt(path, model, save, zero=False, extra=()):
+    """gdGPT's file with paths set; on CPU also fp16 off (DeepSpeed has no CPU fp16) and a global
+    batch the tiny example data can fill."""
+    over = [f"model_path={model}", f"data_path={DATA}", f"save_path={save}", "fp16.enabled=false",
+            "train_batch_size=4", "max_seq_len=64", "max_steps=3", *extra]
+    losses = run_ranks(_train_from_file, 2, path, over, zero)
+    assert losses[0] == losses[1]
+    return losses[0], [json.loads(l) for l in (Path(save) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gdgpt_pipeline_config_trains_with_its_keys_acting(tiny_pp, tmp_path):
+    path = GDGPT / "ds_config_pp@f5aa4a4.yml"  # aux_max_z_loss, no_wd_kws, fused_optimizer, WarmupCosineLR
+    losses, metrics = run_gdgpt(path, tiny_pp, tmp_path / "run",
+                                extra=["model_topo.process_topology.dims=[2,1]", "model_topo.parts=auto",
+                                       "optimizer.params.lr=3e-3"])
+    assert sorted(losses) == [1, 2, 3]
+    for m in metrics:
+        assert m["z_loss"] > 0 and abs(m["loss"] - (m["lm_loss"] + 2e-4 * m["z_loss"])) < 1e-5
+    assert metrics[0]["lr"] == pytest.approx(0.02 * 3e-3)  # warmup_min_ratio x the optimizer's lr
+    saved = yaml_of(tmp_path / "run" / "global_step3" / "config.yml")
+    assert saved["scheduler"]["params"]["total_num_steps"] == 3  # filled from the run, as gdGPT did
+
+
+def test_gdgpt_zero_config_without_model_topo_takes_every_rank(tiny_pp, tmp_path):
+    losses, metrics = run_gdgpt(GDGPT / "ds_config_zero@3176d99.yml", tiny_pp, tmp_path / "run", zero=True)
+    assert sorted(losses) == [1, 2, 3] and all(m["tokens"] > 0 for m in metrics)
+    meta = json.loads((tmp_path / "run" / "global_step3" / "meta.json").read_text())
+    assert meta["layout"]["dp"] == 2 and meta["layout"]["engine"] == "zero"
+
+
+def yaml_of(path):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
