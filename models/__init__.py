@@ -5,14 +5,21 @@
     TIED_WEIGHTS     parameter names shared by tied embedding/head twins
     Args             dataclass with `from_hf_config(dict)` and `num_layers`
     layers(args)     pipeline layers grouped as `parts` counts them
-    hf_keys(args)    per internal layer: {our param name: HF checkpoint key}
+    hf_keys(args)    per internal layer: {our param name: HF checkpoint key, or keymap.Fused(HF
+                     keys) for a fused projection}; keymap.from_hf / to_hf apply it
+    dims(args)       the model's dimensions as `Dims` (what planning and MFU read; no field-name guessing)
     tiny_hf_config() a tiny random config for tests
 
-Adding a family = one module + one line in FAMILIES.
+Optional: HF_BASE_PREFIX (hub checkpoints that store the base model's keys without it),
+REMOTE_CODE_DIR + export_hf_config(hf) (families transformers lacks), make_loss(args) (a loss
+other than plain causal LM, e.g. MoE's router loss).
+
+Adding a family = one module + one line in FAMILIES (tests/test_families.py then checks it).
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
 
 FAMILIES = {
@@ -22,6 +29,39 @@ FAMILIES = {
     "baichuan": "models.baichuan",
     "chatglm": "models.chatglm",
 }
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A family's dimensions under one set of names (`family.dims(args)`)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int  # MLP inner size (per expert under MoE)
+    gated: bool  # gate + up projections (SwiGLU) rather than one up projection
+    n_layers: int  # transformer blocks
+    vocab: int
+    norm_eps: float
+    positional: str  # "rope" | "alibi"
+    tied: bool  # lm_head shares the embedding matrix
+    max_positions: int | None  # context the model was built for (None: no fixed limit, e.g. ALiBi)
+    experts: int = 0  # MoE experts per block (0: dense MLP)
+    top_k: int = 0  # experts each token runs
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def mlp_params(self) -> int:
+        """Weights of one MLP (one expert), biases left out."""
+        return (3 if self.gated else 2) * self.hidden * self.ffn
 
 
 def family_names() -> list[str]:

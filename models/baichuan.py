@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import UnsupportedModel
+from . import Dims, UnsupportedModel
 from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, alibi_bias, alibi_slopes,
-                     apply_rotary, attend)
+                     apply_rotary, attend, gated_mlp_keys)
+from .keymap import with_prefix
 from .llama import Embed, FinalNorm
 
 MODEL_TYPES = ("baichuan",)
@@ -98,7 +99,7 @@ class Attention(nn.Module):
             self.rotary = Rotary(self.head_dim, {"rope_type": "default", "rope_theta": args.rope_theta},
                                  args.max_position_embeddings)
 
-    def forward(self, x, position_ids, mask):
+    def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
         q, k, v = self.W_pack(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         bias = None
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         else:
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attend(q, k, v, mask, self.attn, bias))
+        return self.o_proj(attend(q, k, v, mask, self.attn, bias, cache=cache))
 
 
 class Block(BlockBase):
@@ -118,8 +119,8 @@ class Block(BlockBase):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
 
-    def block(self, x, position_ids, mask):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask)
+    def block(self, x, position_ids, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -154,12 +155,14 @@ def layers(args: Args) -> list[list[LayerDef]]:
     return [[LayerDef(Embed)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [[LayerDef(Head)]]
 
 
-def hf_keys(args: Args) -> list[dict[str, str]]:
-    """Per pipeline layer: {our parameter name: HF checkpoint key} (public names, a prefix swap)."""
-    block = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.W_pack.weight",
-             "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+def hf_keys(args: Args) -> list[dict]:
+    """Per pipeline layer: {our parameter name: HF checkpoint key or Fused} (public names, a
+    prefix swap; gate/up are one fused projection, models/keymap.py)."""
+    block = {k: k for k in ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.W_pack.weight",
+                            "self_attn.o_proj.weight"]}
+    block.update(gated_mlp_keys(args.intermediate_size, bias=False))
     return ([{"embed_tokens.weight": "model.embed_tokens.weight"}]
-            + [{k: f"model.layers.{i}.{k}" for k in block} for i in range(args.num_layers)]
+            + [with_prefix(block, f"model.layers.{i}.") for i in range(args.num_layers)]
             + [{"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}])
 
 
@@ -174,6 +177,13 @@ def export_hf_config(hf: dict) -> dict:
                        "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
                        **({"AutoTokenizer": tokenizer} if tokenizer else {})}
     return out
+
+
+def dims(args: Args) -> Dims:
+    return Dims(hidden=args.hidden_size, heads=args.num_heads, kv_heads=args.num_heads,
+                head_dim=args.hidden_size // args.num_heads, ffn=args.intermediate_size, gated=True,
+                n_layers=args.num_layers, vocab=args.vocab_size, norm_eps=args.rms_norm_eps,
+                positional=args.position_embedding, max_positions=args.max_position_embeddings, tied=False)
 
 
 def tiny_hf_config(**overrides) -> dict:

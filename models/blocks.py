@@ -277,15 +277,19 @@ def _compiled_flex():
 
 
 def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
-           scale: float | None = None) -> torch.Tensor:
+           scale: float | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
     """Causal attention. q: [B, H, S, D]; k, v: [B, Hkv, S, D] (grouped-query when Hkv < H).
 
     mask: from `attention_mask` (None = plain causal); bias: additive float, broadcastable to
     [B, H, S, S] (ALiBi; runs through SDPA with a dense mask). Returns [B, S, H*D].
+    cache (generation only; training never passes one): k, v and the key bias of these S new
+    tokens join the earlier ones; `mask` is then KVCache.mask's ([B, 1, S, T] or None = all keys).
     """
     b, h, s, d = q.shape
+    if cache is not None:
+        k, v, bias = cache.update(k, v, bias)
     gqa = k.shape[1] != h
-    if opts.impl == "flex" and mask is not None:
+    if opts.impl == "flex" and mask is not None and cache is None:
         score_mod = None
         if bias is not None:  # ALiBi as a score modifier: flex still skips cross-document tiles
             full = bias.to(q.dtype).expand(b, h, 1, s)
@@ -294,7 +298,7 @@ def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
                 return score + full[bi, hi, 0, ki]
         out = _flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b, s, h * d)
-    if opts.impl == "flash" and bias is None and mask is None:
+    if opts.impl == "flash" and bias is None and mask is None and cache is None:
         from flash_attn import flash_attn_func
 
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=scale)
@@ -305,13 +309,18 @@ def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             gqa = False
     if bias is not None:
-        causal = mask if mask is not None else torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
-        mask = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
-    is_causal = mask is None
+        if mask is None and cache is not None:  # one new query: every key is visible
+            mask = bias.to(q.dtype)
+        else:
+            causal = mask if mask is not None else torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
+            mask = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
+    is_causal = mask is None and cache is None
     if opts.impl == "eager":
         scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else d ** -0.5)
         if is_causal:
             scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        elif mask is None:
+            pass  # generation: one query, every cached key
         elif mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
@@ -322,18 +331,108 @@ def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
     return out.transpose(1, 2).reshape(b, s, h * d)
 
 
+class KVCache:
+    """One attention layer's keys, values (and key bias, ALiBi) of the tokens generated so far.
+
+    Stored in buffers that grow by doubling, so a step appends in place instead of copying the
+    whole history (torch.cat would); `update` returns views of everything up to now. The cache
+    stays on the device of the layer that fills it, so layers split over devices keep theirs.
+    """
+
+    def __init__(self):
+        self.length = 0
+        self.k = self.v = self.bias = None
+
+    def mask(self, s: int, window: int | None, device) -> torch.Tensor | None:
+        """Mask of S new queries over all T = length + S keys: causal at the offset, and within the
+        sliding window; None when a single query may see every key."""
+        t = self.length + s
+        if s == 1 and (window is None or t <= window):
+            return None
+        q = torch.arange(self.length, t, device=device)[:, None]
+        keys = torch.arange(t, device=device)[None]
+        keep = keys <= q
+        if window is not None:
+            keep = keep & (q - keys < window)
+        return keep[None, None]
+
+    @staticmethod
+    def _append(buf, new, at: int, dim: int):
+        need = at + new.shape[dim]
+        if buf is None or buf.shape[dim] < need:
+            shape = list(new.shape)
+            shape[dim] = max(2 * need, 64)
+            grown = new.new_empty(shape)
+            if buf is not None:
+                grown.narrow(dim, 0, at).copy_(buf.narrow(dim, 0, at))
+            buf = grown
+        buf.narrow(dim, at, new.shape[dim]).copy_(new)
+        return buf, buf.narrow(dim, 0, need)
+
+    def update(self, k, v, bias=None):
+        at = self.length
+        self.k, k = self._append(self.k, k, at, 2)
+        self.v, v = self._append(self.v, v, at, 2)
+        if bias is not None:  # [B, H, 1, S]: one value per key
+            self.bias, bias = self._append(self.bias, bias, at, 3)
+        self.length = k.shape[2]  # k is now every key so far
+        return k, v, bias
+
+
+# ----------------------------------------------------------------------------- fused projections
+class FusedLinear(nn.Linear):
+    """Several projections of one input as one matmul (q/k/v, gate/up): one large GEMM instead
+    of two or three smaller ones, and one weight-gradient GEMM in backward. Rows are the parts
+    stacked in order; forward returns the parts. The HF checkpoint split is undone at conversion
+    time (models/keymap.py), not per step."""
+
+    def __init__(self, in_features: int, sizes: tuple[int, ...], bias: bool = False):
+        super().__init__(in_features, sum(sizes), bias=bias)
+        self.sizes = tuple(sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(x).split(self.sizes, dim=-1)
+
+
+def accept_unfused(module: nn.Module, fused: str, parts: tuple[str, ...]) -> None:
+    """Let `module` load a state dict written when its FusedLinear `fused` was the separate
+    linears `parts` (pipeline checkpoints from before the fusion, DeepSpeed resume included)."""
+    mapping = {f"{fused}.{kind}": tuple(f"{p}.{kind}" for p in parts) for kind in ("weight", "bias")}
+    module.unfused_parts = mapping  # read by keymap.unfused_names (optimizer state of old checkpoints)
+    module.register_load_state_dict_pre_hook(functools.partial(_fuse_on_load, mapping))
+
+
+def _fuse_on_load(mapping, module, state_dict, prefix, *_):
+    from .keymap import fuse_old_layout
+
+    fuse_old_layout(state_dict, mapping, prefix)
+
+
 # ----------------------------------------------------------------------------- MLP
 class GatedMLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)) with HF llama names."""
+    """SwiGLU: down(act(gate(x)) * up(x)); gate and up are one fused projection (rows [gate; up])."""
 
     def __init__(self, hidden: int, ffn: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn, bias=bias)
-        self.up_proj = nn.Linear(hidden, ffn, bias=bias)
+        self.gate_up_proj = FusedLinear(hidden, (ffn, ffn), bias=bias)
         self.down_proj = nn.Linear(ffn, hidden, bias=bias)
+        accept_unfused(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def gated_mlp_keys(ffn: int, bias: bool, prefix: str = "mlp.") -> dict:
+    """hf_keys entries of a GatedMLP whose HF checkpoint has separate gate_proj / up_proj."""
+    from .keymap import Fused
+
+    keys = {}
+    for kind in ("weight", "bias") if bias else ("weight",):
+        old = (f"{prefix}gate_proj.{kind}", f"{prefix}up_proj.{kind}")
+        keys[f"{prefix}gate_up_proj.{kind}"] = Fused(old, (ffn, ffn), old)
+        keys[f"{prefix}down_proj.{kind}"] = f"{prefix}down_proj.{kind}"
+    return keys
 
 
 # ----------------------------------------------------------------------------- layer plumbing
@@ -404,22 +503,25 @@ class BlockBase(nn.Module):
         if opts.compile:
             self.compile_block()
 
-    def block(self, x: torch.Tensor, position_ids: torch.Tensor, mask) -> torch.Tensor:
+    def block(self, x: torch.Tensor, position_ids: torch.Tensor, mask, cache: KVCache | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def compile_block(self) -> None:
         """Compile `block` for fixed shapes (one graph per block; no recompiles per step)."""
         self.block = torch.compile(self.block, dynamic=False)
 
-    def run_block(self, x: torch.Tensor, position_ids: torch.Tensor):
+    def run_block(self, x: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None):
         """`block`, recomputed in backward when checkpointing (a family whose block returns more
-        than the hidden states, e.g. MoE router statistics, calls this from its own forward)."""
+        than the hidden states, e.g. MoE router statistics, calls this from its own forward).
+        cache: generation (KVCache of this block's attention; x holds only the new tokens)."""
+        if cache is not None:
+            return self.block(x, position_ids, cache.mask(x.shape[1], self.window, x.device), cache)
         mask = attention_mask(position_ids, self.attn_opts, self.window)
         if self.ckpt_mode == "none" or not (self.training and torch.is_grad_enabled()):
             return self.block(x, position_ids, mask)
         extra = {"context_fn": _selective_context} if self.ckpt_mode == "selective" else {}
         return torch.utils.checkpoint.checkpoint(self.block, x, position_ids, mask, use_reentrant=False, **extra)
 
-    def forward(self, inputs):
+    def forward(self, inputs, cache: KVCache | None = None):
         x, position_ids = inputs
-        return self.run_block(x, position_ids), position_ids
+        return self.run_block(x, position_ids, cache), position_ids

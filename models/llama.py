@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary, attend,
-                     rope_parameters)
+from . import Dims
+from .blocks import (AttnOptions, BlockBase, FusedLinear, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary,
+                     accept_unfused, apply_rotary, attend, gated_mlp_keys, rope_parameters)
+from .keymap import Fused, with_prefix
 
 MODEL_TYPES = ("llama",)
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -67,20 +69,34 @@ class Attention(nn.Module):
         super().__init__()
         h, d = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.attn = args.num_heads, args.num_kv_heads, d, attn
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.attention_bias)
-        self.k_proj = nn.Linear(h, self.n_kv * d, bias=args.attention_bias)
-        self.v_proj = nn.Linear(h, self.n_kv * d, bias=args.attention_bias)
+        self.qkv_proj = FusedLinear(h, qkv_sizes(args), bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.attention_bias)
         self.rotary = Rotary(d, args.rope, args.max_position_embeddings)
+        accept_unfused(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
-    def forward(self, x, position_ids, mask):
+    def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attend(q, k, v, mask, self.attn))
+        return self.o_proj(attend(q, k, v, mask, self.attn, cache=cache))
+
+
+def qkv_sizes(args) -> tuple[int, int, int]:
+    return args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim, args.num_kv_heads * args.head_dim
+
+
+def attention_keys(args, prefix: str = "self_attn.") -> dict:
+    """hf_keys entries of `Attention` (HF: separate q_proj / k_proj / v_proj, and o_proj)."""
+    keys = {}
+    for kind in ("weight", "bias") if args.attention_bias else ("weight",):
+        old = tuple(f"{prefix}{p}_proj.{kind}" for p in "qkv")
+        keys[f"{prefix}qkv_proj.{kind}"] = Fused(old, qkv_sizes(args), old)
+        keys[f"{prefix}o_proj.{kind}"] = f"{prefix}o_proj.{kind}"
+    return keys
 
 
 class Block(BlockBase):
@@ -91,8 +107,8 @@ class Block(BlockBase):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
 
-    def block(self, x, position_ids, mask):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask)
+    def block(self, x, position_ids, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -131,24 +147,26 @@ def layers(args: Args) -> list[list[LayerDef]]:
     return [[LayerDef(Embed, tie)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [head]
 
 
-def hf_keys(args: Args) -> list[dict[str, str]]:
-    """Per pipeline layer: {our parameter name: HF checkpoint key}."""
-    block = [
-        "input_layernorm.weight", "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    ]
-    if args.attention_bias:
-        block += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias"]
-    if args.mlp_bias:
-        block += ["mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"]
+def hf_keys(args: Args) -> list[dict]:
+    """Per pipeline layer: {our parameter name: HF checkpoint key, or Fused(HF keys) for the fused
+    q/k/v and gate/up projections} (models/keymap.py)."""
+    block = {"input_layernorm.weight": "input_layernorm.weight",
+             "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+             **attention_keys(args), **gated_mlp_keys(args.intermediate_size, args.mlp_bias)}
     keys = [{"embed_tokens.weight": "model.embed_tokens.weight"}]
-    keys += [{k: f"model.layers.{i}.{k}" for k in block} for i in range(args.num_layers)]
+    keys += [with_prefix(block, f"model.layers.{i}.") for i in range(args.num_layers)]
     if args.tie_word_embeddings:
         keys += [{"norm.weight": "model.norm.weight"}, {"embed_tokens.weight": "model.embed_tokens.weight"}]
     else:
         keys += [{"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}]
     return keys
+
+
+def dims(args: Args) -> Dims:
+    return Dims(hidden=args.hidden_size, heads=args.num_heads, kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                ffn=args.intermediate_size, gated=True, n_layers=args.num_layers, vocab=args.vocab_size,
+                norm_eps=args.rms_norm_eps, positional="rope", max_positions=args.max_position_embeddings,
+                tied=args.tie_word_embeddings)
 
 
 def tiny_hf_config(**overrides) -> dict:

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import Dims
 from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, rope_parameters
-from .llama import Attention  # same GQA + rotary attention; the sliding window comes with the mask
+from .keymap import with_prefix
+from .llama import Attention, attention_keys  # same GQA + rotary attention; the sliding window comes with the mask
 from .loss import causal_lm_loss
 
 MODEL_TYPES = ("mixtral",)
@@ -130,14 +132,14 @@ class Block(BlockBase):
         self.window = args.sliding_window
         self.num_layers = args.num_layers
 
-    def block(self, x, position_ids, mask):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask)
+    def block(self, x, position_ids, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, cache)
         moe, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
         return x + moe, stats
 
-    def forward(self, inputs):
+    def forward(self, inputs, cache=None):
         x, position_ids, stats = inputs
-        x, layer_stats = self.run_block(x, position_ids)
+        x, layer_stats = self.run_block(x, position_ids, cache)
         return x, position_ids, stats + layer_stats / self.num_layers  # mean over (layer, token) rows
 
 
@@ -220,21 +222,27 @@ def make_loss(args: Args) -> MoELoss:
     return MoELoss(args.router_aux_loss_coef)
 
 
-def hf_keys(args: Args) -> list[dict[str, str]]:
-    """Per pipeline layer: {our parameter name: HF checkpoint key} (the on-disk names, with one
-    w1/w2/w3 per expert; transformers 5 fuses experts only in memory)."""
-    block = [
-        "input_layernorm.weight", "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-        "block_sparse_moe.gate.weight",
-    ] + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(args.num_experts) for w in ("w1", "w2", "w3")]
+def hf_keys(args: Args) -> list[dict]:
+    """Per pipeline layer: {our parameter name: HF checkpoint key or Fused} (the on-disk names,
+    with one w1/w2/w3 per expert; transformers 5 fuses experts only in memory; our q/k/v are one
+    fused projection, models/keymap.py)."""
+    block = {k: k for k in ["input_layernorm.weight", "post_attention_layernorm.weight", "block_sparse_moe.gate.weight"]
+             + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(args.num_experts) for w in ("w1", "w2", "w3")]}
+    block.update(attention_keys(args))
     keys = [{"embed_tokens.weight": "model.embed_tokens.weight"}]
-    keys += [{k: f"model.layers.{i}.{k}" for k in block} for i in range(args.num_layers)]
+    keys += [with_prefix(block, f"model.layers.{i}.") for i in range(args.num_layers)]
     if args.tie_word_embeddings:
         keys += [{"norm.weight": "model.norm.weight"}, {"embed_tokens.weight": "model.embed_tokens.weight"}]
     else:
         keys += [{"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}]
     return keys
+
+
+def dims(args: Args) -> Dims:
+    return Dims(hidden=args.hidden_size, heads=args.num_heads, kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                ffn=args.intermediate_size, gated=True, n_layers=args.num_layers, vocab=args.vocab_size,
+                norm_eps=args.rms_norm_eps, positional="rope", max_positions=args.max_position_embeddings,
+                tied=args.tie_word_embeddings, experts=args.num_experts, top_k=args.top_k)
 
 
 def tiny_hf_config(**overrides) -> dict:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from models.keymap import model_to_hf
+
 
 def random_state(family, args, seed: int = 0) -> dict[str, torch.Tensor]:
     """Every parameter random (norm weights too, so a misplaced norm shows), in "<layer>.<param>" layout."""
@@ -25,11 +27,7 @@ def random_state(family, args, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def hf_state(family, args, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict renamed to the public HF key names through family.hf_keys."""
-    out = {}
-    for idx, names in enumerate(family.hf_keys(args)):
-        for ours, theirs in names.items():
-            out[theirs] = state[f"{idx}.{ours}"]
-    return out
+    return model_to_hf(family, args, state)
 
 
 def write_hf_dir(family, hf_config: dict, state: dict[str, torch.Tensor], out: Path) -> Path:

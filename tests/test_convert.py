@@ -122,3 +122,43 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "no 'latest' file" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_layer_files_hold_fused_projections_and_old_unfused_files_still_load(tmp_path, tiny_hf):
+    """hf_to_pp joins HF's q/k/v and gate/up into our fused tensors once. A pipeline checkpoint
+    written before the fusion (separate q_proj/k_proj/v_proj, gate_proj/up_proj) still loads
+    everywhere: export (bit-exact), the stage loader, and a layer's load_state_dict (what
+    DeepSpeed's resume calls)."""
+    from engine.checkpoints.files import layer_file, load_layer
+    from engine.checkpoints.weights import open_weights
+    from engine.model import Model
+    from models.keymap import Fused
+    from models.pipeline import SequentialModel
+
+    hf_to_pp(tiny_hf, tmp_path / "pp")
+    tag, model = tmp_path / "pp" / "global_step0", Model.from_dir(tmp_path / "pp")
+    keys = model.family.hf_keys(model.args)
+    fused = {idx: {k: v.clone() for k, v in load_layer(layer_file(tag, idx)).items()} for idx in range(len(keys))}
+    assert {"self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"} <= set(fused[1])
+    src = hf_tensors(tiny_hf)
+    assert torch.equal(fused[1]["self_attn.qkv_proj.weight"], torch.cat(
+        [src[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]))
+    for idx, names in enumerate(keys):  # rewrite every file as the old version wrote it
+        old = {}
+        for ours, t in fused[idx].items():
+            if isinstance(names[ours], Fused):
+                old.update({k: p.clone() for k, p in zip(names[ours].old, t.split(names[ours].sizes))})
+            else:
+                old[ours] = t
+        torch.save(old, layer_file(tag, idx))
+    assert "self_attn.k_proj.weight" in load_layer(layer_file(tag, 1))
+
+    pp_to_hg(tmp_path / "pp", tmp_path / "out")
+    out = hf_tensors(tmp_path / "out")
+    assert set(out) == set(src) and all(torch.equal(out[k], src[k]) for k in src)
+    source = open_weights(tmp_path / "pp")
+    seq = SequentialModel(model.family, model.args)
+    for idx, layer in seq.owned_layers():
+        assert all(torch.equal(source.layer(idx)[k], v) for k, v in fused[idx].items())
+        layer.load_state_dict(load_layer(layer_file(tag, idx)))  # strict: old names are fused by the layer
+        assert all(torch.equal(layer.state_dict()[k], v) for k, v in fused[idx].items())

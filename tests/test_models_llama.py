@@ -5,6 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from models import llama
 from models.blocks import AttnOptions, LayerOptions
+from models.keymap import model_from_hf
 from models.pipeline import SequentialModel
 from tests.model_check import pipeline_forward, sequential_forward, shifted_labels
 
@@ -23,7 +24,7 @@ def reference(hf_config: dict, seed: int = 0):
     ref = LlamaForCausalLM(LlamaConfig(**hf_config)).eval()
     sd = ref.state_dict()
     args = llama.Args.from_hf_config(hf_config)
-    state = {f"{i}.{k}": sd[v] for i, layer in enumerate(llama.hf_keys(args)) for k, v in layer.items()}
+    state = model_from_hf(llama, args, sd.__getitem__)
     return ref, state
 
 
