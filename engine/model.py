@@ -43,6 +43,11 @@ class Model:
         return cls(family, args, hf_dir, len(layer_groups(family, args)))
 
     @property
+    def dims(self):
+        """models.Dims: the model's dimensions under the family-independent names."""
+        return self.family.dims(self.args)
+
+    @property
     def name(self) -> str:
         return self.family.__name__.split(".")[-1]
 

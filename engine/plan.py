@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from models import Dims
+
 GiB = 2**30
 GPU_FIXED_GIB = 0.5  # cuBLAS/NCCL workspaces and allocator slack seen by max_memory_allocated
 
@@ -83,20 +85,7 @@ class LayerCost:
     tie_params: int = 0  # of `params`, those shared with another stage's twin
 
 
-def _dims(args) -> dict:
-    h = args.hidden_size
-    nh = args.num_heads
-    hd = getattr(args, "head_dim", None) or h // nh
-    nkv = getattr(args, "num_kv_heads", None) or nh
-    f = getattr(args, "intermediate_size", None) or getattr(args, "ffn_hidden_size", None) or 4 * h
-    experts, top_k = getattr(args, "num_experts", 0) or 0, getattr(args, "top_k", 0) or 0
-    return dict(h=h, dq=nh * hd, dkv=nkv * hd, nh=nh, f=f, vocab=args.vocab_size, experts=experts, top_k=top_k,
-                gated=hasattr(args, "intermediate_size") or hasattr(args, "ffn_hidden_size"),
-                alibi=not hasattr(args, "rope") and not hasattr(args, "rope_theta")
-                or getattr(args, "position_embedding", "rope") == "alibi")
-
-
-def block_act_bytes(d: dict, s: Setup, mode: str) -> float:
+def block_act_bytes(d: Dims, s: Setup, mode: str) -> float:
     """Bytes per token one block keeps for backward.
 
     eager, no recompute: block input, norm outputs, q/k/v before and after rotary, attention
@@ -107,37 +96,37 @@ def block_act_bytes(d: dict, s: Setup, mode: str) -> float:
     output, residual, gate/up). selective: matmul and attention outputs + block input. full: the
     block input only (plus one block's full set while it is recomputed, counted per stage).
     """
-    e, h, dq, dkv, f = s.act_bytes, d["h"], d["dq"], d["dkv"], d["f"]
-    mlp_in = max(d["top_k"], 1)  # MoE: each token runs top_k experts
+    e, h, dq, dkv, f = s.act_bytes, d.hidden, d.q_dim, d.kv_dim, d.ffn
+    mlp_in = max(d.top_k, 1)  # MoE: each token runs top_k experts
     if mode == "full":
         return e * h
     if mode == "selective":
-        mlp = (2 * f if d["gated"] else f) * mlp_in
-        return e * (3 * h + 2 * dq + 2 * dkv + mlp) + (4 * d["experts"] if d["experts"] else 0)
+        mlp = (2 * f if d.gated else f) * mlp_in
+        return e * (3 * h + 2 * dq + 2 * dkv + mlp) + 4 * d.experts
     if s.compiled:
-        mlp = (2 * f if d["gated"] else f) * mlp_in
+        mlp = (2 * f if d.gated else f) * mlp_in
         return e * (2 * h + 2 * dq + 2 * dkv + mlp)
-    mlp = (4 * f if d["gated"] else 3 * f) * mlp_in + (h * mlp_in if d["experts"] else 0)
+    mlp = (4 * f if d.gated else 3 * f) * mlp_in + (h * mlp_in if d.experts else 0)
     norms = 2 * h * (4 if e == 2 else 0)
-    attn = e * (4 * dq + 3 * dkv) + 4 * d["nh"]  # + log-sum-exp
-    if not s.flash or d["alibi"]:
-        attn += (e + 1) * d["nh"] * s.seq  # probabilities + mask
-    return e * (4 * h + mlp) + attn + norms + (4 * 2 * d["experts"] if d["experts"] else 0)
+    attn = e * (4 * dq + 3 * dkv) + 4 * d.heads  # + log-sum-exp
+    if not s.flash or d.positional == "alibi":
+        attn += (e + 1) * d.heads * s.seq  # probabilities + mask
+    return e * (4 * h + mlp) + attn + norms + 4 * 2 * d.experts
 
 
-def head_act_bytes(d: dict, s: Setup) -> float:
+def head_act_bytes(d: Dims, s: Setup) -> float:
     """Per token on the last stage: logits (model dtype) + their gradient, and without a fused
     (compiled) cross-entropy the fp32 upcast and log-softmax."""
     e = s.act_bytes
     ce = 0 if s.compiled else (8 if e == 2 else 4)
-    return e * 2 * d["h"] + d["vocab"] * (2 * e + ce)
+    return e * 2 * d.hidden + d.vocab * (2 * e + ce)
 
 
 _PARAMS_CACHE: dict = {}
 
 
 def _group_params(family, args) -> tuple:
-    """(params, expert params, tie key, tie params) per user layer, from meta-device shapes."""
+    """(params, tie key, tie params) per user layer, from meta-device shapes."""
     from models.pipeline import layer_groups
 
     from engine.model import expected_shapes
@@ -148,35 +137,34 @@ def _group_params(family, args) -> tuple:
     shapes = expected_shapes(family, args)
     out, i = [], 0
     for group in layer_groups(family, args):
-        total = experts = tie_params = 0
+        total = tie_params = 0
         tie = None
         for d in group:
-            n = {k: math.prod(v) for k, v in shapes[i].items()}
-            total += sum(n.values())
-            experts += sum(v for k, v in n.items() if "expert" in k)
+            n = sum(math.prod(v) for v in shapes[i].values())
+            total += n
             if d.tie is not None:
-                tie, tie_params = d.tie, tie_params + sum(n.values())
+                tie, tie_params = d.tie, tie_params + n
             i += 1
-        out.append((total, experts, tie, tie_params))
+        out.append((total, tie, tie_params))
     _PARAMS_CACHE[key] = tuple(out)
     return _PARAMS_CACHE[key]
 
 
 def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
-    d = _dims(args)
+    d = family.dims(args)
     groups = _group_params(family, args)
     costs = []
     last = len(groups) - 1
-    for idx, (params, experts, tie, tie_params) in enumerate(groups):
+    for idx, (params, tie, tie_params) in enumerate(groups):
         if idx == 0:
             costs.append(LayerCost("embed", params, flops=0.0, act=8.0, ckpt_act=8.0, tie=tie, tie_params=tie_params))
         elif idx == last:
-            flops = 2.0 * d["h"] * d["vocab"] + 10.0 * d["vocab"]
+            flops = 2.0 * d.hidden * d.vocab + 10.0 * d.vocab
             act = head_act_bytes(d, setup)
             costs.append(LayerCost("head", params, flops, act, act, tie, tie_params))
         else:
-            active = params - experts + (experts * d["top_k"] / d["experts"] if d["experts"] else 0)
-            flops = 2.0 * active + 2.0 * setup.seq * d["dq"]
+            active = params - (d.experts - d.top_k) * d.mlp_params  # MoE: top_k of the experts run
+            flops = 2.0 * active + 2.0 * setup.seq * d.q_dim
             costs.append(LayerCost("block", params, flops, block_act_bytes(d, setup, "none"),
                                    block_act_bytes(d, setup, setup.ckpt)))
     return costs

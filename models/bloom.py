@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from . import Dims
 from .blocks import AttnOptions, BlockBase, LayerDef, LayerOptions, alibi_bias, alibi_slopes, attend
 
 MODEL_TYPES = ("bloom",)
@@ -73,12 +74,12 @@ class Attention(nn.Module):
         self.dense = nn.Linear(h, h)
         self.slopes = alibi_slopes(self.n_heads)  # fp32 always (not a buffer: a bf16 cast would round it)
 
-    def forward(self, x, position_ids, mask):
+    def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.n_heads, 3, self.head_dim)
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
         bias = alibi_bias(self.slopes, position_ids)  # per-document distances: positions restart per document
-        return self.dense(attend(q, k, v, mask, self.attn, bias=bias))
+        return self.dense(attend(q, k, v, mask, self.attn, bias=bias, cache=cache))
 
 
 class MLP(nn.Module):
@@ -100,9 +101,9 @@ class Block(BlockBase):
         self.mlp = MLP(args)
         self.residual_post_layernorm = args.residual_post_layernorm
 
-    def block(self, x, position_ids, mask):
+    def block(self, x, position_ids, mask, cache=None):
         h = self.input_layernorm(x)
-        x = (h if self.residual_post_layernorm else x) + self.self_attention(h, position_ids, mask)
+        x = (h if self.residual_post_layernorm else x) + self.self_attention(h, position_ids, mask, cache)
         h = self.post_attention_layernorm(x)
         return (h if self.residual_post_layernorm else x) + self.mlp(h)
 
@@ -158,6 +159,13 @@ def hf_keys(args: Args) -> list[dict[str, str]]:
     else:
         keys += [{**ln_f, "lm_head.weight": "lm_head.weight"}]
     return keys
+
+
+def dims(args: Args) -> Dims:
+    return Dims(hidden=args.hidden_size, heads=args.num_heads, kv_heads=args.num_heads,
+                head_dim=args.hidden_size // args.num_heads, ffn=4 * args.hidden_size, gated=False,
+                n_layers=args.num_layers, vocab=args.vocab_size, norm_eps=args.layer_norm_eps, positional="alibi",
+                max_positions=None, tied=args.tie_word_embeddings)
 
 
 def tiny_hf_config(**overrides) -> dict:

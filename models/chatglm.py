@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
-from . import UnsupportedModel
+from . import Dims, UnsupportedModel
 from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary_interleaved, attend)
 
 MODEL_TYPES = ("chatglm",)
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(d // 2, {"rope_type": "default", "rope_theta": args.rope_theta}, args.seq_length,
                              interleaved=True)
 
-    def forward(self, x, position_ids, mask):
+    def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
         d = self.head_dim
         q, k, v = self.query_key_value(x).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, d).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
-        return self.dense(attend(q, k, v, mask, self.attn))
+        return self.dense(attend(q, k, v, mask, self.attn, cache=cache))
 
 
 class MLP(nn.Module):
@@ -120,8 +120,8 @@ class Block(BlockBase):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.layernorm_epsilon)
         self.mlp = MLP(args)
 
-    def block(self, x, position_ids, mask):
-        x = x + self.self_attention(self.input_layernorm(x), position_ids, mask)
+    def block(self, x, position_ids, mask, cache=None):
+        x = x + self.self_attention(self.input_layernorm(x), position_ids, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,6 +168,13 @@ def export_hf_config(hf: dict) -> dict:
                        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
                        **({"AutoTokenizer": tokenizer} if tokenizer else {})}
     return out
+
+
+def dims(args: Args) -> Dims:
+    return Dims(hidden=args.hidden_size, heads=args.num_heads, kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                ffn=args.ffn_hidden_size, gated=True, n_layers=args.num_layers, vocab=args.vocab_size,
+                norm_eps=args.layernorm_epsilon, positional="rope", max_positions=args.seq_length,
+                tied=False)
 
 
 def tiny_hf_config(**overrides) -> dict:

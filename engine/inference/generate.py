@@ -230,7 +230,7 @@ class OurLM:
 
     @property
     def max_len(self) -> int | None:
-        return getattr(self.args, "max_position_embeddings", None)
+        return self.family.dims(self.args).max_positions
 
     def reset(self) -> None:
         from models.blocks import BlockBase, KVCache

@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
     metrics_log.message(f"model {model.name}: {model.n_layers} pipeline layers, {backend.describe()}; data: "
                         f"{dataset.stats}; {total} steps ({loader.steps_per_epoch}/epoch)"
                         + (f", resumed at step {step}" if step else ""))
-    fpt = flops_per_token(model.n_params(), model.args.num_layers, model.args.hidden_size, cfg.max_seq_len)
+    fpt = flops_per_token(model.dims, model.n_params(), cfg.max_seq_len)
     result, start = RunResult(final_step=step), step
     fault_hooks.wrap_loss(backend.loss_owner, lambda: step + 1)
 

@@ -33,9 +33,11 @@ PLOT_FILE = "loss.png"
 TB_DIR = "tensorboard"
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*h*s for attention scores."""
-    return 6 * n_params + 12 * n_layers * hidden * seq_len
+def flops_per_token(dims, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls (N: the parameters a token runs through; an
+    MoE token runs top_k experts) plus 12*L*h*s for attention scores. `dims`: models.Dims."""
+    active = n_params - dims.n_layers * (dims.experts - dims.top_k) * dims.mlp_params
+    return 6 * active + 12 * dims.n_layers * dims.hidden * seq_len
 
 
 # ----------------------------------------------------------------------------- logging
