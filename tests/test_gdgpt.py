@@ -207,9 +207,9 @@ def run_gdgpt(path, model, save, zero=False, extra=()):
     return losses[0], [json.loads(l) for l in (Path(save) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_gdgpt_pipeline_config_trains_with_its_keys_acting(tiny_pp, tmp_path):
+def test_gdgpt_pipeline_config_trains_with_its_keys_acting(gdgpt_llama, tmp_path):
     path = GDGPT / "ds_config_pp@f5aa4a4.yml"  # aux_max_z_loss, no_wd_kws, fused_optimizer, WarmupCosineLR
-    losses, metrics = run_gdgpt(path, tiny_pp, tmp_path / "run",
+    losses, metrics = run_gdgpt(path, gdgpt_llama[0], tmp_path / "run",  # model: gdGPT's own hg_to_pp dir
                                 extra=["model_topo.process_topology.dims=[2,1]", "model_topo.parts=auto",
                                        "optimizer.params.lr=3e-3"])
     assert sorted(losses) == [1, 2, 3]
@@ -220,8 +220,9 @@ def test_gdgpt_pipeline_config_trains_with_its_keys_acting(tiny_pp, tmp_path):
     assert saved["scheduler"]["params"]["total_num_steps"] == 3  # filled from the run, as gdGPT did
 
 
-def test_gdgpt_zero_config_without_model_topo_takes_every_rank(tiny_pp, tmp_path):
-    losses, metrics = run_gdgpt(GDGPT / "ds_config_zero@3176d99.yml", tiny_pp, tmp_path / "run", zero=True)
+def test_gdgpt_zero_config_without_model_topo_takes_every_rank(gdgpt_llama, tmp_path):
+    # model: a gdGPT training output (save_path whose `latest` names checkpoint_final)
+    losses, metrics = run_gdgpt(GDGPT / "ds_config_zero@3176d99.yml", gdgpt_llama[1], tmp_path / "run", zero=True)
     assert sorted(losses) == [1, 2, 3] and all(m["tokens"] > 0 for m in metrics)
     meta = json.loads((tmp_path / "run" / "global_step3" / "meta.json").read_text())
     assert meta["layout"]["dp"] == 2 and meta["layout"]["engine"] == "zero"
@@ -231,3 +232,56 @@ def yaml_of(path):
     import yaml
 
     return yaml.safe_load(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------- gdGPT's checkpoint dirs
+@pytest.fixture(scope="module")
+def gdgpt_llama(tiny_pp, tmp_path_factory):
+    """The tiny llama as gdGPT's hg_to_pp writes it, and as a gdGPT training output."""
+    from tests.gdgpt_layout import write_gdgpt_dir, write_gdgpt_run
+
+    hf, root = Path(tiny_pp).parent / "hf", tmp_path_factory.mktemp("gdgpt")
+    return write_gdgpt_dir(hf, root / "pp", "llama"), write_gdgpt_run(hf, root / "run", "llama")
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_pp_to_hg_reads_gdgpts_dirs(family, gdgpt_llama, tiny_pp, tmp_path, capsys):
+    from engine.checkpoints.files import locate
+    from models.tiny import make_tiny_hf_model, sample_texts
+    from tests.gdgpt_layout import hf_state, write_gdgpt_dir, write_gdgpt_run
+
+    if family == "llama":
+        hf, (converted, run) = Path(tiny_pp).parent / "hf", gdgpt_llama
+    else:  # tied embedding, biases, its own layer names
+        hf = make_tiny_hf_model(tmp_path / "hf", "bloom", sample_texts(DATA))
+        converted, run = write_gdgpt_dir(hf, tmp_path / "pp", family), write_gdgpt_run(hf, tmp_path / "run", family)
+    want = hf_state(hf)
+    for i, src in enumerate((converted, run, run / "checkpoint_final")):
+        assert locate(src).gdgpt and locate(src).hf_dir.name in (converted.name, "checkpoint_final")
+        out = tmp_path / f"out{i}"
+        code, _, err = cli("convert_model", ["pp_to_hg", "--input-path", str(src), "--save-path", str(out)], capsys)
+        assert code == 0, err
+        got = hf_state(out)
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k].float(), want[k].half().float()) for k in want)  # gdGPT stores fp16
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out1") is not None
+
+
+def test_demo_reads_a_gdgpt_dir(gdgpt_llama, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in [
+        {"type": "instruct", "instruct": "Name a colour."},
+        {"type": "conversation", "rounds": [["ask", "Hello"]]}]))
+    code, _, err = cli("convert_model", ["pp_to_hg", "--input-path", str(gdgpt_llama[0]), "--save-path",
+                                         str(tmp_path / "hf")], capsys)
+    assert code == 0, err
+    answers = []
+    for model in (gdgpt_llama[0], gdgpt_llama[1], tmp_path / "hf"):
+        out = tmp_path / f"{len(answers)}.jsonl"
+        code, _, err = cli("demo", ["--model", str(model), "--prompts", str(prompts), "--output", str(out),
+                                    "--max-new-tokens", "6", "--template", "default"], capsys)
+        assert code == 0, err
+        answers.append([json.loads(l)["answer"] for l in out.read_text().splitlines()])
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 2  # same weights, whichever layout

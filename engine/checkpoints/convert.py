@@ -108,7 +108,8 @@ def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     if source.where.is_hf:
         raise LayoutError(f"{pp_dir}: not a pipeline checkpoint dir (no 'latest' file)")
     family, hf_src = source.model.family, source.where.hf_dir
-    integrity.verify_weights(source.layer_dir)  # sizes + hashes of the layer files (meta.json), before reading
+    if source.layer_dir is not None:  # (gdGPT's layer dirs have no meta.json)
+        integrity.verify_weights(source.layer_dir)  # sizes + hashes of the layer files (meta.json), before reading
     source.verify()  # every layer file's keys and shapes before writing anything
     if dtype != "auto" and dtype not in DTYPES:
         raise LayoutError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")

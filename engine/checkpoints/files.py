@@ -96,6 +96,7 @@ class ModelDir:
     path: Path
     hf_dir: Path  # config.json, tokenizer, generation config
     layers: Callable[[str | None], Path] | None = None  # tag -> dir of layer_XX files; None: HF weights in hf_dir
+    gdgpt: bool = False  # the layer files hold HF-named tensors (gdGPT's layout, engine/checkpoints/gdgpt.py)
 
     @property
     def is_hf(self) -> bool:

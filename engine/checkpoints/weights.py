@@ -19,6 +19,7 @@ from models.pipeline import flat_layers
 
 from engine.checkpoints.files import (INDEX_NAMES, LayoutError, ModelDir, check_layer, check_safetensors, layer_file,
                                       load_layer, locate, read_json)
+from engine.checkpoints.gdgpt import GdgptWeights
 from engine.model import Model, expected_shapes
 
 
@@ -111,6 +112,8 @@ class LayerSource:
             if tag is not None:
                 raise LayoutError(f"{where.path}: an HF model dir has no checkpoint tags (tag {tag!r} asked for)")
             self.layer_dir, self.hf = None, HFWeights(where.hf_dir, getattr(model.family, "HF_BASE_PREFIX", ""))
+        elif where.gdgpt:  # HF-named tensors in gdGPT's layer files: read through the HF key map
+            self.layer_dir, self.hf = None, GdgptWeights(where.layers(tag), model.name, model.args.num_layers)
         else:
             self.layer_dir, self.hf = where.layers(tag), None
         ties, self.twins = set(), set()  # a tied twin's weights are its owner's (no layer file of its own)
