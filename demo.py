@@ -23,12 +23,15 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="pipeline checkpoint dir (<dir>/latest) or HF model dir")
     p.add_argument("--backend", choices=("ours", "hf"), default="ours",
-                   help="ours: our layers, any source, split over --devices, no KV cache; "
+                   help="ours: our layers, any source, split over --devices, KV cache; "
                         "hf: transformers on an HF dir, KV cache, one device")
     p.add_argument("--devices", help="comma-separated, e.g. cuda:0,cuda:1 (default: every visible GPU, else cpu)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--type", choices=KINDS, default="conversation", help="prompt template (sample type)")
-    p.add_argument("--template", default="default", help="default or chat_template (as prompt_template in training)")
+    p.add_argument("--template", default="auto",
+                   help="auto (the tokenizer's chat template when it has one, else default), default (### User/"
+                        "### Assistant layouts) or chat_template: as prompt_template in training")
+    p.add_argument("--system", type=text_arg, help="system prompt (a chat template's system message), or @file")
     p.add_argument("--reference", type=text_arg, help="ref_qa reference text, or @file")
     p.add_argument("--api-desc", type=text_arg, help="conver_has_api api description, or @file")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -62,8 +65,12 @@ def main(argv=None):
                         log=lambda s: print(s, file=sys.stderr))
         print(f"{n} answers -> {out}", file=sys.stderr)
         return
-    interactive(Chat(lm, tokenizer, a.type, sampling, a.template, a.reference, a.api_desc, lm.max_len))
+    interactive(Chat(lm, tokenizer, a.type, sampling, a.template, a.reference, a.api_desc, lm.max_len, a.system))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while loading or answering a --prompts file: stop without a traceback
+        print(file=sys.stderr)
+        sys.exit(130)

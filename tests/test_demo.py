@@ -264,7 +264,165 @@ def test_interactive_in_a_terminal(tiny, tok):
             os.waitpid(pid, 0)
         os.close(fd)
     ids = prompt_ids({"type": "conversation", "rounds": [["ask", "Hello"]]}, tok)
-    want = tok.decode(reference_greedy(hf, ids), skip_special_tokens=True)
+    ref = reference_greedy(hf, ids)
+    want = tok.decode(ref, skip_special_tokens=True)
+    cut = f" [cut at {N_NEW} new tokens: --max-new-tokens]"
     answer = lambda raw: raw.decode().replace("\r\n", "\n").split("Hello\n", 1)[1].rsplit(">>> ", 1)[0].strip()
-    assert want.strip().startswith(answer(first)) and answer(first)
+    assert (cut in answer(first)) == (tok.eos_token_id not in ref), "an answer cut by the limit is marked"
+    assert want.strip().startswith(answer(first).replace(cut, "")) and answer(first)
     assert answer(second) == answer(first)  # after /reset the same prompt, the same greedy answer
+
+
+# ----------------------------------------------------------------------------- KV cache, every family
+FAMILIES = ["llama", "bloom", "mixtral", "baichuan", "chatglm"]
+LONG = 120  # new tokens: well past the prompt, so the cache holds most of the context
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
+    from models.tiny import make_tiny_hf_model, sample_texts
+
+    extra = {"position_embedding": "alibi"} if request.param == "baichuan" else {}  # baichuan-13B: ALiBi
+    return request.param, make_tiny_hf_model(tmp_path_factory.mktemp(request.param) / "hf", request.param,
+                                             sample_texts(DATA), seed=5, **extra)
+
+
+def greedy_no_eos(lm, prompt, n, eos):
+    """Greedy tokens through lm.next_logits with EOS suppressed (as transformers' min_new_tokens)."""
+    lm.reset()
+    logits, out = lm.next_logits(list(prompt)), []
+    for _ in range(n):
+        logits[eos] = float("-inf")
+        out.append(int(torch.argmax(logits)))
+        logits = lm.next_logits(out[-1:])
+    return out
+
+
+def test_kv_cache_greedy_equals_transformers_every_family(family_model):
+    """Our cached generation = transformers' generate (with its cache) for LONG tokens, for llama,
+    bloom (ALiBi), mixtral (MoE), baichuan (ALiBi variant, remote code) and chatglm (remote code);
+    also with the layers split over three devices, and with the prompt fed in two chunks (the
+    second one attends to the cached first at an offset)."""
+    from transformers import AutoModelForCausalLM
+
+    name, hf = family_model
+    prompt = [1, 17, 43, 99, 5, 250, 11, 80, 33]
+    model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).eval()
+    ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=LONG, min_new_tokens=LONG, do_sample=False, pad_token_id=0, eos_token_id=2)
+    want = ref[0, len(prompt):].tolist()
+    lm = load_ours(hf, ["cpu"])
+    got = greedy_no_eos(lm, prompt, LONG, eos=2)
+    assert got == want, f"{name}: first difference at token {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+    split = load_ours(hf, ["cpu", "cpu", "cpu"])
+    assert greedy_no_eos(split, prompt, 24, eos=2) == want[:24]
+    lm.reset()
+    whole = lm.next_logits(prompt + want[:10])
+    lm.reset()
+    lm.next_logits(prompt)
+    torch.testing.assert_close(lm.next_logits(want[:10]), whole, rtol=1e-4, atol=1e-4)
+    no_cache = lm.forward(torch.tensor([prompt + want[:10]]))[0, -1]
+    torch.testing.assert_close(whole, no_cache.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tmp_path):
+    """A long answer (KV cache, 4000 new tokens) interrupted with Ctrl-C in the terminal: the
+    answer stops, the prompt comes back, the session goes on; Ctrl-C at the prompt does not end it."""
+    from models.tiny import make_tiny_hf_model, sample_texts
+
+    hf = make_tiny_hf_model(tmp_path / "hf", "llama", sample_texts(DATA), seed=3, max_position_embeddings=8192)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "demo.py", "--model", str(hf), "--max-new-tokens", "4000"], env)
+    try:
+        _read_until(fd, b">>> ")
+        os.write(fd, b"Hello\n")
+        _read_until(fd, b"Hello\r\n")
+        streamed = _read_until(fd, b" ")  # the answer is being written
+        os.write(fd, b"\x03")  # Ctrl-C, as the terminal sends it (SIGINT to the foreground process)
+        stopped = _read_until(fd, b">>> ", timeout=30)
+        assert b"[stopped" in stopped and b"Traceback" not in streamed + stopped
+        os.write(fd, b"\x03")
+        assert b"/quit leaves" in _read_until(fd, b">>> ", timeout=30)
+        os.write(fd, b"/quit\n")
+        _read_until(fd, b"\n", timeout=30)
+        _, status = os.waitpid(pid, 0)
+        pid = None
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- chat templates in the demo
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory):
+    from tests.tokenizer_util import make_chat_tokenizer
+
+    return make_chat_tokenizer(tmp_path_factory.mktemp("chatml"), "chatml")
+
+
+def test_chat_template_is_the_default_and_its_end_of_turn_stops(chatml):
+    """auto: prompts are the tokenizer's chat template (system prompt included), the answer stops
+    at <|im_end|> (stop_reason eos), and the next turn renders the history through the template."""
+    tok = chatml
+    word = tok("Paris", add_special_tokens=False)["input_ids"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    lm = FakeLM(word + [im_end] + word)
+    chat = Chat(lm, tok, "conversation", SamplingConfig(max_new_tokens=20), template="auto", system="Be brief.")
+    g = chat.ask("Capital of France?")
+    assert (g.text, g.stop_reason) == ("Paris", "eos")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert lm.prompts[-1] == tok(want, add_special_tokens=False)["input_ids"], "no BOS in front, no ### layout"
+    lm.pos = 0
+    chat.ask("And Italy?")
+    messages += [{"role": "assistant", "content": "Paris"}, {"role": "user", "content": "And Italy?"}]
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert lm.prompts[-1] == tok(want, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_api_call_gets_a_tool_message(chatml):
+    """Under a chat template the api call ends with the end-of-turn token; the tool's result goes
+    into a tool message and the model answers after it; the history keeps the ans-api structure."""
+    tok = chatml
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    call = "Thought: Look.\nAction: getWeather\nAction Input: Paris"
+    lm = FakeLM(tok(call, add_special_tokens=False)["input_ids"] + [im_end]
+                + tok("Final Answer: sunny", add_special_tokens=False)["input_ids"] + [im_end])
+    chat = Chat(lm, tok, "conver_has_api", SamplingConfig(max_new_tokens=60), template="auto",
+                api_desc="getWeather: weather")
+    g = chat.ask("Weather?", observe=lambda text: "18 C")
+    assert g.text == call + " 18 C\nFinal Answer: sunny" and g.stop_reason == "eos"
+    messages = [{"role": "user", "content": "API:\ngetWeather: weather\n\nWeather?"},
+                {"role": "assistant", "content": call}, {"role": "tool", "content": "18 C"}]
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert lm.prompts[1] == tok(want, add_special_tokens=False)["input_ids"]
+    assert chat.rounds[-1] == ["ans-api", {"actions": [{"inner_thought": "Look.", "api_name": "getWeather",
+                                                        "api_param": "Paris", "api_res": "18 C"}], "ans": "sunny"}]
+
+
+def test_chat_template_greedy_equals_transformers(tmp_path, chatml):
+    """A tiny llama with a ChatML tokenizer: our cached greedy answer to the chat-template prompt
+    = transformers' generate on apply_chat_template's ids."""
+    from models.tiny import make_tiny_hf_model
+
+    hf = make_tiny_hf_model(tmp_path / "hf", "llama", seed=4, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    chatml.save_pretrained(hf)  # replaces the sentencepiece tokenizer (same vocab size)
+    lm = load_lm(hf)
+    tok = load_tokenizer_of(hf)
+    ids = prompt_ids({"type": "instruct", "instruct": "Name a colour."}, tok, "auto")
+    assert ids == tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True,
+                                          return_dict=True)["input_ids"]
+    g = generate(lm, tok, ids, SamplingConfig(max_new_tokens=40))
+    assert g.ids == reference_greedy(hf, ids, 40)[:len(g.ids)] and (len(g.ids) == 40 or g.stop_reason == "eos")
+
+
+def load_tokenizer_of(hf):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf)

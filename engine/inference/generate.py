@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from data.templates import ACTION_RESULT
+from data.templates import ACTION_RESULT, parse_api_call
 
 from engine.checkpoints.files import LayoutError, locate
 
@@ -44,6 +44,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in prompt or answer
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop after text ending with one of these (kept in the answer)
+    stop_ids: tuple[int, ...] = ()  # tokens that end the answer like EOS (a chat template's end-of-turn)
 
 
 def process_logits(logits: torch.Tensor, seen: list[int], cfg: SamplingConfig) -> torch.Tensor:
@@ -116,7 +117,7 @@ def generate(lm, tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
     generator = None
     if cfg.do_sample:
         generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    eos = {tokenizer.eos_token_id} - {None}
+    eos = ({tokenizer.eos_token_id} | set(cfg.stop_ids)) - {None}
     lm.reset()
     logits = lm.next_logits(list(prompt_ids))
     seen, out, stream = list(prompt_ids), Generation(), TextStream(tokenizer)
@@ -343,17 +344,30 @@ def load_tokenizer(lm):
 
 
 # ----------------------------------------------------------------------------- prompts
-def prompt_ids(sample, tokenizer, template: str = "default") -> list[int]:
-    """Training-template prompt of a sample in prompt form (dict or record), as token ids."""
-    from data.templates import render_prompt
-    from data.tokenize import encode_prompt
+def prompt_ids(sample, tokenizer, template: str = "default", pending: list[tuple[str, str]] = ()) -> list[int]:
+    """Training-template prompt of a sample in prompt form (dict or record), as token ids;
+    pending: the api calls made so far in this answer, with their results (data.templates.render_prompt)."""
+    from data.tokenize import prompt_token_ids
 
-    return encode_prompt(render_prompt(sample, template, tokenizer), tokenizer, template)
+    return prompt_token_ids(sample, tokenizer, template, pending)
 
 
-def text_ids(text: str, tokenizer, template: str = "default") -> list[int]:
-    """Raw text continued as is (tokenized without BOS): api results appended mid-answer."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=template == "default")["input_ids"]
+def stop_token_ids(tokenizer, template: str = "default", hf_dir: str | Path | None = None) -> tuple[int, ...]:
+    """Tokens besides the tokenizer's EOS that end an answer: the chat template's end-of-turn
+    token when prompts go through it (SmolLM2's <|im_end|>, Llama-3's <|eot_id|>), and the
+    model's generation_config.json eos_token_id(s), which transformers' generate stops at too."""
+    import json
+
+    from data.templates import chat_style, resolve_template
+
+    ids = set()
+    if resolve_template(template, tokenizer) == "chat_template" and chat_style(tokenizer).eot_token:
+        ids.add(tokenizer.convert_tokens_to_ids(chat_style(tokenizer).eot_token))
+    gen_config = Path(hf_dir) / "generation_config.json" if hf_dir else None
+    if gen_config and gen_config.is_file():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    return tuple(sorted(ids))
 
 
 # ----------------------------------------------------------------------------- chat sessions
@@ -365,13 +379,14 @@ class Chat:
 
     kind: conversation (with history), instruct (each prompt alone), ref_qa (history + a
     reference), conver_has_api (history + an api description; the model's api call stops at
-    "Observation:" and `observe(call_text)` supplies the tool's result), pretrain (plain
-    continuation of the text).
+    "Observation:", or at its end of turn under a chat template, and `observe(answer_so_far)`
+    supplies the tool's result, which enters the prompt as training laid it out: after the call,
+    or as a tool message), pretrain (plain continuation of the text). system: a system prompt.
     """
 
     def __init__(self, lm, tokenizer, kind: str = "conversation", sampling: SamplingConfig | None = None,
                  template: str = "default", reference: str | None = None, api_desc: str | None = None,
-                 max_len: int | None = None):
+                 max_len: int | None = None, system: str | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown prompt type {kind!r} (expected one of {', '.join(KINDS)})")
         if kind == "ref_qa" and not reference:
@@ -380,8 +395,9 @@ class Chat:
             raise ValueError("type conver_has_api needs an api description (--api-desc)")
         self.lm, self.tokenizer, self.kind, self.template = lm, tokenizer, kind, template
         self.sampling = sampling or SamplingConfig()
-        self.reference, self.api_desc, self.max_len = reference, api_desc, max_len
+        self.reference, self.api_desc, self.max_len, self.system = reference, api_desc, max_len, system
         self.rounds: list[list] = []
+        self.stop_ids = stop_token_ids(tokenizer, template, getattr(lm, "hf_dir", None))
 
     def reset(self) -> None:
         self.rounds = []
@@ -389,7 +405,7 @@ class Chat:
     def sample(self, rounds: list[list]) -> dict:
         last = rounds[-1][1]
         if self.kind == "instruct":
-            return {"type": "instruct", "instruct": last}
+            return {"type": "instruct", "instruct": last, **({"system": self.system} if self.system else {})}
         if self.kind == "pretrain":
             return {"type": "pretrain", "text": last}
         sample = {"type": self.kind, "rounds": rounds}
@@ -397,6 +413,8 @@ class Chat:
             sample["reference"] = self.reference
         if self.kind == "conver_has_api":
             sample["api_desc"] = self.api_desc
+        if self.system:
+            sample["system"] = self.system
         return sample
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None,
@@ -410,8 +428,9 @@ class Chat:
             rounds = rounds[2:]  # forget the oldest exchange rather than overflow the positions
             ids = prompt_ids(self.sample(rounds), self.tokenizer, self.template)
         api = self.kind == "conver_has_api"
-        cfg = SamplingConfig(**{**self.sampling.__dict__, "stop": (API_STOP,) if api else ()})
+        cfg = SamplingConfig(**{**self.sampling.__dict__, "stop": (API_STOP,) if api else (), "stop_ids": self.stop_ids})
         total = Generation(stop_reason="length")
+        pending: list[tuple[str, str]] = []  # (call the model wrote, the tool's result) within this answer
         while budget > 0:
             cfg.max_new_tokens = budget
             g = generate(self.lm, self.tokenizer, ids, cfg, on_text)
@@ -419,17 +438,32 @@ class Chat:
             total.text += g.text
             total.stop_reason = g.stop_reason
             budget -= len(g.ids)
-            result = observe(total.text) if (g.stop_reason == "stop" and observe) else None
+            is_call = api and (g.stop_reason == "stop" or g.stop_reason == "eos" and parse_api_call(g.text) is not None)
+            result = observe(total.text) if (is_call and observe) else None
             if result is None:
                 break
-            piece = ACTION_RESULT.format(api_res=result)  # context written by the tool, as in training
+            pending.append((g.text, result))
+            piece = ACTION_RESULT.format(api_res=result)  # shown as the default layout has it
             if on_text:
                 on_text(piece)
-            ids = ids + g.ids + text_ids(piece, self.tokenizer, self.template)
             total.text += piece
+            ids = prompt_ids(self.sample(rounds), self.tokenizer, self.template, pending)
         if history is self.rounds and total.text.strip():
-            self.rounds = rounds + [["ans", total.text]]  # renders exactly as the text the model saw
+            self.rounds = rounds + [self._answer_round(pending, g.text, total.text)]
         return total
+
+    def _answer_round(self, pending: list[tuple[str, str]], final: str, text: str) -> list:
+        """The answer as a history round: in the plain layout the text the model saw as is; under
+        a chat template, calls and results as training renders an ans-api (assistant and tool
+        messages) when every call parses."""
+        from data.templates import resolve_template
+
+        calls = [parse_api_call(call) for call, _ in pending]
+        final = final.strip().removeprefix("Final Answer:").strip()
+        if not pending or resolve_template(self.template, self.tokenizer) != "chat_template" or \
+                None in calls or not final:
+            return ["ans", text]
+        return ["ans-api", {"actions": [{**c, "api_res": res} for c, (_, res) in zip(calls, pending)], "ans": final}]
 
 
 def read_prompts(path: str | Path, default_kind: str = "instruct") -> list:
@@ -463,10 +497,11 @@ def answer_file(lm, tokenizer, prompts_path: str | Path, out_path: str | Path, s
     prompts = read_prompts(prompts_path, default_kind)
     for i, p in enumerate(prompts):  # validate all before generating anything
         parse_sample(p, str(prompts_path), i, for_prompt=True)
+    stop_ids = stop_token_ids(tokenizer, template, getattr(lm, "hf_dir", None))
     with open(out_path, "w") as fh:
         for i, p in enumerate(prompts):
             stop = (API_STOP,) if p.get("type") == "conver_has_api" else ()
-            cfg = SamplingConfig(**{**sampling.__dict__, "stop": stop})
+            cfg = SamplingConfig(**{**sampling.__dict__, "stop": stop, "stop_ids": stop_ids})
             g = generate(lm, tokenizer, prompt_ids(p, tokenizer, template), cfg)
             fh.write(json.dumps({"index": i, "prompt": p, "answer": g.text, "n_tokens": len(g.ids),
                                  "stop_reason": g.stop_reason}, ensure_ascii=False) + "\n")
@@ -477,11 +512,13 @@ def answer_file(lm, tokenizer, prompts_path: str | Path, out_path: str | Path, s
 
 
 HELP = ("commands: /reset clears the history, /quit (or quit, exit, Ctrl-D) leaves, /help shows this; "
-        "anything else is your next message")
+        "Ctrl-C stops an answer; anything else is your next message")
 
 
 def interactive(chat: Chat, read=input, write=None) -> None:
-    """A read-answer loop on the terminal; answers stream as they are generated."""
+    """A read-answer loop on the terminal; answers stream as they are generated. Ctrl-C stops the
+    answer being written (that exchange is not kept in the history) and returns to the prompt; an
+    answer cut by max_new_tokens is marked."""
     import sys
 
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -492,6 +529,9 @@ def interactive(chat: Chat, read=input, write=None) -> None:
         except EOFError:
             write("\n")
             return
+        except KeyboardInterrupt:
+            write("\n(Ctrl-D or /quit leaves)\n")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -504,5 +544,12 @@ def interactive(chat: Chat, read=input, write=None) -> None:
         if text == "/help":
             write(HELP + "\n")
             continue
-        g = chat.ask(text, on_text=write, observe=lambda call: read(" [tool result] ").strip() or None)
-        write("\n" if g.text else "(empty answer)\n")
+        try:
+            g = chat.ask(text, on_text=write, observe=lambda call: read(" [tool result] ").strip() or None)
+        except KeyboardInterrupt:
+            write("\n[stopped; this exchange is not kept]\n")
+            continue
+        if g.stop_reason == "length":
+            write(f" [cut at {chat.sampling.max_new_tokens} new tokens: --max-new-tokens]\n")
+        else:
+            write("\n" if g.text else "(empty answer)\n")
