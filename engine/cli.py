@@ -8,8 +8,10 @@ import sys
 from engine.config import ConfigError, help_text, load_config
 from engine.training.control import NonFiniteLoss
 from engine.checkpoints.files import LayoutError
+from engine.checkpoints.lock import LockHeld
+from engine.checkpoints.writes import SaveFailed
 
-USER_ERRORS = (ConfigError, LayoutError, FileNotFoundError, NonFiniteLoss)
+USER_ERRORS = (ConfigError, LayoutError, FileNotFoundError, NonFiniteLoss, LockHeld, SaveFailed)
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -74,6 +76,10 @@ def user_errors(fn):
         except USER_ERRORS + _data_errors() as e:
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {e}", file=sys.stderr)
+            if getattr(e, "every_rank", False):  # raised on all ranks at once: leave after rank 0 has said
+                from engine.distributed import barrier  # why (a rank's exit makes the launcher kill the rest)
+
+                barrier()
             sys.exit(2)
     return wrapped
 

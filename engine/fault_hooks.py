@@ -5,9 +5,14 @@ PPLLM_TEST_PAUSE_IN_SAVE=<step>:<seconds>  the checkpoint publisher, after DeepS
     and sleeps: a test can SIGKILL "while a checkpoint is being written" deterministically.
 PPLLM_TEST_NAN_AT_STEP=<step>[,<step>...]  the loss of those global steps (1-based) is NaN, which
     makes every gradient NaN (exercises on_nonfinite_loss).
+PPLLM_TEST_ENOSPC_IN_SAVE=<step>:<rank>  that rank's checkpoint writes of that step fail with ENOSPC.
+PPLLM_TEST_HOLD_AFTER_STEP=<step>  after that step, before deciding whether to stop or save, rank 0
+    creates `<save_path>/.held-<step>` and waits until the test deletes it (the other ranks wait
+    in the next collective): the run is parked at a known step while a test acts on it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -44,3 +49,24 @@ def wrap_loss(module, current_step) -> None:
         if hasattr(inner, name):
             setattr(loss_fn, name, getattr(inner, name))
     module.loss_fn = loss_fn
+
+
+def write_error(path) -> None:
+    """PPLLM_TEST_ENOSPC_IN_SAVE=<step>:<rank>: that rank's checkpoint file writes of that step's
+    save fail with ENOSPC, as on a full disk."""
+    spec = os.environ.get("PPLLM_TEST_ENOSPC_IN_SAVE")
+    if not spec:
+        return
+    at, rank = spec.split(":")
+    if os.environ.get("RANK", "0") == rank and f".tmp-global_step{at}" in Path(path).parts:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def hold_after_step(root, step: int) -> None:
+    spec = os.environ.get("PPLLM_TEST_HOLD_AFTER_STEP")
+    if not spec or int(spec) != step or os.environ.get("RANK", "0") != "0":
+        return
+    flag = Path(root) / f".held-{step}"
+    flag.write_text(str(os.getpid()))
+    while flag.exists():
+        time.sleep(0.05)

@@ -23,3 +23,17 @@ def tiny_pp(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     make_tiny_hf_model(root / "hf", "llama", sample_texts(EXAMPLE_DATA))
     return hf_to_pp(root / "hf", root / "pp")
+
+
+@pytest.fixture(scope="session")
+def launcher_reference(tiny_pp, tmp_path_factory):
+    """[(step, loss)] of an uninterrupted run of tests/test_kill_resume.py's config under the real
+    `deepspeed` launcher (2 CPU ranks): what every interrupted-and-resumed run must reproduce."""
+    from tests.test_kill_resume import STEPS, launch, losses, wait_group, write_config
+
+    save = tmp_path_factory.mktemp("ref") / "run"
+    proc = launch(write_config(tiny_pp, save), save.parent / "log")
+    assert wait_group(proc) == 0, (save.parent / "log").read_text()[-3000:]
+    ref = losses(save)
+    assert [s for s, _ in ref] == list(range(1, STEPS + 1))
+    return ref

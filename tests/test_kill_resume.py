@@ -83,14 +83,9 @@ def losses(save: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_pp, tmp_path_factory):
-    save = tmp_path_factory.mktemp("ref") / "run"
-    proc = launch(write_config(tiny_pp, save), save.parent / "log")
-    assert wait_group(proc) == 0, (save.parent / "log").read_text()[-3000:]
-    ref = losses(save)
-    assert [s for s, _ in ref] == list(range(1, STEPS + 1))
-    return ref
+@pytest.fixture
+def reference(launcher_reference):  # tests/conftest.py: one uninterrupted run, shared with test_run_faults.py
+    return launcher_reference
 
 
 def test_kill9_anywhere_then_same_command_resumes_bitwise(tiny_pp, tmp_path, reference):
