@@ -30,6 +30,8 @@ SHAPES = {
     "7b": {},
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                 num_key_value_heads=40),
+    "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
+               num_key_value_heads=16),  # the FP8 quality gate's model
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512),  # smoke test on CPU
 }
@@ -59,8 +61,12 @@ def prepare(out: Path, n_samples: int, shape: str, layers: int | None) -> None:
     print(f"prepared {hf} and {n_samples} samples")
 
 
-def run(out: Path, name: str, seq: int, overrides: list[str], zero: bool) -> None:
+def run(out: Path, name: str, seq: int, overrides: list[str], zero: bool, unfused: bool = False) -> None:
     import torch
+
+    if unfused:  # the 'before' of the fused-projection A/B (bench/unfused.py)
+        from bench.unfused import patch
+        patch()
 
     from engine.config import from_dict, apply_overrides
     from engine import distributed as D
@@ -86,9 +92,19 @@ def run(out: Path, name: str, seq: int, overrides: list[str], zero: bool) -> Non
         (Path(cfg.save_path) / "peak_gib.json").write_text(json.dumps(peaks))
 
 
-def table(out: Path, warmup: int) -> None:
+def pp_rate(stage_rate: float, micro_batches: int = 16, stages: int = 2) -> float:
+    """tok/s per GPU of a pp=`stages` run whose every stage runs at `stage_rate` (one stage's rate
+    measured alone): the pipeline bubble leaves M/(M+P-1) of the time busy, and P GPUs share the tokens."""
+    return stage_rate * micro_batches / (micro_batches + stages - 1) / stages
+
+
+def table(out: Path, warmup: int, pp_micro: int = 16) -> None:
+    """Product cases (runs/*/metrics.jsonl) and reference stages (ref/*.json, bench/ref_stage.py);
+    a product case NAME is compared with the reference ref_NAME, else with the one named 'ref'."""
     rows = []
-    for run_dir in sorted((out / "runs").iterdir()):
+    for run_dir in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
         metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
         timed = [m for m in metrics if m["step"] > warmup] or metrics
         peak_file = run_dir / "peak_gib.json"
@@ -96,9 +112,20 @@ def table(out: Path, warmup: int) -> None:
         rows.append((run_dir.name, statistics.median(m["tokens_per_s_per_gpu"] for m in timed),
                      statistics.median(m["mfu"] for m in timed), statistics.median(m["step_time_s"] for m in timed),
                      statistics.mean(m["loss"] for m in timed), peaks))
-    print(f"{'case':34s} {'tok/s/GPU':>10s} {'MFU':>6s} {'step s':>7s} {'loss':>6s}  peak GiB per rank")
+    refs = {f.stem: json.loads(f.read_text()) for f in sorted((out / "ref").glob("*.json"))} \
+        if (out / "ref").is_dir() else {}
+    print(f"{'case':34s} {'tok/s/GPU':>10s} {'MFU':>6s} {'step s':>7s} {'loss':>6s} {'vs ref':>7s} "
+          f"{'pp2 est':>8s}  peak GiB per rank")
     for name, tps, mfu, dt, loss, peaks in rows:
-        print(f"{name:34s} {tps:10.0f} {100 * mfu:5.1f}% {dt:7.2f} {loss:6.2f}  {peaks}")
+        ref = refs.get(f"ref_{name}") or refs.get("ref")
+        ratio = f"{tps / ref['tok_s']:7.3f}" if ref else f"{'':7s}"
+        print(f"{name:34s} {tps:10.0f} {100 * mfu:5.1f}% {dt:7.2f} {loss:6.2f} {ratio} {pp_rate(tps, pp_micro):8.0f}  {peaks}")
+    for name, r in refs.items():
+        print(f"{name:34s} {r['tok_s']:10.0f} {'':6s} {r['step_s']:7.2f} {r['loss']:6.2f} {'(ref)':>7s} "
+              f"{pp_rate(r['tok_s'], pp_micro):8.0f}  [{r['peak_gib']}]  micro {r['micro']} x {r['accum']}, "
+              f"attn {r['attn']}, fp8 {r['fp8']}, accum {r['accum_dtype']}")
+    print(f"pp2 est = stage tok/s x M/(M+P-1) / P with P=2, M={pp_micro} micro-batches: per-GPU rate of a pp=2 run "
+          f"whose two stages each run at the measured rate")
 
 
 if __name__ == "__main__":
@@ -112,12 +139,14 @@ if __name__ == "__main__":
     p.add_argument("--layers", type=int, default=None, help="override the shape's block count")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--zero", action="store_true", help="the ZeRO path (train_ds_zero.py's engine)")
+    p.add_argument("--unfused", action="store_true", help="q/k/v and gate/up as separate GEMMs (bench/unfused.py)")
+    p.add_argument("--pp-micro", type=int, default=16, help="micro-batches per step for the table's pp=2 estimate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args()
     out = Path(a.out)
     if a.mode == "prepare":
         prepare(out, a.samples, a.shape, a.layers)
     elif a.mode == "run":
-        run(out, a.name, a.seq, a.set, a.zero)
+        run(out, a.name, a.seq, a.set, a.zero, a.unfused)
     else:
-        table(out, a.warmup)
+        table(out, a.warmup, a.pp_micro)

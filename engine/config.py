@@ -75,6 +75,9 @@ class TrainConfig:
                                     "attention outputs, recompute the elementwise ops)", default=False)
     use_flash_attn: bool = doc("use flash-attn kernels when importable (SDPA/FlexAttention otherwise)", default=False)
     compile_blocks: bool = doc("torch.compile each transformer block and the loss (GPU; fixed shapes)", default=False)
+    fp8: str = doc("FP8 training of the transformer blocks' linears through torchao.float8: tensorwise (fastest), "
+                   "rowwise (finer scales) or off; needs bf16, a GPU with FP8 tensor cores (H100/H200, "
+                   "compute capability >= 8.9) and torchao; the pipeline path only", default="off")
     from_scratch: bool = doc("random init (pretraining): model_path needs only config + tokenizer", default=False)
     packing: bool = doc("pack several samples per row (no attention across them)", default=False)
     skip_bad_samples: bool = doc("skip and count malformed samples instead of stopping", default=False)
@@ -473,6 +476,13 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     for key in ("save_every_steps", "save_every_minutes", "keep_last", "max_steps", "profile_step"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    if cfg.fp8 not in ("off", "tensorwise", "rowwise"):
+        raise ConfigError(f"{where}: fp8 must be tensorwise, rowwise or off, got {cfg.fp8!r}")
+    if cfg.fp8 != "off" and not pipeline:
+        raise ConfigError(f"{where}: fp8: {cfg.fp8} is supported on the pipeline path (train_ds.py) only; set fp8: off")
+    if cfg.fp8 != "off" and cfg.dtype != "bf16":
+        raise ConfigError(f"{where}: fp8: {cfg.fp8} needs bf16: {{enabled: true}} (its parameters and "
+                          f"gradients stay bf16), got {cfg.dtype}")
     if cfg.on_nonfinite_loss not in ("stop", "skip"):
         raise ConfigError(f"{where}: on_nonfinite_loss must be stop or skip, got {cfg.on_nonfinite_loss!r}")
     if isinstance(cfg.resume, str) and cfg.resume != "auto":

@@ -380,22 +380,17 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- fused projections
-class FusedLinear(nn.Linear):
+def fused_linear(in_features: int, sizes: tuple[int, ...], bias: bool = False) -> nn.Linear:
     """Several projections of one input as one matmul (q/k/v, gate/up): one large GEMM instead
     of two or three smaller ones, and one weight-gradient GEMM in backward. Rows are the parts
-    stacked in order; forward returns the parts. The HF checkpoint split is undone at conversion
+    stacked in order; the caller splits the output (`.split(sizes, -1)`). A plain nn.Linear, so
+    module swaps (torchao float8) apply to it. The HF checkpoint split is undone at conversion
     time (models/keymap.py), not per step."""
-
-    def __init__(self, in_features: int, sizes: tuple[int, ...], bias: bool = False):
-        super().__init__(in_features, sum(sizes), bias=bias)
-        self.sizes = tuple(sizes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return super().forward(x).split(self.sizes, dim=-1)
+    return nn.Linear(in_features, sum(sizes), bias=bias)
 
 
 def accept_unfused(module: nn.Module, fused: str, parts: tuple[str, ...]) -> None:
-    """Let `module` load a state dict written when its FusedLinear `fused` was the separate
+    """Let `module` load a state dict written when its fused linear `fused` was the separate
     linears `parts` (pipeline checkpoints from before the fusion, DeepSpeed resume included)."""
     mapping = {f"{fused}.{kind}": tuple(f"{p}.{kind}" for p in parts) for kind in ("weight", "bias")}
     module.unfused_parts = mapping  # read by keymap.unfused_names (optimizer state of old checkpoints)
@@ -414,12 +409,12 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, ffn: int, bias: bool = False):
         super().__init__()
-        self.gate_up_proj = FusedLinear(hidden, (ffn, ffn), bias=bias)
+        self.gate_up_proj = fused_linear(hidden, (ffn, ffn), bias=bias)
         self.down_proj = nn.Linear(ffn, hidden, bias=bias)
         accept_unfused(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -459,6 +454,7 @@ class LayerOptions:
     grad_ckpt: bool | str = False
     compile: bool = False  # torch.compile each block (fixed shapes, one graph per block)
     max_z_loss: float = 0.0  # weight of gdGPT's max-z term (models.loss.MaxZLoss); read by the loss only
+    fp8: str = "off"  # float8 training of the block linears (FP8_MODES; models.pipeline.float8_blocks)
 
     @property
     def ckpt_mode(self) -> str:
@@ -469,6 +465,7 @@ class LayerOptions:
 
 
 CKPT_MODES = ("none", "full", "selective")
+FP8_MODES = ("off", "tensorwise", "rowwise")  # torchao.float8 recipes
 # Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else in a block
 # (norms, rotary, activations, residual adds) is recomputed from them in backward.
 _SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import Dims
-from .blocks import (AttnOptions, BlockBase, FusedLinear, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary,
-                     accept_unfused, apply_rotary, attend, gated_mlp_keys, rope_parameters)
+from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary,
+                     accept_unfused, apply_rotary, attend, fused_linear, gated_mlp_keys, rope_parameters)
 from .keymap import Fused, with_prefix
 
 MODEL_TYPES = ("llama",)
@@ -69,14 +69,15 @@ class Attention(nn.Module):
         super().__init__()
         h, d = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.attn = args.num_heads, args.num_kv_heads, d, attn
-        self.qkv_proj = FusedLinear(h, qkv_sizes(args), bias=args.attention_bias)
+        self.qkv_sizes = qkv_sizes(args)
+        self.qkv_proj = fused_linear(h, self.qkv_sizes, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.attention_bias)
         self.rotary = Rotary(d, args.rope, args.max_position_embeddings)
         accept_unfused(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
-        q, k, v = self.qkv_proj(x)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)

@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .blocks import LayerDef, LayerOptions
+from .blocks import BlockBase, LayerDef, LayerOptions
 from .loss import MaxZLoss, causal_lm_loss
 
 
@@ -82,8 +82,28 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
         return TiedLayerSpec(d.tie, d.cls, args, opts, forward_fn=d.forward_fn, tied_weight_attr=family.TIED_WEIGHTS)
 
     bounds = stage_bounds(family, args, parts)
-    return _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology, loss_fn=training_loss(family, args, opts),
-                     seed_layers=True, base_seed=int(seed), partition_method="manual")
+    module = _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology,
+                       loss_fn=training_loss(family, args, opts), seed_layers=True, base_seed=int(seed),
+                       partition_method="manual")
+    float8_blocks(module.forward_funcs, opts.fp8)
+    return module
+
+
+def float8_blocks(layers, mode: str) -> None:
+    """FP8 training (`fp8: tensorwise | rowwise`): torchao.float8 swaps each transformer block's
+    linears (q/k/v, o, gate/up, down) for its Float8Linear, which casts inputs, weights and
+    gradients to float8 with dynamic scales for the three matmuls and keeps the bf16 parameters
+    (checkpoints and the optimizer see no change). Embedding and head stay in bf16, as torchao
+    advises for the first and last layers. Call before the blocks first run (compile traces the swap)."""
+    if mode == "off":
+        return
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig.from_recipe_name(mode)
+    for layer in layers:
+        if isinstance(layer, BlockBase):  # the fp8 GEMMs need both dimensions divisible by 16
+            convert_to_float8_training(layer, config=config,
+                                       module_filter_fn=lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0)
 
 
 def init_layer(layer: nn.Module, seed: int, idx: int, std: float = 0.02) -> None:

@@ -70,6 +70,8 @@ def test_parse_errors_name_the_key(raw, message):
     ({"zero_optimization": {"stage": 3}}, 2, "use train_ds_zero.py"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 2, "bf16 and fp16 are both enabled"),
     ({"use_grad_ckpt": "yes"}, 2, "use_grad_ckpt must be true, false, full or selective"),
+    ({"fp8": "e4m3"}, 2, "fp8 must be tensorwise, rowwise or off, got 'e4m3'"),
+    ({"fp8": "tensorwise"}, 2, "fp8: tensorwise needs bf16: {enabled: true}"),
 ])
 def test_cross_field_rules(over, world, message):
     cfg = from_dict(base(**over), "x.yml")
@@ -84,6 +86,7 @@ def test_cross_field_rules(over, world, message):
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}}, "offload_optimizer.device must be none, cpu or nvme"),
     ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"stage": 3}, "model_topo": {"process_topology": {"dims": [2, 1]}}}, "the ZeRO path has no pipeline"),
+    ({"zero_optimization": {"stage": 3}, "fp8": "rowwise"}, "fp8: rowwise is supported on the pipeline path"),
 ])
 def test_zero_path_rules(over, message):
     raw = base(model_topo={"process_topology": {"dims": [1, 2]}})
@@ -118,3 +121,31 @@ def test_bad_yaml_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(path) in str(e.value) and "not valid YAML" in str(e.value)
+
+
+def test_fp8_needs_torchao_and_fp8_tensor_cores(monkeypatch):
+    """fp8 on a machine that cannot run it is one config line, before anything is built."""
+    import sys
+    import types
+
+    import torch
+
+    from engine.training.deepspeed_setup import layer_options
+
+    cfg = from_dict(base(fp8="tensorwise", bf16={"enabled": True}), "x.yml")
+    validate(cfg, 2, 6)
+    assert layer_options(from_dict(base(), "x.yml")).fp8 == "off"  # the default needs nothing
+    monkeypatch.setitem(sys.modules, "torchao", None)  # not installed
+    with pytest.raises(ConfigError, match=r"^x.yml: fp8: tensorwise needs torchao \(pip install torchao\)"):
+        layer_options(cfg)
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))  # installed, but no such GPU
+    monkeypatch.setitem(sys.modules, "torchao.float8", types.ModuleType("torchao.float8"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^x.yml: fp8: tensorwise needs a GPU with FP8 tensor cores"):
+        layer_options(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100: bf16 only
+    with pytest.raises(ConfigError, match="compute capability >= 8.9"):
+        layer_options(cfg)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert layer_options(cfg).fp8 == "tensorwise"

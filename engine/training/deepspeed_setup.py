@@ -9,8 +9,23 @@ from engine.config import SCHEDULER_TOTAL, ConfigError, TrainConfig
 
 def layer_options(cfg: TrainConfig) -> LayerOptions:
     impl = attn_impl(cfg.packing, cfg.use_flash_attn, D.on_gpu())
+    if cfg.fp8 != "off":
+        check_fp8(cfg)
     return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
-                        compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight)
+                        compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight, fp8=cfg.fp8)
+
+
+def check_fp8(cfg: TrainConfig) -> None:
+    """What `fp8` needs from this machine (validate checked the value): torchao and FP8 tensor cores."""
+    import torch
+
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{cfg.source}: fp8: {cfg.fp8} needs torchao (pip install torchao); set fp8: off") from None
+    if not (D.on_gpu() and torch.cuda.get_device_capability() >= (8, 9)):
+        raise ConfigError(f"{cfg.source}: fp8: {cfg.fp8} needs a GPU with FP8 tensor cores (compute capability "
+                          f">= 8.9: H100, H200, L40, RTX 4090); set fp8: off")
 
 
 def wrapped_optimizer(cfg: TrainConfig) -> bool:
