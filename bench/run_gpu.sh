@@ -14,8 +14,18 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
 [ -n "${SKIP_CHECK:-}" ] || python3 bench/gpu_check.py 2>&1 | grep -v Warning | tail -14
-[ -z "${ATTN_BENCH:-}" ] || python3 bench/attn_bench.py 2>&1 | grep -v Warning | tee "$OUTDIR/attn.txt"
 [ -d $BENCH/llama7b ] || python3 bench/bench_train.py prepare --out $BENCH --samples ${SAMPLES:-4000} ${SHAPE:+--shape $SHAPE} ${LAYERS:+--layers $LAYERS} | tail -1
+# product cases (bench_train.py: the product's own path)
+IFS=';' read -ra CASES <<< "$1"
+for case in "${CASES[@]}"; do
+  read -ra parts <<< "$case"
+  [ ${#parts[@]} -gt 0 ] || continue
+  name=${parts[0]}; seq=${parts[1]}; rest=("${parts[@]:2}")
+  echo "=== $name (seq $seq) $(date +%T)"
+  timeout ${CASE_TIMEOUT:-400} torchrun --nproc_per_node "$NGPU" bench/bench_train.py run --out $BENCH --name "$name" \
+    --seq "$seq" "${rest[@]}" > "$OUTDIR/$name.log" 2>&1
+  echo "exit $? $(date +%T)"; grep -E "Error|error:|Traceback|OutOfMemory" "$OUTDIR/$name.log" | grep -v Warning | tail -3
+done
 # reference stages (bench/ref_stage.py, one GPU, no data pipeline): REF="name [args]; ..."
 IFS=';' read -ra REFS <<< "${REF:-}"
 for case in "${REFS[@]}"; do
@@ -26,18 +36,7 @@ for case in "${REFS[@]}"; do
     ${LAYERS:+--layers $LAYERS} "${parts[@]:1}" > "$OUTDIR/${parts[0]}.log" 2>&1
   echo "exit $? $(date +%T)"; grep -E "tok/s|Error|error:|Traceback|OutOfMemory" "$OUTDIR/${parts[0]}.log" | grep -v Warning | tail -3
 done
-# product cases; a name starting with old_ runs from the tree in $OLD_TREE (a before/after in one call)
-IFS=';' read -ra CASES <<< "$1"
-for case in "${CASES[@]}"; do
-  read -ra parts <<< "$case"
-  [ ${#parts[@]} -gt 0 ] || continue
-  name=${parts[0]}; seq=${parts[1]}; rest=("${parts[@]:2}")
-  tree=.; [[ $name == old_* ]] && tree=${OLD_TREE:?OLD_TREE not set for $name}
-  echo "=== $name (seq $seq) $(date +%T)"
-  (cd "$tree" && timeout ${CASE_TIMEOUT:-400} torchrun --nproc_per_node "$NGPU" bench/bench_train.py run --out $BENCH \
-    --name "$name" --seq "$seq" "${rest[@]}") > "$OUTDIR/$name.log" 2>&1
-  echo "exit $? $(date +%T)"; grep -E "Error|error:|Traceback|OutOfMemory" "$OUTDIR/$name.log" | grep -v Warning | tail -3
-done
+[ -z "${ATTN_BENCH:-}" ] || python3 bench/attn_bench.py 2>&1 | grep -v Warning | tee "$OUTDIR/attn.txt"
 for f in $BENCH/runs/*/profile/*; do cp "$f" "$OUTDIR/$(basename "$(dirname "$(dirname "$f")")")_$(basename "$f")"; done 2>/dev/null
 for f in "$OUTDIR"/*_top.txt; do [ -f "$f" ] && { echo "--- $f"; head -32 "$f"; }; done
 python3 bench/bench_train.py table --out $BENCH --warmup ${WARMUP:-3} | tee "$OUTDIR/table.txt"
