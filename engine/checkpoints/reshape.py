@@ -1,18 +1,22 @@
-"""Topology-free optimizer state, so a checkpoint resumes on another pp x dp layout or `parts`.
+"""The training state of a checkpoint tag: one copy of each thing, per layer, topology-free.
 
-DeepSpeed's own optimizer files are per (stage, dp rank) and only load on the layout that wrote
-them. Its universal checkpoint (ds_to_universal --inject_missing_state, then `load_universal`)
-does reshape pipeline + ZeRO-1 here (tests/test_checkpoint.py checks we continue identically),
-but it needs ZeRO optimizer files, so it cannot cover the plain fp32 pipeline path (stage 0, our
-default), and it is an offline conversion step. So every tag also gets `<tag>/optim/`:
+    layer_XX-model_states.pt  {"<param>": fp32 master weight, "<buffer>": tensor} per pipeline layer
+    optim/layer_XX.pt         {"<param>": {"exp_avg": tensor, ...}}: the optimizer state of those params
+    optim/common.pt           step, LR scheduler, param groups (lr, betas, ...), engine counters
 
-    optim/layer_XX.pt        {"<param>": {"fp32": master, "<state key>": tensor, ...}} per pipeline layer
-    optim/tied_<key>.pt      the same for a tied module (embedding shared with the head)
-    optim/common.pt          {"step", "lr_scheduler", "param_groups" (lr, betas, ...), "global_steps", ...}
+The layer files are the weights pp_to_hg, demo and initial loads read (tensors by param name, as
+DeepSpeed's pipeline writes them), and they hold the fp32 master: a bf16 run's bf16 weights are
+that master rounded, exactly what DeepSpeed's optimizers copy into the model after each step, so
+they are derived at load instead of stored twice. DeepSpeed's own files (mp_rank_* model states,
+per-rank optimizer partitions) repeated both, 24 B/param for fp32 AdamW; this is 12.
 
-written by data-parallel rank 0 of the stage that owns the layer, with ZeRO-1 / bf16 partitions
-assembled through DeepSpeed's public tensor-fragment API (deepspeed.utils.safe_get_full_*).
-On a layout change the weights come from the tag's layer files and the optimizer state from here.
+The same files serve both training paths and any layout: every layer is written whole by one
+data-parallel rank of the stage that holds it (files spread round-robin over those ranks), with
+ZeRO / bf16 partitions assembled through DeepSpeed's public tensor-fragment API
+(deepspeed.utils.safe_get_full_*), and read back through the matching safe_set_full_* calls. So a
+tag resumes on the layout that wrote it (bitwise) and on another pp x dp, `parts`, ZeRO stage or
+precision. Tags of the previous format (format 1: DeepSpeed's files + an optim/ copy holding the
+fp32 master as well) load through the same path.
 """
 from __future__ import annotations
 
@@ -22,25 +26,20 @@ from pathlib import Path
 import torch
 
 from engine import distributed as D
-from engine.checkpoints.files import LayoutError
+from engine.checkpoints import integrity
+from engine.checkpoints.files import LayoutError, layer_file, load_layer
+from models.keymap import unfused_names
 
+FORMAT = 2
 DIR = "optim"
 COMMON = "common.pt"
 _NAME = re.compile(r"(?:(\d+)|tied_modules\.([^.]+))\.(.+)")
 
 
-def _file_and_key(name: str) -> tuple[str, str]:
-    """PipelineModule parameter name -> (file in optim/, key inside it). Layer indices are global."""
-    m = _NAME.fullmatch(name)
-    if not m:
-        raise LayoutError(f"parameter {name!r}: not a pipeline layer parameter")
-    return (f"layer_{int(m.group(1)):02d}.pt" if m.group(1) else f"tied_{m.group(2)}.pt"), m.group(3)
-
-
 def _zero_opt(engine):
     """The DeepSpeed optimizer wrapper holding fp32 partitions, or None (plain fp32: client optimizer)."""
     opt = engine.optimizer
-    return opt if hasattr(opt, "bit16_groups") or hasattr(opt, "bf16_groups") else None
+    return opt if any(hasattr(opt, a) for a in ("bit16_groups", "bf16_groups", "fp32_partitioned_groups_flat")) else None
 
 
 def _inner(engine):
@@ -50,26 +49,34 @@ def _inner(engine):
 
 def _state_keys(engine) -> list[str]:
     for st in _inner(engine).state.values():
-        return sorted(k for k, v in st.items() if k != "step" and torch.is_tensor(v))
+        return sorted(k for k, v in st.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0)
     return []
 
 
-def _step_value(engine):
+def _step(engine) -> tuple[float | None, str | None]:
+    """The optimizer's step count and its Python type (torch: tensor; DeepSpeed's CPU Adam: int)."""
     for st in _inner(engine).state.values():
         step = st.get("step")
-        return float(step) if step is not None else None
-    return None
+        if step is None:
+            return None, None
+        return float(step), "tensor" if torch.is_tensor(step) else type(step).__name__
+    return None, None
 
 
 def _groups(zopt):
+    """(low-precision param groups, fp32 flat partitions the inner optimizer steps)."""
+    if hasattr(zopt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return zopt.fp16_groups, zopt.fp32_partitioned_groups_flat
     lp = getattr(zopt, "bit16_groups", None) or zopt.bf16_groups
     hp = getattr(zopt, "single_partition_of_fp32_groups", None) or zopt.fp32_groups_flat_partition
     return lp, hp
 
 
 def _link(zopt) -> None:
-    """Point every parameter's fragment view at the current optimizer state (DeepSpeed links
-    lazily after a step and unlinks on load; idempotent)."""
+    """Point every parameter's fragment view at the current optimizer state (ZeRO-1/2 and bf16
+    link lazily after a step and unlink on load; idempotent; ZeRO-3 looks state up by position)."""
+    if hasattr(zopt, "fp32_partitioned_groups_flat"):
+        return
     from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
     lp, hp = _groups(zopt)
@@ -78,107 +85,219 @@ def _link(zopt) -> None:
             lazy_init_hp_params_optimizer_state(lp[i], flat, zopt.optimizer.state)
 
 
-def save(engine, tag_dir: Path) -> None:
-    """Write optim/ into tag_dir (call on every rank: ZeRO fragments are gathered collectively)."""
+def _layers(module) -> list[tuple[int, torch.nn.Module]]:
+    """(global layer index, module) of each layer this rank holds a layer file for: a pipeline
+    stage's modules (a tied twin that borrows its owner's module has none, as in DeepSpeed's own
+    layer files), or every owned layer of the whole model (ZeRO: SequentialModel)."""
+    if hasattr(module, "forward_funcs"):
+        return [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs)
+                if isinstance(f, torch.nn.Module)]
+    return module.owned_layers()
+
+
+def _dp(engine) -> tuple[int, int]:
+    grid = getattr(engine, "grid", None)
+    if grid is not None:
+        return grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
+    return D.rank(), D.world_size()
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor owning exactly its bytes (torch.save writes a view's whole storage)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.cpu()
+    if t.storage_offset() or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone()
+    return t
+
+
+def save(engine, tag_dir: Path) -> dict[str, list]:
+    """Write this rank's share of the tag's layer files and optim/ (call on every rank: ZeRO
+    fragments are gathered collectively, layer by layer). Returns {relative path: [size, hash,
+    elements]} of the files this rank wrote."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    module, grid = engine.module, engine.grid
-    writer = grid.get_data_parallel_rank() == 0
-    zero, keys = _zero_opt(engine) is not None, _state_keys(engine)
-    inner = _inner(engine)
-    if zero:
-        _link(_zero_opt(engine))
-    files: dict[str, dict] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
+    zopt, inner, keys = _zero_opt(engine), _inner(engine), _state_keys(engine)
+    dp_rank, dp_size = _dp(engine)
+    if zopt is not None:
+        _link(zopt)
+    written: dict[str, list] = {}
+    (tag_dir / DIR).mkdir(parents=True, exist_ok=True)
+    for n, (idx, layer) in enumerate(_layers(engine.module)):
+        writer = n % dp_size == dp_rank
+        masters, moments = {}, {}
+        for name, p in layer.named_parameters():
+            if zopt is not None and p.requires_grad:
+                master = safe_get_full_fp32_param(p)
+                state = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+            else:
+                master = p
+                state = {k: v for k, v in inner.state.get(p, {}).items() if k in keys}
+            if writer:
+                masters[id(p)] = _compact(master)
+                moments[name] = {k: _compact(v) for k, v in state.items() if v is not None}
+        if not writer:
             continue
-        if zero:
-            entry = {"fp32": safe_get_full_fp32_param(p)}
-            for k in keys:
-                entry[k] = safe_get_full_optimizer_state(p, k)
-        else:
-            st = inner.state.get(p, {})
-            entry = {"fp32": p.detach()}
-            entry.update({k: v for k, v in st.items() if k != "step" and torch.is_tensor(v)})
-        if writer:
-            fname, key = _file_and_key(name)
-            files.setdefault(fname, {})[key] = {k: v.detach().float().cpu().clone() for k, v in entry.items()
-                                                if v is not None}
-    out = tag_dir / DIR
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        for fname, state in files.items():
-            if fname.startswith("tied_") and not _writes_tied(module, fname):
-                continue
-            torch.save(state, out / fname)
+        weights = {k: masters[id(v)] if id(v) in masters else _compact(v)
+                   for k, v in layer.state_dict(keep_vars=True).items()}
+        path = layer_file(tag_dir, idx)
+        written[path.name] = [*integrity.save(weights, path), sum(t.numel() for t in masters.values())]
+        if any(moments.values()):
+            rel = f"{DIR}/layer_{idx:02d}.pt"
+            written[rel] = [*integrity.save(moments, tag_dir / rel), 0]
     if D.rank() == 0:
         sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
         groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
-        torch.save({"step": _step_value(engine), "lr_scheduler": sched, "param_groups": groups, "global_steps": engine.global_steps,
-                    "global_samples": engine.global_samples, "skipped_steps": engine.skipped_steps},
-                   out / COMMON)
+        step, step_type = _step(engine)
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        common = {"format": FORMAT, "step": step, "step_type": step_type, "lr_scheduler": sched,
+                  "param_groups": groups, "global_steps": engine.global_steps,
+                  "global_samples": engine.global_samples, "skipped_steps": engine.skipped_steps,
+                  "loss_scaler": {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))}
+                  if scaler is not None else None}
+        written[f"{DIR}/{COMMON}"] = [*integrity.save(common, tag_dir / DIR / COMMON), 0]
+    return written
 
 
-def _writes_tied(module, fname: str) -> bool:
-    """A tied module lives on several stages (identical copies): the first one writes it."""
-    comms = module.tied_comms.get(fname[len("tied_"):-len(".pt")])
-    return comms is None or D.rank() == comms["ranks"][0]
+def _tied_owners(module) -> dict[str, int]:
+    """Tied key -> the layer whose file holds the tied weights (its first plain-module use)."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    owners: dict[str, int] = {}
+    for i, spec in enumerate(getattr(module, "_layer_specs", [])):
+        if isinstance(spec, TiedLayerSpec) and spec.forward_fn is None:
+            owners.setdefault(spec.key, i)
+    return owners
+
+
+def _load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise LayoutError(f"{path}: optimizer state file missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged, or not a weights-only file (a pickled object is refused, not run)
+        raise LayoutError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
+class _Source:
+    """Per parameter name: its fp32 master and optimizer state from a tag (one file of each kind
+    held at a time)."""
+
+    def __init__(self, tag_dir: Path, module, fmt: int):
+        self.tag_dir, self.fmt, self.owners = tag_dir, fmt, _tied_owners(module)
+        self.unfused = unfused_names(module)
+        self.cache: dict[Path, dict] = {}
+
+    def _get(self, path: Path, weights: bool = False) -> dict:
+        if path not in self.cache:
+            if len(self.cache) >= 2:  # layers come in order: keep memory at about two files
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[path] = load_layer(path) if weights else _load_file(path)
+        return self.cache[path]
+
+    def where(self, name: str) -> tuple[int | str, str]:
+        m = _NAME.fullmatch(name)
+        if not m:
+            raise LayoutError(f"parameter {name!r}: not a pipeline layer parameter")
+        if m.group(1):
+            return int(m.group(1)), m.group(3)
+        if self.fmt >= FORMAT:
+            if m.group(2) not in self.owners:
+                raise LayoutError(f"tied module {m.group(2)!r}: no layer holds its weights")
+            return self.owners[m.group(2)], m.group(3)
+        return m.group(2), m.group(3)
+
+    def _optim_path(self, where: int | str) -> Path:
+        name = f"layer_{where:02d}.pt" if isinstance(where, int) else f"tied_{where}.pt"
+        return self.tag_dir / DIR / name
+
+    def master(self, name: str) -> torch.Tensor:
+        where, key = self.where(name)
+        if self.fmt >= FORMAT:
+            path = layer_file(self.tag_dir, where)
+            state = self._get(path, weights=True)
+            if key not in state:
+                raise LayoutError(f"{path}: no weights for '{key}'")
+            return state[key]
+        return self.state(name)["fp32"]
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        where, key = self.where(name)
+        path = self._optim_path(where)
+        if self.fmt >= FORMAT and not path.is_file():
+            return {}  # a layer without optimizer state (e.g. never stepped)
+        entries = self._get(path)
+        if key not in entries and name in self.unfused:  # written before q/k/v, gate/up were fused
+            parts = [entries.get(self.where(old)[1]) for old in self.unfused[name]]
+            if all(parts):
+                entries[key] = {k: torch.cat([part[k].reshape(-1) for part in parts]) for k in parts[0]}
+        if key not in entries:
+            raise LayoutError(f"{path}: no optimizer state for '{key}'")
+        return entries[key]
+
+
+def has_state(tag_dir: Path) -> bool:
+    return (tag_dir / DIR / COMMON).is_file()
 
 
 def load(engine, tag_dir: Path) -> None:
-    """Set this rank's optimizer state (and fp32 masters) from tag_dir/optim (every rank)."""
+    """Set this rank's optimizer state and fp32 masters from the tag (every rank). The model's
+    weights were loaded from the tag's layer files before the engine was built."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     src = tag_dir / DIR
-    if not (src / COMMON).is_file():
+    if not has_state(tag_dir):
         raise LayoutError(f"{tag_dir}: saved on another pp x dp layout and has no topology-free optimizer state "
                           f"({DIR}/{COMMON}); resume it on the layout that wrote it")
-    common = torch.load(src / COMMON, map_location="cpu", weights_only=True)
-    cache: dict[str, dict] = {}
-
-    def entry(name):
-        fname, key = _file_and_key(name)
-        if fname not in cache:
-            if not (src / fname).is_file():
-                raise LayoutError(f"{src / fname}: optimizer state file missing")
-            try:
-                cache[fname] = torch.load(src / fname, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise LayoutError(f"{src / fname}: cannot be read ({type(e).__name__})") from None
-        if key not in cache[fname]:
-            raise LayoutError(f"{src / fname}: no optimizer state for '{key}'")
-        return cache[fname][key]
-
+    common = _load_file(src / COMMON)
+    source = _Source(tag_dir, engine.module, int(common.get("format", 1)))
     zopt, inner = _zero_opt(engine), _inner(engine)
-    step = common["step"]
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    keys = sorted({k for n, _ in params for k in entry(n) if k != "fp32"})
+    step, step_type = common["step"], common.get("step_type", "tensor")
+    group_of = {id(p): g for g in inner.param_groups for p in g["params"]}
 
-    def step_tensor(like):
-        return torch.tensor(step, dtype=torch.float32) if step is not None else None
+    def step_value(like):
+        if step_type == "int":
+            return int(step)
+        if step_type == "float":
+            return float(step)
+        g = group_of.get(id(like), {})  # torch keeps it on the device for fused / capturable optimizers
+        device = like.device if g.get("fused") or g.get("capturable") else "cpu"
+        return torch.tensor(step, dtype=torch.float32, device=device)
 
     if zopt is None:
+        keys = None
         for name, p in params:
-            e = entry(name)
-            st = {k: e[k].to(p.device, p.dtype).reshape(p.shape).clone() for k in keys}
+            st = {k: v.to(p.device, p.dtype).reshape(p.shape).clone() for k, v in source.state(name).items()
+                  if k != "fp32"}
+            if keys is None:
+                keys = set(st)
             if step is not None:
-                st["step"] = step_tensor(p)
+                st["step"] = step_value(p)
             inner.state[p] = st
     else:
+        first = params[0][0] if params else None
+        keys = sorted(k for k in (source.state(first) if first else {}) if k != "fp32")
         for flat in _groups(zopt)[1]:  # ZeRO creates optimizer state lazily: make it, then link
             st = {k: torch.zeros_like(flat) for k in keys}
             if step is not None:
-                st["step"] = step_tensor(flat)
+                st["step"] = step_value(flat)
             inner.state[flat] = st
         _link(zopt)
         for name, p in params:
-            e = entry(name)
-            safe_set_full_fp32_param(p, e["fp32"].to(p.device).reshape(p.shape))
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3: p itself is an empty partition placeholder
+            safe_set_full_fp32_param(p, source.master(name).to(p.device, torch.float32).reshape(shape))
+            state = source.state(name)
             for k in keys:
-                safe_set_full_optimizer_state(p, e[k].to(p.device).reshape(p.shape), k)
+                safe_set_full_optimizer_state(p, state[k].to(p.device).reshape(shape), k)
     for group, saved in zip(inner.param_groups, common["param_groups"]):  # the current lr lives here
         group.update(saved)
     if engine.lr_scheduler is not None and common["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
     engine.global_steps, engine.global_samples = common["global_steps"], common["global_samples"]
     engine.skipped_steps = common["skipped_steps"]
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for k, v in (common.get("loss_scaler") or {}).items():
+        if scaler is not None and hasattr(scaler, k):
+            setattr(scaler, k, v)

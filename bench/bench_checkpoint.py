@@ -1,0 +1,175 @@
+"""Checkpoint save/load time against the disk's own write speed, for a model of any size.
+
+    python bench/bench_checkpoint.py --dir /tmp/ckpt-bench                       # ~26M params, CPU, minutes
+    python bench/bench_checkpoint.py --preset 7b --layers 16 --dtype bf16 --dir /nvme/ckpt-bench   # one H200
+    deepspeed --num_gpus 8 bench/bench_checkpoint.py --preset 7b --dtype bf16 --pp 8 --dir /nvme/ckpt-bench
+
+Builds a random llama of the given shape (no weights are read: from_scratch), runs one training
+step so the optimizer state exists, then, `--repeat` times each, alternating:
+  save          engine/checkpoints/tags.save (the real one: layer files + optim/ + meta, fsync, publish)
+  save, no hash the same with the hashing switched off (what checksums cost)
+  disk write    the same number of bytes, in files of the same sizes, written by each rank in parallel
+                from a buffer with os.write + fsync (what the disk allows)
+and once: verify (size + hash of every file, as resume does first) and load (layer files into the
+model, fp32 masters + optimizer state into the engine). Prints one table on rank 0.
+`--layers` cuts the 7B shape to fit one GPU: 7B bf16 + AdamW state is ~16 B/param in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+           "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=8000)}
+
+
+class _NoHash:
+    def update(self, data):
+        pass
+
+    def hexdigest(self):
+        return ""
+
+
+def _sync():
+    from engine import distributed as D
+
+    D.barrier()
+
+
+def disk_write(out: Path, sizes: list[int]) -> float:
+    """Seconds to write files of these sizes from memory + fsync each (every rank its own, in parallel)."""
+    buf = memoryview(bytearray(64 * 2**20))
+    out.mkdir(parents=True, exist_ok=True)
+    _sync()
+    t0 = time.perf_counter()
+    for i, size in enumerate(sizes):
+        fd = os.open(out / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = size
+            while left:
+                left -= os.write(fd, buf[:min(left, len(buf))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _sync()
+    dt = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return dt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's number of blocks")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: all ranks)")
+    p.add_argument("--dir", required=True, help="scratch dir on the disk to measure (removed at the end)")
+    p.add_argument("--repeat", type=int, default=2)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from engine import distributed as D
+    from engine.checkpoints import integrity, reshape
+    from engine.checkpoints import tags as ckpt
+    from engine.checkpoints.weights import load_stage
+    from engine.config import from_dict
+    from engine.model import Model
+    from engine.training.backends import PipelineBackend
+    from engine.training.loop import build_data
+    from models import llama
+    from models.tiny import make_tiny_tokenizer, sample_texts
+
+    D.init_distributed()
+    rank, world = D.rank(), D.world_size()
+    work = Path(a.dir)
+    shape = dict(PRESETS[a.preset])
+    if a.layers:
+        shape["num_hidden_layers"] = a.layers
+    model_dir = work / "model"
+    data = sorted(str(f) for f in (ROOT / "examples" / "data").glob("*.json*"))
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text(json.dumps(llama.tiny_hf_config(**shape, max_position_embeddings=4096)))
+        make_tiny_tokenizer(model_dir, sample_texts(data))
+    _sync()
+    pp = a.pp or world
+    n_layers = shape["num_hidden_layers"] + 2
+    raw = {"model_path": str(model_dir), "data_path": data, "save_path": str(work / "run"), "max_seq_len": 128,
+           "n_epochs": 50, "max_steps": 1, "packing": True, "seed": 1, "from_scratch": True,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [pp, world // pp]}, "parts": "auto"},
+           "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": pp,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
+    if a.dtype == "bf16":
+        raw["bf16"] = {"enabled": True}
+    cfg = from_dict(raw)
+    model = Model.from_dir(model_dir)
+    backend = PipelineBackend(cfg, model)
+    engine = backend.build("scratch")
+    _, loader = build_data(cfg, model, backend.dp_rank, backend.dp_size)
+    backend.train_step(loader.micro_batches(0))  # the optimizer state exists from here on
+
+    real_hash = integrity.new_hash
+    rows: dict[str, list[float]] = {"save": [], "save, no hash": [], "disk write": []}
+    step = 0
+    tag_bytes, mine = 0, []
+    for _ in range(a.repeat):
+        for what in ("save", "save, no hash"):
+            integrity.new_hash = real_hash if what == "save" else (lambda algo=None: _NoHash())
+            step += 1
+            _sync()
+            t0 = time.perf_counter()
+            tag = ckpt.save(engine, cfg, step, model.name, n_layers, model_dir, log=lambda _: None)
+            rows[what].append(time.perf_counter() - t0)
+        integrity.new_hash = real_hash
+        meta = json.loads((tag / "meta.json").read_text())
+        tag_bytes = sum(meta["files"].values())
+        mine = [meta["files"][rel] for rel in sorted(meta["files"])][rank::world]  # a share of the same sizes
+        rows["disk write"].append(disk_write(work / f"raw-{rank}", mine))
+        for old in sorted((work / "run").glob("global_step*"))[:-1]:
+            if rank == 0:
+                shutil.rmtree(old)
+    # load: what resume does (check every file, weights from layer files, masters + optimizer state)
+    meta = json.loads((tag / "meta.json").read_text())
+    _sync()
+    t0 = time.perf_counter()
+    integrity.verify(tag, meta, sorted(meta["files"])[rank::world])
+    _sync()
+    t_verify = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_stage(engine.module, work / "run", model)
+    reshape.load(engine, tag)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    _sync()
+    t_load = time.perf_counter() - t0
+    if rank == 0:
+        gb = tag_bytes / 1e9
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        print(f"model: llama {shape}, {meta['n_params'] / 1e9:.3f}B params, {a.dtype}, {world} rank(s), pp {pp}")
+        print(f"tag: {gb:.2f} GB, {tag_bytes / meta['n_params']:.2f} B/param, {len(meta['files'])} files")
+        print(f"{'':16}{'median s':>10}{'GB/s':>8}   all runs")
+        for k, v in med.items():
+            print(f"{k:16}{v:10.2f}{gb / v:8.2f}   {', '.join(f'{x:.2f}' for x in rows[k])}")
+        print(f"{'verify':16}{t_verify:10.2f}{gb / t_verify:8.2f}")
+        print(f"{'load':16}{t_load:10.2f}{gb / t_load:8.2f}   (layer files + masters + optimizer state)")
+        print(f"save / disk write: {med['save'] / med['disk write']:.2f}x; hashing costs "
+              f"{100 * (med['save'] / med['save, no hash'] - 1):+.1f}% of a save")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

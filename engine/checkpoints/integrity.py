@@ -1,0 +1,263 @@
+"""Content hashes of checkpoint files: computed while a file is written, checked before it is read.
+
+Every file of a training tag is written through `save` (torch.save into a file object that
+hashes each chunk on its way to the disk: no second pass over the bytes), and meta.json records
+{file: size} and {file: hash}. Resume and pp_to_hg call `verify` on the files they are about to
+read, so a bit flip, a zero-filled or truncated file is refused by name instead of loaded.
+`check_dir` (convert_model.py verify) checks a whole checkpoint tag or an HF model dir without
+loading a tensor.
+
+xxh3-128 (the xxhash package, ~20 GB/s on one core: small next to the disk) when installed,
+else zlib's crc32; meta.json names the algorithm, so either reads the other's checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from engine.checkpoints.files import INDEX_NAMES, LayoutError
+
+try:
+    import xxhash
+except ImportError:  # requirements.txt installs it; crc32 keeps a bare environment working
+    xxhash = None
+
+CHUNK = 16 * 2**20
+
+
+class _Crc32:
+    def __init__(self):
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+ALGO = "xxh3_128" if xxhash is not None else "crc32"
+
+
+def new_hash(algo: str = ALGO):
+    if algo == "crc32":
+        return _Crc32()
+    if algo == "xxh3_128" and xxhash is not None:
+        return xxhash.xxh3_128()
+    raise LayoutError(f"checksum algorithm {algo!r} is not available here (pip install xxhash)")
+
+
+def available(algo: str) -> bool:
+    return algo == "crc32" or (algo == "xxh3_128" and xxhash is not None)
+
+
+class HashingFile:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, path: Path, algo: str = ALGO):
+        self._fh = open(path, "wb")
+        self.hash, self.size = new_hash(algo), 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += memoryview(data).nbytes
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def save(obj, path: Path, algo: str = ALGO) -> tuple[int, str]:
+    """torch.save `obj` to `path`; returns (size, hash) of the bytes written. Raises OSError (e.g.
+    ENOSPC) as torch.save does; the caller's staging dir is then discarded."""
+    out = HashingFile(path, algo)
+    try:
+        torch.save(obj, out)
+    finally:
+        out.close()
+    return out.size, out.hash.hexdigest()
+
+
+def hash_file(path: Path, algo: str = ALGO) -> str:
+    h, buf = new_hash(algo), bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def verify(tag_dir: Path, meta: dict, rels=None) -> None:
+    """Size and (when recorded) hash of the tag's files `rels` (default: all) against meta.json;
+    the first bad one is a LayoutError naming it."""
+    sizes, hashes, algo = meta.get("files", {}), meta.get("hashes") or {}, meta.get("hash", ALGO)
+    for rel in sorted(sizes if rels is None else rels):
+        path = tag_dir / rel
+        if not path.is_file():
+            raise LayoutError(f"{path}: missing from checkpoint {tag_dir.name} (damaged; remove the tag and point "
+                              f"'latest' at an older one)")
+        size = path.stat().st_size
+        if rel in sizes and size != sizes[rel]:
+            raise LayoutError(f"{path}: {size} bytes, the checkpoint recorded {sizes[rel]} (truncated or damaged)")
+        if rel in hashes and available(algo):
+            got = hash_file(path, algo)
+            if got != hashes[rel]:
+                raise LayoutError(f"{path}: checksum mismatch ({algo} {got}, meta.json recorded {hashes[rel]}): the "
+                                  f"file is damaged; remove the tag and point 'latest' at an older one")
+
+
+def has_hashes(meta: dict) -> bool:
+    return bool(meta.get("hashes")) and available(meta.get("hash", ALGO))
+
+
+def verify_weights(tag_dir: Path) -> None:
+    """The layer files of a training tag (not its optimizer files) against its meta.json; a tag
+    without one (hf_to_pp's global_step0, another tool's) has nothing recorded to check."""
+    import sys
+
+    meta_path = tag_dir / "meta.json"
+    if not meta_path.is_file():
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise LayoutError(f"{meta_path}: not valid JSON (damaged checkpoint)") from None
+    verify(tag_dir, meta, [rel for rel in meta.get("files", {}) if rel.startswith("layer_")])
+    if not has_hashes(meta):
+        print(f"note: {tag_dir}: saved without checksums (by an older version): checked file sizes only",
+              file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- convert_model.py verify
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (nothing else is read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise LayoutError(f"{path}: {size} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 * 2**20):
+            raise LayoutError(f"{path}: header length {n} does not fit the file ({size} bytes): not safetensors, or damaged")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LayoutError(f"{path}: header is not valid JSON (damaged)") from None
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, stop = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        itemsize = _ST_SIZES.get(info["dtype"])
+        if itemsize is not None and stop - begin != numel * itemsize:
+            raise LayoutError(f"{path}: '{key}' {info['dtype']}{info['shape']} should take {numel * itemsize} bytes, "
+                              f"the header says {stop - begin} (damaged)")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise LayoutError(f"{path}: {size} bytes, its header describes {8 + n + end} (truncated or damaged)")
+    return header
+
+
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def check_hf_dir(hf_dir: Path) -> str:
+    """Every safetensors shard's header against its size, and the index against the shards."""
+    shards = sorted(hf_dir.glob("*.safetensors"))
+    tensors, total = {}, 0
+    for f in shards:
+        for key, info in _safetensors_header(f).items():
+            if key != "__metadata__":
+                tensors[key] = f.name
+                total += info["data_offsets"][1] - info["data_offsets"][0]
+    index_path = next((hf_dir / n for n in INDEX_NAMES if (hf_dir / n).is_file()), None)
+    if index_path is not None and index_path.name.endswith("safetensors.index.json"):
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError:
+            raise LayoutError(f"{index_path}: not valid JSON (damaged)") from None
+        for key, fname in index.get("weight_map", {}).items():
+            if not (hf_dir / fname).is_file():
+                raise LayoutError(f"{hf_dir / fname}: shard named by the index is missing")
+            if tensors.get(key) != fname:
+                raise LayoutError(f"{hf_dir / fname}: has no tensor '{key}' (the index says it does)")
+        want = index.get("metadata", {}).get("total_size")
+        if want is not None and int(want) != total:
+            raise LayoutError(f"{index_path}: total_size {want}, the shards hold {total} bytes")
+    if not shards:
+        bins = sorted(hf_dir.glob("pytorch_model*.bin"))
+        if not bins:
+            raise LayoutError(f"{hf_dir}: no weights found (*.safetensors or pytorch_model*.bin)")
+        for f in bins:
+            _zip_crcs(f)
+        return f"ok: {hf_dir}: {len(bins)} .bin file(s), zip CRCs checked"
+    return f"ok: {hf_dir}: {len(shards)} safetensors file(s), {len(tensors)} tensors, {total / 2**30:.2f} GiB"
+
+
+def _zip_crcs(path: Path) -> None:
+    """torch.save files are zip archives with a CRC-32 per record: check them (no unpickling)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise LayoutError(f"{path}: not a readable torch file ({e})") from None
+    if bad is not None:
+        raise LayoutError(f"{path}: checksum mismatch in record {bad} (damaged)")
+
+
+def check_tag(tag_dir: Path) -> str:
+    """Every file of a training tag: present, its size, and its recorded hash (older tags without
+    hashes: sizes, and the CRC-32s torch's zip format stores)."""
+    meta_path = tag_dir / "meta.json"
+    if not meta_path.is_file():  # a converted dir (hf_to_pp) or another tool's tag: layer files only
+        files = sorted(tag_dir.glob("*.pt"))
+        if not files:
+            raise LayoutError(f"{tag_dir}: no layer files")
+        for f in files:
+            _zip_crcs(f)
+        return f"ok: {tag_dir}: {len(files)} files, no meta.json (zip CRCs checked)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise LayoutError(f"{meta_path}: not valid JSON (damaged checkpoint)") from None
+    verify(tag_dir, meta)
+    extra = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                   if p.is_file() and p.name != "meta.json" and str(p.relative_to(tag_dir)) not in meta.get("files", {}))
+    if extra:
+        raise LayoutError(f"{tag_dir / extra[0]}: not in meta.json's file list (written after the checkpoint?)")
+    files = meta.get("files", {})
+    how = f"{meta.get('hash')} checked" if has_hashes(meta) else "sizes only (saved without checksums)"
+    if not has_hashes(meta):
+        for rel in files:
+            if rel.endswith(".pt"):
+                _zip_crcs(tag_dir / rel)
+        how += ", zip CRCs checked"
+    total = sum(files.values())
+    return f"ok: {tag_dir}: {len(files)} files, {total / 2**30:.2f} GiB, {how}"
+
+
+def check_dir(path: str | Path, tag: str | None = None) -> str:
+    """convert_model.py verify: a pipeline checkpoint dir (the tag `latest` names, or `tag`) or an HF dir."""
+    from engine.checkpoints.files import is_pipeline_dir, resolve_tag
+
+    path = Path(path)
+    if is_pipeline_dir(path) or tag is not None:
+        return check_tag(resolve_tag(path, tag))
+    if (path / "config.json").is_file():
+        return check_hf_dir(path)
+    if not path.exists():
+        raise LayoutError(f"{path}: does not exist")
+    raise LayoutError(f"{path}: neither a pipeline checkpoint dir (no 'latest' file) nor an HF model dir (no config.json)")
