@@ -97,8 +97,8 @@ class TrainConfig:
                                     "(0 = off; rank 0's clock decides for all ranks)", default=0.0)
     keep_last: int = doc("keep the newest N checkpoint tags (0 = keep all); never deletes the one 'latest' names",
                          default=0)
-    reshape_state: bool = doc("also save a topology-free optimizer copy (<tag>/optim/) so a checkpoint resumes on "
-                              "another pp x dp layout or parts", default=True)
+    reshape_state: bool = doc("no effect (kept so older configs load): every checkpoint's optimizer state is "
+                              "topology-free (<tag>/optim/) and resumes on any pp x dp layout or parts", default=True)
     on_nonfinite_loss: str = doc("stop: exit with an error (the bad update is not applied, the last checkpoint is "
                                  "kept); skip: drop that step's update and go on (logged as skipped)", default="stop")
     profile_step: int = doc("record global step N under torch.profiler: top kernels + trace in <save_path>/profile/ "
