@@ -14,8 +14,34 @@ from engine.checkpoints.writes import SaveFailed
 USER_ERRORS = (ConfigError, LayoutError, FileNotFoundError, NonFiniteLoss, LockHeld, SaveFailed)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit 2, like every other bad input."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` (int/float) within [low, high] (low excluded with low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value != value or (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and value > high):
+            lo = f"> {low}" if low_open else f">= {low}"
+            rng = f"{lo} and <= {high}" if low is not None and high is not None else lo if low is not None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def config_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = Parser(description=description)
     p.add_argument("--config", help="YAML training config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, dotted for nested keys (e.g. optimizer.params.lr=1e-4)")
@@ -29,8 +55,10 @@ def add_plan_args(p: argparse.ArgumentParser, export: bool = True) -> argparse.A
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config against the world size and model_path's config.json, print the "
                         "per-stage memory/time estimate and exit (nothing is allocated; no launcher needed)")
-    p.add_argument("--world-size", type=int, default=None, help="world size for --dry-run (default: the launcher's)")
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory for --dry-run's fit check")
+    p.add_argument("--world-size", type=number(int, 1), default=None,
+                   help="world size for --dry-run (default: the launcher's)")
+    p.add_argument("--gpu-mem-gib", type=number(float, 0, low_open=True), default=80.0,
+                   help="GPU memory for --dry-run's fit check")
     if export:
         p.add_argument("--export-hf", metavar="OUT", default=None,
                        help="after training, write the final checkpoint as an HF model dir to OUT (rerunning "
@@ -45,7 +73,8 @@ def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
         from engine.plan import dry_run
         from engine.training.deepspeed_setup import check_deepspeed
 
-        text = dry_run(cfg, a.world_size or world_size(), a.gpu_mem_gib, pipeline=pipeline)
+        text = dry_run(cfg, a.world_size if a.world_size is not None else world_size(), a.gpu_mem_gib,
+                       pipeline=pipeline)
         check_deepspeed(cfg, pipeline)  # DeepSpeed's own config classes: what passes here passes at launch
         print(text)
         return None

@@ -106,9 +106,9 @@ class Evaluator:
     other DeepSpeed engine (ZeRO) runs its module's forward + loss_fn on its own rows."""
 
     def __init__(self, cfg, hf_dir, engine):
-        from transformers import AutoTokenizer
-
         from data.dataset import build_dataset
+
+        from engine.model import load_tokenizer
 
         self.every = int(cfg.evaluate_every or 0)
         self.pipeline = hasattr(engine, "eval_batch") and hasattr(engine, "is_last_stage")
@@ -117,7 +117,7 @@ class Evaluator:
         else:
             dp_rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             dp_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        tokenizer = load_tokenizer(hf_dir)
         dataset = build_dataset(cfg.eval_data_path, tokenizer, cfg.max_seq_len, packing=cfg.packing,
                                 skip_bad_samples=cfg.skip_bad_samples, template=cfg.prompt_template,
                                 cache_dir=cfg.cache_dir or str(Path(cfg.save_path) / "data_cache"), seed=cfg.seed)

@@ -30,6 +30,9 @@ def check_export_target(out: str | Path) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _marker(out) is None)):
         raise LayoutError(f"--export-hf {out}: exists and is not an export of this command; choose a new path")
+    blocked = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise LayoutError(f"--export-hf {out}: {blocked} is a file, not a directory; choose a new path")
 
 
 def export_hf(save_path: str | Path, out: str | Path, log=print) -> Path:
