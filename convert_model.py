@@ -5,18 +5,19 @@
 """
 import argparse
 
-from engine.cli import user_errors
+from engine.cli import Parser, number, user_errors
 from engine.checkpoints.convert import hf_to_pp, pp_to_hg
 
 
 @user_errors
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("direction", choices=["hg_to_pp", "pp_to_hg"])
     p.add_argument("--input-path", required=True)
     p.add_argument("--save-path", required=True)
     p.add_argument("--tag", default=None, help="pp_to_hg: checkpoint tag to export (default: the one 'latest' names)")
-    p.add_argument("--max-shard-size", type=float, default=5.0, help="pp_to_hg: GiB per safetensors shard")
+    p.add_argument("--max-shard-size", type=number(float, 0, low_open=True), default=5.0,
+                   help="pp_to_hg: GiB per safetensors shard")
     a = p.parse_args(argv)
     if a.direction == "hg_to_pp":
         out = hf_to_pp(a.input_path, a.save_path)

@@ -10,41 +10,93 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import user_errors
-from engine.inference.generate import KINDS, Chat, SamplingConfig, answer_file, interactive, load_lm, load_tokenizer
+from data.templates import TEMPLATES
+from engine.cli import Parser, number, user_errors
+from engine.inference.generate import (DTYPES, KINDS, Chat, SamplingConfig, answer_file, interactive, load_lm,
+                                       load_tokenizer)
 
 
 def text_arg(value):
-    """TEXT, or @FILE for the file's contents."""
-    return Path(value[1:]).read_text() if value and value.startswith("@") else value
+    """TEXT, or @FILE for the file's contents (UTF-8)."""
+    if not (value and value.startswith("@")):
+        return value
+    try:
+        return Path(value[1:]).read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{value[1:]}: cannot be read ({e.strerror})")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise argparse.ArgumentTypeError(f"{value[1:]}: line {line}: byte 0x{e.object[e.start]:02x} is not UTF-8")
+
+
+def devices_arg(value):
+    """Comma-separated torch devices that exist here."""
+    import torch
+
+    names = [d.strip() for d in value.split(",")]
+    for name in names:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a device (e.g. cpu, cuda:0)")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{name}: this machine has {torch.cuda.device_count()} GPU(s)")
+        if dev.type not in ("cpu", "cuda"):
+            raise argparse.ArgumentTypeError(f"{name}: only cpu and cuda devices are supported")
+    return names
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="pipeline checkpoint dir (<dir>/latest) or HF model dir")
     p.add_argument("--backend", choices=("ours", "hf"), default="ours",
                    help="ours: our layers, any source, split over --devices, KV cache; "
                         "hf: transformers on an HF dir, KV cache, one device")
-    p.add_argument("--devices", help="comma-separated, e.g. cuda:0,cuda:1 (default: every visible GPU, else cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--devices", type=devices_arg,
+                   help="comma-separated, e.g. cuda:0,cuda:1 (default: every visible GPU, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--type", choices=KINDS, default="conversation", help="prompt template (sample type)")
-    p.add_argument("--template", default="auto",
+    p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="auto (the tokenizer's chat template when it has one, else default), default (### User/"
                         "### Assistant layouts) or chat_template: as prompt_template in training")
     p.add_argument("--system", type=text_arg, help="system prompt (a chat template's system message), or @file")
     p.add_argument("--reference", type=text_arg, help="ref_qa reference text, or @file")
     p.add_argument("--api-desc", type=text_arg, help="conver_has_api api description, or @file")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256)
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--temperature", type=number(float, 0, low_open=True), default=1.0)
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=number(int, 0), default=0)
+    p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=number(int, 0), default=None, help="sampling seed (default: random)")
     p.add_argument("--prompts", help="JSONL / JSON array of prompts (sample dicts in prompt form, or strings)")
     p.add_argument("--output", help="answers JSONL for --prompts (default: <prompts>.answers.jsonl)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def check_prompts(path: str, kind: str) -> None:
+    from data.samples import SampleError, parse_sample
+    from engine.inference.generate import read_prompts
+
+    if not Path(path).is_file():
+        raise SampleError(path, None, None, "--prompts: no such file")
+    prompts = read_prompts(path, kind)
+    if not prompts:
+        raise SampleError(path, None, None, "--prompts: no prompts in the file")
+    for i, p in enumerate(prompts):
+        parse_sample(p, path, i, for_prompt=True)
+
+
+def check_output(out: str) -> None:
+    from engine.checkpoints.files import LayoutError
+
+    parent = Path(out).absolute().parent
+    if Path(out).is_dir():
+        raise LayoutError(f"{out}: --output is a directory; give a file name")
+    if not parent.is_dir():
+        raise LayoutError(f"{out}: --output's directory {parent} does not exist")
 
 
 @user_errors
@@ -55,12 +107,15 @@ def main(argv=None):
         p.error(f"--type {a.type} needs {'--reference' if a.type == 'ref_qa' else '--api-desc'}")
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under a launcher, rank 0 alone places the layers on every local GPU
-    lm = load_lm(a.model, a.backend, a.devices.split(",") if a.devices else None, a.dtype)
+    if a.prompts:  # every input checked before the model is loaded
+        out = a.output or str(Path(a.prompts).with_suffix("")) + ".answers.jsonl"
+        check_prompts(a.prompts, a.type)
+        check_output(out)
+    lm = load_lm(a.model, a.backend, a.devices, a.dtype)
     tokenizer = load_tokenizer(lm)
     sampling = SamplingConfig(a.max_new_tokens, a.do_sample, a.temperature, a.top_k, a.top_p,
                               a.repetition_penalty, a.seed)
     if a.prompts:
-        out = a.output or str(Path(a.prompts).with_suffix("")) + ".answers.jsonl"
         n = answer_file(lm, tokenizer, a.prompts, out, sampling, a.template, a.type,
                         log=lambda s: print(s, file=sys.stderr))
         print(f"{n} answers -> {out}", file=sys.stderr)

@@ -1,0 +1,822 @@
+"""Malformed user inputs, generated class by class, through the real CLIs' `main(argv)`.
+
+Every input a user hands us — the YAML config and its keys, data files, HF model dirs
+(config.json, safetensors headers, weight index, tokenizer), checkpoint dirs (`latest`, tags,
+output paths) and the flags of train_ds.py / train_ds_zero.py / convert_model.py / demo.py — is
+mutated here (wrong type, negative, unknown value, missing, bad encoding, truncated, trailing
+garbage, deep nesting, ...). Each case must exit 2 with exactly one stderr line `error: ...`
+naming the file (and the key / line / sample index / field where there is one), print no
+traceback, and create or change no output. All cases run in this one process (`main(argv)` is
+the code path of the command line; tests/test_bad_inputs.py runs a set of them as subprocesses).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib
+import io
+import json
+import os
+import shutil
+import traceback
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "data"
+
+
+@dataclass
+class Case:
+    tool: str  # module with main(argv): train_ds, train_ds_zero, convert_model, demo
+    argv: list[str]
+    expect: tuple[str, ...]  # substrings of the error line: file, key / line / sample / field
+    absent: tuple[Path, ...] = ()  # outputs that must not be created
+    unchanged: tuple[Path, ...] = ()  # existing outputs that must stay byte-identical
+
+
+SPECS: dict[str, typing.Callable[["Workspace"], Case]] = {}  # case id -> builder (ids known at collection)
+
+
+def case(cid: str):
+    def register(fn):
+        assert cid not in SPECS, cid
+        SPECS[cid] = fn
+        return fn
+    return register
+
+
+# ----------------------------------------------------------------------------- workspace
+class Workspace:
+    """Inputs shared by all cases: the tiny HF dir and pipeline checkpoint (tests/conftest.py), one
+    good data file, a valid training config, and helpers that write one mutated input per case."""
+
+    def __init__(self, root: Path, pp: Path):
+        self.root, self.pp, self.hf = root, pp, pp.parent / "hf"
+        self.good = root / "good.jsonl"
+        shutil.copy(EXAMPLES / "pretrain.jsonl", self.good)
+        self.cache = root / "cache"  # shared tokenized-data cache: the good file is tokenized once
+        self.base = {"model_path": str(pp), "data_path": [str(self.good)], "max_seq_len": 64, "max_steps": 1,
+                     "packing": True, "n_epochs": 5, "cache_dir": str(self.cache),
+                     "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}, "parts": [6]},
+                     "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+
+    def path(self, cid: str, name: str) -> Path:
+        d = self.root / cid
+        d.mkdir(exist_ok=True)
+        return d / name
+
+    def out(self, cid: str) -> Path:
+        return self.root / cid / "out"
+
+    def config(self, cid: str, text: str | bytes | None = None, drop=(), **over) -> str:
+        """A config file: the valid base with `over` applied (dotted keys reach into mappings)."""
+        raw = copy.deepcopy(self.base)
+        raw["save_path"] = str(self.out(cid))
+        for key, value in over.items():
+            node, *parts = raw, *key.split("__")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        for key in drop:
+            raw.pop(key)
+        path = self.path(cid, "config.yml")
+        data = text if text is not None else yaml.safe_dump(raw)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return str(path)
+
+    def train(self, cid: str, expect, *flags, tool="train_ds", **over) -> Case:
+        return Case(tool, ["--config", self.config(cid, **over), *flags], tuple(expect), absent=(self.out(cid),))
+
+    def data(self, cid: str, content: bytes, expect, suffix=".jsonl") -> Case:
+        f = self.path(cid, f"{cid}{suffix}")
+        f.write_bytes(content)
+        return self.train(cid, [f.name, *expect], data_path=[str(self.good), str(f)])
+
+    def hf_variant(self, cid: str, mutate) -> Path:
+        d = self.root / cid / "hf"
+        shutil.copytree(self.hf, d)
+        mutate(d)
+        return d
+
+    def pp_variant(self, cid: str, mutate) -> Path:
+        d = self.root / cid / "pp"
+        shutil.copytree(self.pp, d)
+        mutate(d)
+        return d
+
+    def convert(self, cid: str, direction: str, src: Path, expect, *flags) -> Case:
+        out = self.out(cid)
+        return Case("convert_model", [direction, "--input-path", str(src), "--save-path", str(out), *flags],
+                    tuple(expect), absent=(out,))
+
+    def demo(self, cid: str, expect, *flags, model: Path | None = None) -> Case:
+        out = self.path(cid, "answers.jsonl")
+        prompts = self.path(cid, "prompts.jsonl")
+        if not prompts.exists():
+            prompts.write_text(json.dumps({"type": "instruct", "instruct": "say hi"}) + "\n")
+        argv = ["--model", str(model or self.pp), "--prompts", str(prompts), "--output", str(out), *flags]
+        return Case("demo", argv, tuple(expect), absent=(out,))
+
+
+def edit_json(path: Path, fn) -> None:
+    path.write_text(json.dumps(fn(json.loads(path.read_text()))))
+
+
+# ----------------------------------------------------------------------------- config: syntax and encoding
+@case("cfg-not-utf8")
+def _(w):
+    return Case("train_ds", ["--config", w.config("cfg-not-utf8", text=b"max_steps: 1\nmodel_path: \xff\xfe\n")],
+                ("config.yml", "line 2", "0xff", "UTF-8"))
+
+
+@case("cfg-latin1-comment")
+def _(w):
+    text = yaml.safe_dump({**w.base, "save_path": str(w.out("cfg-latin1-comment"))}).encode()
+    return Case("train_ds", ["--config", w.config("cfg-latin1-comment", text=b"# caf\xe9\n" + text)],
+                ("config.yml", "line 1", "UTF-8"), absent=(w.out("cfg-latin1-comment"),))
+
+
+for i, bad in enumerate(["model_path: x\ndata_path: [a, b\nsave_path: y\n", "a: b: c\n", "key: 'unclosed\n",
+                         "- a\n b: c\n", "\tmax_steps: 1\n"]):
+    case(f"cfg-yaml-syntax-{i}")(lambda w, i=i, bad=bad: Case(
+        "train_ds", ["--config", w.config(f"cfg-yaml-syntax-{i}", text=bad)], ("config.yml", "YAML")))
+
+for name, text in {"list": "- model_path\n- data_path\n", "scalar": "just text\n", "number": "42\n"}.items():
+    case(f"cfg-top-{name}")(lambda w, name=name, text=text: Case(
+        "train_ds", ["--config", w.config(f"cfg-top-{name}", text=text)], ("config.yml", "mapping")))
+
+
+@case("cfg-deep-nesting")
+def _(w):
+    return Case("train_ds", ["--config", w.config("cfg-deep-nesting", text="model_topo: " + "[" * 5000 + "]" * 5000)],
+                ("config.yml",))
+
+
+@case("cfg-empty-file")
+def _(w):
+    return Case("train_ds", ["--config", w.config("cfg-empty-file", text="")], ("config.yml", "model_path"))
+
+
+# ----------------------------------------------------------------------------- config: every key, generated
+def _fields():
+    """(dotted key, type) of every config key we own (nested dataclasses walked)."""
+    from engine.config import TrainConfig
+
+    out = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("ds", "source"):
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}__")
+            else:
+                out.append((prefix + f.name, hints[f.name]))
+    walk(TrainConfig, "")
+    return out
+
+
+def _wrong_type(tp):
+    """A YAML value no key of type `tp` accepts."""
+    import types
+
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if args & {dict}:
+        return ["not", "a", "mapping"]
+    if any(typing.get_origin(a) is list for a in args):
+        return {"not": "a list"}
+    if args & {str}:
+        return ["not", "a", "string"]
+    return "maybe" if args & {bool} else "many"
+
+
+ENUMS = {"prompt_template": "fancy", "on_nonfinite_loss": "ignore", "resume": "sometimes", "use_grad_ckpt": "partial",
+         "model_topo__parts": "balanced"}
+
+for key, tp in _fields():
+    dotted = key.replace("__", ".")
+    case(f"key-{dotted}-wrong-type")(lambda w, key=key, tp=tp, dotted=dotted: w.train(
+        f"key-{dotted}-wrong-type", ["config.yml", f"'{dotted}'"], **{key: _wrong_type(tp)}))
+    if tp in (int, float):
+        case(f"key-{dotted}-negative")(lambda w, key=key, dotted=dotted: w.train(
+            f"key-{dotted}-negative", ["config.yml", dotted, "-1"], **{key: -1}))
+    if key in ENUMS:
+        case(f"key-{dotted}-unknown-value")(lambda w, key=key, dotted=dotted: w.train(
+            f"key-{dotted}-unknown-value", ["config.yml", dotted, ENUMS[key]], **{key: ENUMS[key]}))
+
+# DeepSpeed's keys: the ones we read must have the shape we read; values DeepSpeed checks are named
+DS_BAD = {
+    "bf16": (True, "'bf16'"), "fp16": ("on", "'fp16'"), "zero_optimization": (1, "'zero_optimization'"),
+    "zero_optimization__stage": ("x", "zero_optimization.stage"), "bf16__enabled": ("yes", "bf16.enabled"),
+    "zero_optimization__offload_optimizer": ("cpu", "zero_optimization.offload_optimizer"),
+    "gradient_clipping": ("x", "gradient_clipping"), "optimizer": ("AdamW", "optimizer"),
+    "optimizer__type": ("SGD", "optimizer.type"), "optimizer__params__lr": ("fast", "lr"),
+    "optimizer__params__betas": ([0.9], "optimizer.params.betas"), "optimizer__params__eps": ("x", "eps"),
+    "optimizer__params__weight_decay": (-0.1, "weight_decay"), "scheduler": ("WarmupLR", "scheduler"),
+    "scheduler__type": ("Fancy", "scheduler.type"), "train_micro_batch_size_per_gpu": ("two", "train_micro_batch"),
+    "gradient_accumulation_steps": (-1, "gradient_accumulation_steps"), "train_batch_size": (5, "train_batch_size"),
+    "data_types__grad_accum_dtype": ("fp8", "grad_accum_dtype"),
+}
+for key, (value, expect) in DS_BAD.items():
+    dotted = key.replace("__", ".")
+    case(f"ds-{dotted}")(lambda w, key=key, value=value, expect=expect, dotted=dotted: w.train(
+        f"ds-{dotted}", ["config.yml", expect], **{key: value}))
+
+for name, (weights, expect) in {"negative": ([-1.0], "data_weights[0]"), "nan": ([float("nan")], "data_weights[0]"),
+                                "inf": ([float("inf")], "data_weights[0]"), "all-zero": ([0.0], "data_weights"),
+                                "count": ([1.0, 2.0], "data_weights")}.items():
+    case(f"data-weights-{name}")(lambda w, name=name, weights=weights, expect=expect: w.train(
+        f"data-weights-{name}", ["config.yml", expect], data_weights=weights))
+
+
+# ----------------------------------------------------------------------------- config: paths
+@case("path-model-missing")
+def _(w):
+    return w.train("path-model-missing", ["model_path", "nowhere"], model_path=str(w.root / "nowhere"))
+
+
+@case("path-model-is-file")
+def _(w):
+    return w.train("path-model-is-file", ["model_path", "good.jsonl"], model_path=str(w.good))
+
+
+@case("path-model-empty")
+def _(w):
+    return w.train("path-model-empty", ["'model_path'", "empty"], model_path="")
+
+
+@case("path-data-missing")
+def _(w):
+    return w.train("path-data-missing", ["data_path[1]", "missing.jsonl"], data_path=[str(w.good),
+                                                                                       str(w.root / "missing.jsonl")])
+
+
+@case("path-data-is-dir")
+def _(w):
+    return w.train("path-data-is-dir", ["data_path[0]"], data_path=[str(w.root)])
+
+
+@case("path-data-empty-list")
+def _(w):
+    return w.train("path-data-empty-list", ["'data_path'"], data_path=[])
+
+
+@case("path-eval-missing")
+def _(w):
+    return w.train("path-eval-missing", ["eval_data_path[0]", "held-out.jsonl"],
+                   eval_data_path=str(w.root / "held-out.jsonl"))
+
+
+@case("path-save-is-file")
+def _(w):
+    return w.train("path-save-is-file", ["save_path", "good.jsonl", "is a file"], save_path=str(w.good))
+
+
+@case("path-save-under-file")
+def _(w):
+    return w.train("path-save-under-file", ["save_path", "good.jsonl", "is a file"], save_path=str(w.good / "run"))
+
+
+@case("path-cache-is-file")
+def _(w):
+    return w.train("path-cache-is-file", ["cache_dir", "is a file"], cache_dir=str(w.good))
+
+
+# ----------------------------------------------------------------------------- CLI flags
+@case("flag-world-size-0")
+def _(w):
+    return w.train("flag-world-size-0", ["--world-size", "0"], "--dry-run", "--world-size", "0")
+
+
+@case("flag-world-size-negative")
+def _(w):
+    return w.train("flag-world-size-negative", ["--world-size", "-2"], "--dry-run", "--world-size", "-2")
+
+
+@case("flag-world-size-text")
+def _(w):
+    return w.train("flag-world-size-text", ["--world-size", "two"], "--dry-run", "--world-size", "two")
+
+
+@case("flag-gpu-mem-zero")
+def _(w):
+    return w.train("flag-gpu-mem-zero", ["--gpu-mem-gib"], "--dry-run", "--gpu-mem-gib", "0")
+
+
+@case("flag-set-no-equals")
+def _(w):
+    return w.train("flag-set-no-equals", ["--set", "max_steps"], "--set", "max_steps")
+
+
+@case("flag-set-bad-yaml")
+def _(w):
+    return w.train("flag-set-bad-yaml", ["--set", "model_topo.parts"], "--set", "model_topo.parts=[1,")
+
+
+@case("flag-set-typo")
+def _(w):
+    return w.train("flag-set-typo", ["'max_stpes'", "max_steps"], "--set", "max_stpes=3")
+
+
+@case("flag-set-into-scalar")
+def _(w):
+    return w.train("flag-set-into-scalar", ["--set", "max_steps"], "--set", "max_steps.x=3")
+
+
+@case("flag-unknown")
+def _(w):
+    return w.train("flag-unknown", ["--frobnicate"], "--frobnicate")
+
+
+@case("flag-config-missing")
+def _(w):
+    return Case("train_ds", ["--config", str(w.root / "nope.yml")], ("nope.yml", "not found"))
+
+
+@case("flag-config-is-dir")
+def _(w):
+    return Case("train_ds", ["--config", str(w.root)], (str(w.root), "not found"))
+
+
+@case("flag-no-config")
+def _(w):
+    return Case("train_ds", [], ("--config",))
+
+
+@case("zero-no-config")
+def _(w):
+    return Case("train_ds_zero", [], ("--config",))
+
+
+@case("zero-stage-0")
+def _(w):
+    return w.train("zero-stage-0", ["config.yml", "zero_optimization.stage"], tool="train_ds_zero",
+                   zero_optimization={"stage": 0})
+
+
+@case("zero-bad-key")
+def _(w):
+    return w.train("zero-bad-key", ["config.yml", "'n_epocs'"], tool="train_ds_zero", n_epocs=2)
+
+
+@case("flag-export-under-file")
+def _(w):
+    return w.train("flag-export-under-file", ["--export-hf", "good.jsonl"], "--export-hf", str(w.good / "out"))
+
+
+@case("flag-export-not-an-export")
+def _(w):
+    return w.train("flag-export-not-an-export", ["--export-hf", str(w.root)], "--export-hf", str(w.root))
+
+
+# ----------------------------------------------------------------------------- data files, generated
+SAMPLES = {
+    "pretrain": {"type": "pretrain", "text": "the river runs to the sea"},
+    "instruct": {"type": "instruct", "instruct": "say hi", "input": "to me", "output": "hi"},
+    "conversation": {"type": "conversation", "rounds": [["ask", "who are you"], ["ans", "a helper"]]},
+    "conver_has_api": {"type": "conver_has_api", "api_desc": "weather(city)", "rounds": [
+        ["ask", "rain in Rome?"], ["ans-api", {"actions": [{"inner_thought": "look", "api_name": "weather",
+                                                            "api_param": "Rome", "api_res": "sun"}], "ans": "no"}]]},
+    "ref_qa": {"type": "ref_qa", "reference": "the sky is blue", "rounds": [["ask", "sky colour?"], ["ans", "blue"]]},
+}
+OPTIONAL = {"input", "system"}
+MARKS = {"pretrain": "the river runs to the sea", "instruct": "say hi", "conversation": "who are you",
+         "conver_has_api": "weather(city)", "ref_qa": "the sky is blue"}
+GOOD_LINE = json.dumps(SAMPLES["pretrain"]).encode()
+
+
+def jsonl(sample) -> bytes:
+    """A good sample on line 1, a blank line, then `sample` on line 3 (sample index 1)."""
+    body = sample if isinstance(sample, bytes) else json.dumps(sample, ensure_ascii=False).encode()
+    return GOOD_LINE + b"\n\n" + body + b"\n"
+
+
+for kind, sample in SAMPLES.items():
+    for key in sample:
+        if key not in OPTIONAL:
+            case(f"data-{kind}-missing-{key}")(lambda w, kind=kind, key=key: w.data(
+                f"data-{kind}-missing-{key}", jsonl({k: v for k, v in SAMPLES[kind].items() if k != key}),
+                ["line 3", "sample 1", f"field '{key}'"]))
+        case(f"data-{kind}-wrong-type-{key}")(lambda w, kind=kind, key=key: w.data(
+            f"data-{kind}-wrong-type-{key}", jsonl({**SAMPLES[kind], key: 7}),
+            ["line 3", "sample 1", f"field '{key}'"]))
+    mark = json.dumps(MARKS[kind]).encode()  # a string of the sample, replaced by bad bytes / nesting
+    case(f"data-{kind}-not-utf8")(lambda w, kind=kind, mark=mark: w.data(
+        f"data-{kind}-not-utf8", jsonl(json.dumps(SAMPLES[kind]).encode().replace(mark, b'"\xff\xfe"')),
+        ["line 3", "0xff", "UTF-8"]))
+    case(f"data-{kind}-gbk")(lambda w, kind=kind, mark=mark: w.data(
+        f"data-{kind}-gbk", jsonl(json.dumps(SAMPLES[kind]).encode().replace(mark, '"你好"'.encode("gbk"))),
+        ["line 3", "UTF-8"]))
+    case(f"data-{kind}-deep-nesting")(lambda w, kind=kind, mark=mark: w.data(
+        f"data-{kind}-deep-nesting", jsonl(json.dumps(SAMPLES[kind]).encode().replace(
+            mark, b"[" * 5000 + b"]" * 5000)), ["line 3", "sample 1", "nested too deeply"]))
+    case(f"data-{kind}-broken-line")(lambda w, kind=kind: w.data(
+        f"data-{kind}-broken-line", jsonl(json.dumps(SAMPLES[kind]).encode()[:-5]), ["line 3", "sample 1", "JSON"]))
+    case(f"data-{kind}-array-trailing")(lambda w, kind=kind: w.data(
+        f"data-{kind}-array-trailing", b"[\n" + GOOD_LINE + b",\n" + json.dumps(SAMPLES[kind]).encode() + b"\n]\ngarbage\n",
+        ["line 5", "after the JSON array"], suffix=".json"))
+    case(f"data-{kind}-array-broken")(lambda w, kind=kind: w.data(
+        f"data-{kind}-array-broken", b"[\n" + GOOD_LINE + b",\n" + json.dumps(SAMPLES[kind]).encode()[:-3] + b"\n]\n",
+        ["invalid JSON array"], suffix=".json"))
+    case(f"data-{kind}-not-object")(lambda w, kind=kind: w.data(
+        f"data-{kind}-not-object", jsonl(list(SAMPLES[kind].values())), ["line 3", "sample 1", "object"]))
+
+for name, content, expect in [("empty", b"", ["no samples"]), ("bom-only", b"\xef\xbb\xbf", ["no samples"]),
+                              ("whitespace", b"\n \n\t\n", ["no samples"]), ("binary", bytes(range(256)) * 4, ["UTF-8"]),
+                              ("unknown-type", jsonl({"type": "essay", "text": "x"}), ["line 3", "essay"]),
+                              ("truncated-utf8", GOOD_LINE + b"\n" + '{"type": "pretrain", "text": "é'.encode()[:-1],
+                               ["line 2", "UTF-8"])]:
+    case(f"data-file-{name}")(lambda w, name=name, content=content, expect=expect: w.data(
+        f"data-file-{name}", content, expect))
+
+
+# ----------------------------------------------------------------------------- HF dirs: config.json, generated
+LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+for key in LLAMA_REQUIRED:
+    case(f"hf-config-missing-{key}")(lambda w, key=key: w.convert(
+        f"hf-config-missing-{key}", "hg_to_pp", w.hf_variant(f"hf-config-missing-{key}", lambda d: edit_json(
+            d / "config.json", lambda c: {k: v for k, v in c.items() if k != key})), ["config.json", f"'{key}'"]))
+    for label, value in (("string", "64"), ("zero", 0), ("negative", -3), ("float", 2.5), ("null", None)):
+        cid = f"hf-config-{key}-{label}"
+        case(cid)(lambda w, key=key, value=value, cid=cid: w.convert(
+            cid, "hg_to_pp", w.hf_variant(cid, lambda d: edit_json(d / "config.json", lambda c: {**c, key: value})),
+            ["config.json", f"'{key}'"]))
+
+HF_OPTIONAL_BAD = {"num_key_value_heads": ("2", "num_key_value_heads"), "head_dim": ("x", "head_dim"),
+                   "rms_norm_eps": (-1, "rms_norm_eps"), "max_position_embeddings": (-1, "max_position_embeddings"),
+                   "tie_word_embeddings": ("yes", "tie_word_embeddings"), "rope_parameters": (2, "rope_parameters"),
+                   "attention_bias": ("no", "attention_bias"), "model_type": ("gpt2", "gpt2")}
+for key, (value, expect) in HF_OPTIONAL_BAD.items():
+    cid = f"hf-config-{key}-bad"
+    case(cid)(lambda w, key=key, value=value, expect=expect, cid=cid: w.convert(
+        cid, "hg_to_pp", w.hf_variant(cid, lambda d: edit_json(d / "config.json", lambda c: {**c, key: value})),
+        ["config.json", expect]))
+
+HF_RULES = {"kv-heads-not-dividing": ({"num_key_value_heads": 3}, "key/value heads"),
+            "rope-no-factor": ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0}}, "factor"),
+            "rope-unknown-type": ({"rope_parameters": {"rope_type": "wobbly", "rope_theta": 10000.0}}, "rope"),
+            "no-model-type": ({"model_type": None}, "model_type")}
+for name, (over, expect) in HF_RULES.items():
+    cid = f"hf-config-{name}"
+    case(cid)(lambda w, over=over, expect=expect, cid=cid: w.convert(
+        cid, "hg_to_pp", w.hf_variant(cid, lambda d: edit_json(d / "config.json", lambda c: {**c, **over})),
+        ["config.json", expect]))
+
+for name, content, expect in [("list", b"[{}]", "JSON object"), ("not-json", b'{"model_type": "llama",', "line 1"),
+                              ("not-utf8", b'{"model_type": "\xff"}', "UTF-8"), ("empty", b"", "JSON"),
+                              ("deep", b"[" * 100000 + b"]" * 100000, "config.json")]:
+    cid = f"hf-config-file-{name}"
+    case(cid)(lambda w, content=content, expect=expect, cid=cid: w.convert(
+        cid, "hg_to_pp", w.hf_variant(cid, lambda d: (d / "config.json").write_bytes(content)),
+        ["config.json", expect]))
+
+
+# ----------------------------------------------------------------------------- HF dirs: safetensors, index, tokenizer
+def _header(path: Path) -> tuple[int, dict, bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite the header (edit(header) -> header) in front of the same data."""
+    _, header, data = _header(path)
+    text = json.dumps(edit(header)).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _truncate_at(where):
+    def mutate(d: Path):
+        f = d / "model.safetensors"
+        n, _, _ = _header(f)
+        size = f.stat().st_size
+        at = {"zero": 0, "in-length": 4, "after-length": 8, "mid-header": 8 + n // 2, "end-of-header": 8 + n,
+              "mid-data": 8 + n + (size - 8 - n) // 2, "last-byte": size - 1}[where]
+        f.write_bytes(f.read_bytes()[:at])
+    return mutate
+
+
+def _first_tensor(h: dict) -> str:
+    return next(k for k in h if k != "__metadata__")
+
+
+SAFETENSORS_BAD = {
+    **{f"truncated-{w}": _truncate_at(w) for w in ("zero", "in-length", "after-length", "mid-header", "end-of-header",
+                                                   "mid-data", "last-byte")},
+    "length-huge": lambda d: (d / "model.safetensors").write_bytes(
+        (2**40).to_bytes(8, "little") + (d / "model.safetensors").read_bytes()[8:]),
+    "header-not-json": lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:8] + b"{" * _header(d / "model.safetensors")[0]
+        + _header(d / "model.safetensors")[2]),
+    "header-list": lambda d: _rewrite(d / "model.safetensors", lambda h: [h]),
+    "dtype-unknown": lambda d: _rewrite(d / "model.safetensors", lambda h: {
+        **h, _first_tensor(h): {**h[_first_tensor(h)], "dtype": "F99"}}),
+    "offsets-past-data": lambda d: _rewrite(d / "model.safetensors", lambda h: {
+        **h, _first_tensor(h): {**h[_first_tensor(h)], "data_offsets": [0, 10**9]}}),
+    "shape-vs-offsets": lambda d: _rewrite(d / "model.safetensors", lambda h: {
+        **h, _first_tensor(h): {**h[_first_tensor(h)], "shape": [7, 7]}}),
+    "trailing-bytes": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes() + b"x" * 64),
+    "garbage": lambda d: (d / "model.safetensors").write_bytes(b"garbage " * 200),
+}
+for name, mutate in SAFETENSORS_BAD.items():
+    cid = f"hf-safetensors-{name}"
+    case(cid)(lambda w, mutate=mutate, cid=cid: w.convert(
+        cid, "hg_to_pp", w.hf_variant(cid, mutate), ["model.safetensors"]))
+
+
+@case("train-from-hf-truncated-safetensors")
+def _(w):
+    cid = "train-from-hf-truncated-safetensors"
+    return w.train(cid, ["model.safetensors"], model_path=str(w.hf_variant(cid, _truncate_at("mid-data"))))
+
+
+@case("train-from-hf-garbage-safetensors")
+def _(w):
+    cid = "train-from-hf-garbage-safetensors"
+    return w.train(cid, ["model.safetensors"], model_path=str(w.hf_variant(cid, SAFETENSORS_BAD["garbage"])))
+
+
+@case("demo-from-hf-truncated-safetensors")
+def _(w):
+    cid = "demo-from-hf-truncated-safetensors"
+    return w.demo(cid, ["model.safetensors"], model=w.hf_variant(cid, _truncate_at("mid-header")))
+
+
+def _index(d: Path, index) -> None:
+    (d / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+
+
+for name, index, expect in [("not-json", "{", "line 1"), ("no-weight-map", {"metadata": {}}, "weight_map"),
+                            ("weight-map-list", {"weight_map": ["a"]}, "weight_map"),
+                            ("shard-missing", {"weight_map": {"model.embed_tokens.weight": "nope.safetensors"}},
+                             "nope.safetensors")]:
+    cid = f"hf-index-{name}"
+    case(cid)(lambda w, index=index, expect=expect, cid=cid: w.convert(
+        cid, "hg_to_pp", w.hf_variant(cid, lambda d: _index(d, index)), ["index.json" if expect != "nope.safetensors"
+                                                                         else "nope.safetensors", expect]))
+
+TOKENIZER_BAD = {
+    "tokenizer-json-not-json": (lambda d: (d / "tokenizer.json").write_text("{not json"), ["tokenizer.json", "line 1"]),
+    "tokenizer-json-truncated": (lambda d: (d / "tokenizer.json").write_bytes((d / "tokenizer.json").read_bytes()[:300]),
+                                 ["tokenizer.json", "JSON"]),
+    "tokenizer-json-list": (lambda d: (d / "tokenizer.json").write_text("[1, 2]"), ["tokenizer.json", "JSON object"]),
+    "tokenizer-json-wrong-shape": (lambda d: (d / "tokenizer.json").write_text('{"model": 3}'), ["tokenizer"]),
+    "tokenizer-config-not-utf8": (lambda d: (d / "tokenizer_config.json").write_bytes(b'{"a": "\xff"}'),
+                                  ["tokenizer_config.json", "UTF-8"]),
+    "tokenizer-config-bad-eos": (lambda d: edit_json(d / "tokenizer_config.json", lambda c: {**c, "eos_token": 5}),
+                                 ["tokenizer"]),
+    "tokenizer-chat-template-syntax": (lambda d: edit_json(d / "tokenizer_config.json", lambda c: {
+        **c, "chat_template": "{% if %}"}), ["chat_template"]),
+}
+for name, (mutate, expect) in TOKENIZER_BAD.items():
+    case(f"train-from-hf-{name}")(lambda w, mutate=mutate, expect=expect, name=name: w.train(
+        f"train-from-hf-{name}", [str(w.root / f"train-from-hf-{name}" / "hf"), *expect],
+        model_path=str(w.hf_variant(f"train-from-hf-{name}", mutate))))
+
+
+@case("demo-tokenizer-broken")
+def _(w):
+    return w.demo("demo-tokenizer-broken", ["tokenizer.json"],
+                  model=w.hf_variant("demo-tokenizer-broken", TOKENIZER_BAD["tokenizer-json-not-json"][0]))
+
+
+@case("hg2pp-no-tokenizer")
+def _(w):
+    return w.convert("hg2pp-no-tokenizer", "hg_to_pp", w.hf_variant("hg2pp-no-tokenizer", lambda d: [
+        f.unlink() for f in d.iterdir() if "token" in f.name]), ["tokenizer"])
+
+
+# ----------------------------------------------------------------------------- checkpoint dirs as input, outputs
+LATEST_BAD = {"garbage": b"\xff\xfe\x00\x01", "empty": b"", "two-lines": b"global_step0\nglobal_step1\n",
+              "parent": b"../elsewhere", "absolute": b"/etc", "missing-tag": b"global_step99"}
+
+
+def latest_case(w, cid: str, content: bytes, via: str) -> Case:
+    pp = w.pp_variant(cid, lambda d: (d / "latest").write_bytes(content))
+    expect = ["global_step99"] if content == b"global_step99" else [str(pp / "latest")]
+    if via == "train":
+        return w.train(cid, expect, model_path=str(pp))
+    if via == "pp2hg":
+        return w.convert(cid, "pp_to_hg", pp, expect)
+    return w.demo(cid, expect, model=pp)
+
+
+for name, content in LATEST_BAD.items():
+    for via in ("train", "pp2hg", "demo"):
+        case(f"latest-{name}-{via}")(lambda w, content=content, via=via, cid=f"latest-{name}-{via}": latest_case(
+            w, cid, content, via))
+
+
+@case("save-path-latest-garbage")
+def _(w):
+    cid = "save-path-latest-garbage"
+    save = w.pp_variant(cid, lambda d: (d / "latest").write_bytes(b"\x00\xff"))
+    return Case("train_ds", ["--config", w.config(cid, save_path=str(save))], (str(save / "latest"),),
+                unchanged=(save,))
+
+
+for name, tag in {"parent": "../..", "slash": "a/b", "empty": "", "missing": "global_step42"}.items():
+    case(f"pp2hg-tag-{name}")(lambda w, name=name, tag=tag: w.convert(
+        f"pp2hg-tag-{name}", "pp_to_hg", w.pp, ["--tag" if name != "missing" else "global_step42"], "--tag", tag))
+
+
+@case("hg2pp-save-under-file")
+def _(w):
+    out = w.good / "out"
+    return Case("convert_model", ["hg_to_pp", "--input-path", str(w.hf), "--save-path", str(out)],
+                ("good.jsonl", "is a file"))
+
+
+@case("pp2hg-save-under-file")
+def _(w):
+    out = w.good / "out"
+    return Case("convert_model", ["pp_to_hg", "--input-path", str(w.pp), "--save-path", str(out)],
+                ("good.jsonl", "is a file"))
+
+
+@case("hg2pp-save-exists")
+def _(w):
+    return Case("convert_model", ["hg_to_pp", "--input-path", str(w.hf), "--save-path", str(w.pp)],
+                (str(w.pp), "already exists"), unchanged=(w.pp,))
+
+
+@case("convert-input-missing")
+def _(w):
+    return w.convert("convert-input-missing", "pp_to_hg", w.root / "nowhere", ["nowhere"])
+
+
+@case("convert-max-shard-zero")
+def _(w):
+    return w.convert("convert-max-shard-zero", "pp_to_hg", w.pp, ["--max-shard-size"], "--max-shard-size", "0")
+
+
+@case("convert-direction-unknown")
+def _(w):
+    return Case("convert_model", ["hf_to_gguf", "--input-path", str(w.hf), "--save-path", str(w.out("x"))],
+                ("hf_to_gguf",))
+
+
+# ----------------------------------------------------------------------------- demo.py
+DEMO_FLAGS = {"max-new-tokens-0": (["--max-new-tokens", "0"], "--max-new-tokens"),
+              "max-new-tokens-text": (["--max-new-tokens", "lots"], "--max-new-tokens"),
+              "temperature-0": (["--temperature", "0"], "--temperature"),
+              "top-p-0": (["--top-p", "0"], "--top-p"), "top-p-1.5": (["--top-p", "1.5"], "--top-p"),
+              "top-k-negative": (["--top-k", "-1"], "--top-k"),
+              "repetition-penalty-0": (["--repetition-penalty", "0"], "--repetition-penalty"),
+              "seed-negative": (["--seed", "-1"], "--seed"), "devices-bogus": (["--devices", "gpu0"], "--devices"),
+              "devices-missing-gpu": (["--devices", "cuda:7"], "--devices"), "dtype": (["--dtype", "fp8"], "--dtype"),
+              "template": (["--template", "fancy"], "--template"), "type": (["--type", "essay"], "--type"),
+              "ref-qa-no-reference": (["--type", "ref_qa"], "--reference"),
+              "reference-file-missing": (["--type", "ref_qa", "--reference", "@/nonexistent/ref.txt"], "ref.txt"),
+              "backend": (["--backend", "tf"], "--backend")}
+for name, (flags, expect) in DEMO_FLAGS.items():
+    case(f"demo-flag-{name}")(lambda w, name=name, flags=flags, expect=expect: w.demo(
+        f"demo-flag-{name}", [expect], *flags))
+
+
+@case("demo-reference-not-utf8")
+def _(w):
+    ref = w.path("demo-reference-not-utf8", "ref.txt")
+    ref.write_bytes(b"ok\n\xff\n")
+    return w.demo("demo-reference-not-utf8", ["ref.txt", "line 2"], "--type", "ref_qa", "--reference", f"@{ref}")
+
+
+for name, content, expect in [("not-utf8", b'{"type": "instruct", "instruct": "\xff"}\n', ["line 1", "UTF-8"]),
+                              ("broken-line", b'{"type": "instruct", "instruct": "a"}\n\n{"type": \n', ["line 3", "JSON"]),
+                              ("missing-field", b'{"type": "instruct"}\n', ["sample 0", "instruct"]),
+                              ("empty", b"", ["no prompts"]),
+                              ("answered", b'{"type": "conversation", "rounds": [["ask", "a"], ["ans", "b"]]}\n',
+                               ["rounds"])]:
+    def build(w, name=name, content=content, expect=expect):
+        w.path(f"demo-prompts-{name}", "prompts.jsonl").write_bytes(content)
+        return w.demo(f"demo-prompts-{name}", ["prompts.jsonl", *expect])
+    case(f"demo-prompts-{name}")(build)
+
+
+@case("demo-prompts-missing")
+def _(w):
+    c = w.demo("demo-prompts-missing", ["nope.jsonl"])
+    c.argv[c.argv.index("--prompts") + 1] = str(w.root / "nope.jsonl")
+    return c
+
+
+@case("demo-output-is-dir")
+def _(w):
+    c = w.demo("demo-output-is-dir", ["--output"])
+    c.argv[c.argv.index("--output") + 1] = str(w.root)
+    c.absent = ()
+    return c
+
+
+@case("demo-output-dir-missing")
+def _(w):
+    c = w.demo("demo-output-dir-missing", ["--output"])
+    c.argv[c.argv.index("--output") + 1] = str(w.root / "no" / "such" / "dir" / "a.jsonl")
+    return c
+
+
+@case("demo-model-missing")
+def _(w):
+    return w.demo("demo-model-missing", ["nowhere"], model=w.root / "nowhere")
+
+
+@case("demo-backend-hf-on-pp")
+def _(w):
+    return w.demo("demo-backend-hf-on-pp", ["backend 'hf'"], "--backend", "hf")
+
+
+# ----------------------------------------------------------------------------- running them
+def digest(root: Path) -> dict[str, str]:
+    if root.is_file():
+        return {"": hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_main(tool: str, argv: list[str]) -> tuple[object, str]:
+    """`tool.main(argv)` as the command line runs it: exit code and stderr (a traceback when it escaped)."""
+    err, out = io.StringIO(), io.StringIO()
+    code: object = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            importlib.import_module(tool).main(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:  # the CLI let an exception out: exactly the traceback the user would see
+            traceback.print_exc(file=err)
+            code = "traceback"
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_pp, tmp_path_factory):
+    from tests.dist import free_port
+
+    w = Workspace(tmp_path_factory.mktemp("fuzz"), Path(tiny_pp))
+    with pytest.MonkeyPatch.context() as mp:
+        # training cases reach a 1-process gloo group in this process; keep its env local to this module
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}.items():
+            mp.setenv(key, value)
+        w.inputs = {p: digest(p) for p in (w.hf, w.pp, w.good)}
+        yield w
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cid", list(SPECS))
+def test_bad_input_is_one_error_line(ws, cid):
+    c = SPECS[cid](ws)
+    before = {p: digest(p) for p in c.unchanged}
+    code, err = run_main(c.tool, c.argv)
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"exit {code}, stderr:\n{err[-3000:]}"
+    missing = [part for part in c.expect if part not in lines[0]]
+    assert not missing, f"{missing} not in {lines[0]!r}"
+    for p in c.absent:
+        assert not p.exists(), f"{p} was created"
+        assert not list(p.parent.glob(f".{p.name}.*")), f"temporary output left next to {p}"
+    assert {p: digest(p) for p in c.unchanged} == before
+    assert not list(ws.cache.glob("*.tmp-*")), "a partial data cache was left"
+
+
+def test_at_least_100_generated_cases():
+    assert len(SPECS) >= 100
+
+
+def test_bom_is_accepted_everywhere(ws, tmp_path):
+    """A UTF-8 BOM (Windows editors) is fine in the config, data files (JSONL and array) and config.json."""
+    from data.reader import read_records
+    from engine.checkpoints.files import read_hf_config
+
+    bom = b"\xef\xbb\xbf"
+    sample = json.dumps(SAMPLES["instruct"]).encode()
+    (tmp_path / "a.jsonl").write_bytes(bom + sample + b"\n" + sample + b"\n")
+    (tmp_path / "a.json").write_bytes(bom + b"[" + sample + b"]")
+    assert [r for _, r in read_records(str(tmp_path / "a.jsonl"))] == [SAMPLES["instruct"]] * 2
+    assert [r for _, r in read_records(str(tmp_path / "a.json"))] == [SAMPLES["instruct"]]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_bytes(bom + (ws.hf / "config.json").read_bytes())
+    assert read_hf_config(hf)["model_type"] == "llama"
+    cfg = tmp_path / "bom.yml"
+    cfg.write_bytes(bom + yaml.safe_dump({**ws.base, "save_path": str(tmp_path / "out")}).encode())
+    code, err = run_main("train_ds", ["--config", str(cfg), "--dry-run", "--world-size", "1"])
+    assert code in (0, None) and "error" not in err, err
+
+
+def test_shared_inputs_untouched(ws):
+    """Runs last: no case wrote into the shared model dirs or data file."""
+    assert {p: digest(p) for p in ws.inputs} == ws.inputs
