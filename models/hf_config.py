@@ -53,8 +53,10 @@ class CheckedConfig(dict):
     def __init__(self, hf: dict, where: str):
         super().__init__(hf)
         self.where = where
+        self._unset = None  # the key of the previous read when it was an unset get() (`get(a) or [b]`)
 
     def _checked(self, key, value):
+        self._unset = None
         problem = _problem(key, value)
         if problem:
             raise UnsupportedModel(f"{self.where}: '{key}' {problem}, got {_json(value)}")
@@ -62,12 +64,16 @@ class CheckedConfig(dict):
 
     def __getitem__(self, key):
         if key not in self or dict.__getitem__(self, key) is None:
-            raise UnsupportedModel(f"{self.where}: missing key '{key}' (needed by this model family)")
+            alias = f" (or '{self._unset}')" if self._unset else ""
+            raise UnsupportedModel(f"{self.where}: missing key '{key}'{alias} (needed by this model family)")
         return self._checked(key, dict.__getitem__(self, key))
 
     def get(self, key, default=None):
         value = dict.get(self, key)
-        return default if value is None else self._checked(key, value)
+        if value is None:
+            self._unset = key
+            return default
+        return self._checked(key, value)
 
     def keys(self):  # `{**hf}` reads through keys() + __getitem__ (dict's fast path would skip the checks)
         return [k for k, v in dict.items(self) if v is not None]  # null = not set, as get() has it
@@ -88,8 +94,9 @@ def args_from_hf_config(family, hf: dict, where: str):
     try:
         args = family.Args.from_hf_config(CheckedConfig(hf, where))
     except UnsupportedModel as e:  # the families' own rejections say "config.json: ..."
-        raise UnsupportedModel(str(e).replace("config.json: ", f"{where}: ", 1) if not str(e).startswith(where)
-                               else str(e)) from None
+        text = str(e)
+        raise UnsupportedModel(text if text.startswith(f"{where}: ") else text.replace("config.json: ", f"{where}: ", 1)) \
+            from None
     _check_args(args, where)
     return args
 

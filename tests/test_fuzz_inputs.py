@@ -480,6 +480,54 @@ for name, content, expect in [("list", b"[{}]", "JSON object"), ("not-json", b'{
         ["config.json", expect]))
 
 
+def _family_fields():
+    """(family, key, kind of mutation) for every config.json field each family's Args.from_hf_config
+    reads: required ones deleted, typed ones given a string."""
+    from models import FAMILIES, get_family
+    from models.hf_config import BOOL, NUMBER, POSITIVE_INT, CheckedConfig, args_from_hf_config
+
+    out = []
+    for name in FAMILIES:
+        family, cfg, seen = get_family(name), get_family(name).tiny_hf_config(), set()
+
+        class Recorder(CheckedConfig):
+            def __getitem__(self, key):
+                seen.add(key)
+                return super().__getitem__(key)
+
+            def get(self, key, default=None):
+                seen.add(key)
+                return super().get(key, default)
+
+        family.Args.from_hf_config(Recorder(cfg, "config.json"))
+        for key in sorted(seen & set(cfg)):
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # a family's warning about a guessed field
+                    args_from_hf_config(family, {k: v for k, v in cfg.items() if k != key}, "config.json")
+            except ValueError:
+                out.append((name, key, "missing"))
+            if key in POSITIVE_INT + NUMBER + BOOL:
+                out.append((name, key, "string"))
+    return out
+
+
+def _config_only_dir(w, cid: str, family: str, key: str, how: str) -> Path:
+    from models import get_family
+
+    cfg = get_family(family).tiny_hf_config()
+    cfg = {k: v for k, v in cfg.items() if k != key} if how == "missing" else {**cfg, key: "x"}
+    d = w.root / cid / "hf"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+for family, key, how in _family_fields():
+    cid = f"hf-{family}-{key}-{how}"
+    case(cid)(lambda w, family=family, key=key, how=how, cid=cid: w.convert(
+        cid, "hg_to_pp", _config_only_dir(w, cid, family, key, how), ["config.json", key]))
+
+
 # ----------------------------------------------------------------------------- HF dirs: safetensors, index, tokenizer
 def _header(path: Path) -> tuple[int, dict, bytes]:
     raw = path.read_bytes()
