@@ -1,28 +1,47 @@
 """Convert between HF checkpoints and pipeline checkpoints.
 
-    python convert_model.py hg_to_pp --input-path HF_DIR --save-path PP_DIR
-    python convert_model.py pp_to_hg --input-path PP_DIR --save-path HF_DIR [--tag global_step100]
+    python convert_model.py hg_to_pp --input-path HF_DIR --save-path PP_DIR     # HF_DIR may be a hub id (org/name)
+    python convert_model.py download --model-name org/name --save-path HF_DIR   # a hub model into a plain dir
+    python convert_model.py pp_to_hg --input-path PP_DIR --save-path HF_DIR [--tag global_step100] [--dtype auto]
+    python convert_model.py verify DIR [--tag global_step100]   # every file's size + checksum, nothing loaded
 """
 import argparse
 
 from engine.cli import Parser, number, user_errors
 from engine.checkpoints.convert import hf_to_pp, pp_to_hg
+from engine.checkpoints.hub import fetch, model_source
+from engine.checkpoints.integrity import check_dir
 
 
 @user_errors
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("direction", choices=["hg_to_pp", "pp_to_hg"])
-    p.add_argument("--input-path", required=True)
-    p.add_argument("--save-path", required=True)
-    p.add_argument("--tag", default=None, help="pp_to_hg: checkpoint tag to export (default: the one 'latest' names)")
+    p.add_argument("direction", choices=["hg_to_pp", "pp_to_hg", "verify", "download"])
+    p.add_argument("dir", nargs="?", help="verify: a pipeline checkpoint dir or an HF model dir")
+    p.add_argument("--input-path", help="hg_to_pp: an HF model dir or a hub id (from the HF cache, else downloaded)")
+    p.add_argument("--model-name", help="download: hub id, e.g. bigscience/bloomz-7b1-mt")
+    p.add_argument("--save-path")
+    p.add_argument("--tag", default=None, help="pp_to_hg, verify: checkpoint tag (default: the one 'latest' names)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="pp_to_hg: dtype of the exported tensors (auto: the source model's, from its config.json)")
     p.add_argument("--max-shard-size", type=number(float, 0, low_open=True), default=5.0,
                    help="pp_to_hg: GiB per safetensors shard")
     a = p.parse_args(argv)
-    if a.direction == "hg_to_pp":
-        out = hf_to_pp(a.input_path, a.save_path)
+    if a.direction == "verify":
+        if not (a.dir or a.input_path):
+            p.error("verify needs a directory")
+        print(check_dir(a.dir or a.input_path, a.tag))
+        return
+    for flag in ("model_name", "save_path") if a.direction == "download" else ("input_path", "save_path"):
+        if getattr(a, flag) is None:
+            p.error(f"{a.direction} needs --{flag.replace('_', '-')}")
+    if a.direction == "download":
+        out = fetch(a.model_name, a.save_path)
+    elif a.direction == "hg_to_pp":
+        out = hf_to_pp(model_source(a.input_path), a.save_path)
     else:
-        out = pp_to_hg(a.input_path, a.save_path, tag=a.tag, max_shard_bytes=int(a.max_shard_size * 2**30))
+        out = pp_to_hg(a.input_path, a.save_path, tag=a.tag, max_shard_bytes=int(a.max_shard_size * 2**30),
+                       dtype=a.dtype)
     print(f"wrote {out}")
 
 

@@ -11,9 +11,14 @@ import sys
 from pathlib import Path
 
 from data.templates import TEMPLATES
+from engine.checkpoints.files import locate
+from engine.checkpoints.hub import model_source
 from engine.cli import Parser, number, user_errors
 from engine.inference.generate import (DTYPES, KINDS, Chat, SamplingConfig, answer_file, interactive, load_lm,
                                        load_tokenizer)
+
+
+GDGPT_SAVE_PATH = "checkpoints"
 
 
 def text_arg(value):
@@ -48,7 +53,9 @@ def devices_arg(value):
 
 def parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="pipeline checkpoint dir (<dir>/latest) or HF model dir")
+    p.add_argument("--model", default=None,
+                   help="pipeline checkpoint dir (<dir>/latest), HF model dir, gdGPT checkpoint dir, or a hub id "
+                        "(from the HF cache, else downloaded); default: ./checkpoints (gdGPT's save_path)")
     p.add_argument("--backend", choices=("ours", "hf"), default="ours",
                    help="ours: our layers, any source, split over --devices, KV cache; "
                         "hf: transformers on an HF dir, KV cache, one device")
@@ -59,7 +66,8 @@ def parser():
     p.add_argument("--type", choices=KINDS, default="conversation", help="prompt template (sample type)")
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="auto (the tokenizer's chat template when it has one, else default), default (### User/"
-                        "### Assistant layouts) or chat_template: as prompt_template in training")
+                        "### Assistant layouts), chat_template, or gdgpt (gdGPT's layout): as prompt_template "
+                        "in training")
     p.add_argument("--system", type=text_arg, help="system prompt (a chat template's system message), or @file")
     p.add_argument("--reference", type=text_arg, help="ref_qa reference text, or @file")
     p.add_argument("--api-desc", type=text_arg, help="conver_has_api api description, or @file")
@@ -99,6 +107,13 @@ def check_output(out: str) -> None:
         raise LayoutError(f"{out}: --output's directory {parent} does not exist")
 
 
+def default_model(p) -> str:
+    """gdGPT's `deepspeed demo.py` took no model argument; its training wrote to ./checkpoints."""
+    if not Path(GDGPT_SAVE_PATH).is_dir():
+        p.error(f"--model is required (no {GDGPT_SAVE_PATH} here, the save_path gdGPT's demo read by default)")
+    return GDGPT_SAVE_PATH
+
+
 @user_errors
 def main(argv=None):
     p = parser()
@@ -111,7 +126,12 @@ def main(argv=None):
         out = a.output or str(Path(a.prompts).with_suffix("")) + ".answers.jsonl"
         check_prompts(a.prompts, a.type)
         check_output(out)
-    lm = load_lm(a.model, a.backend, a.devices, a.dtype)
+    model = model_source(a.model or default_model(p))
+    if a.template == "auto" and locate(model).gdgpt:  # tuned by gdGPT: serve it the text it was trained on
+        a.template = "gdgpt"
+        print(f"note: {model}: a gdGPT checkpoint: prompts in gdGPT's layout (--template gdgpt; pass --template "
+              "to choose another)", file=sys.stderr)
+    lm = load_lm(model, a.backend, a.devices, a.dtype)
     tokenizer = load_tokenizer(lm)
     sampling = SamplingConfig(a.max_new_tokens, a.do_sample, a.temperature, a.top_k, a.top_p,
                               a.repetition_penalty, a.seed)

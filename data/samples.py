@@ -24,7 +24,7 @@ Any violation raises SampleError (a ValueError) naming file, sample index and fi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 SAMPLE_TYPES = ("pretrain", "instruct", "conversation", "conver_has_api", "ref_qa")
@@ -60,6 +60,12 @@ class Instruct:
 @dataclass(frozen=True)
 class Ask:
     text: str
+    # the consecutive "ask" rounds merged into `text`: only gdGPT's layout renders them apart
+    parts: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def asks(self) -> tuple[str, ...]:
+        return self.parts or (self.text,)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class ApiAction:
     api_name: str
     api_param: str  # compact JSON when the sample gave an object
     api_res: str  # produced by the tool: context, never a target
+    # api_res was a JSON value (compact here; only gdGPT's layout renders it indented)
+    api_res_json: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,7 @@ def _rounds(c: _Checker, obj: dict, *, allow_api: bool, for_prompt: bool) -> tup
         if role == "ask":
             text = _turn_text(c, content, field)
             if turns and isinstance(turns[-1], Ask):  # gdGPT's example has consecutive asks: one user turn
-                turns[-1] = Ask(turns[-1].text + "\n" + text)
+                turns[-1] = Ask(turns[-1].text + "\n" + text, turns[-1].asks + (text,))
             else:
                 turns.append(Ask(text))
             continue
@@ -228,5 +236,6 @@ def _api_answer(c: _Checker, content, field: str) -> ApiAnswer:
         parsed.append(ApiAction(inner_thought=c.text(action, "inner_thought", f"{af}.inner_thought", required=False),
                                 api_name=c.text(action, "api_name", f"{af}.api_name", non_empty=True),
                                 api_param=c.json_text(action, "api_param", f"{af}.api_param"),
-                                api_res=c.json_text(action, "api_res", f"{af}.api_res")))
+                                api_res=c.json_text(action, "api_res", f"{af}.api_res"),
+                                api_res_json="api_res" in action and not isinstance(action["api_res"], str)))
     return ApiAnswer(tuple(parsed), c.text(content, "ans", f"{field}.ans", non_empty=True))

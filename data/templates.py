@@ -32,6 +32,8 @@ with the answer), never from searching the text. Pretrain ignores the chat templ
 
 template="auto" (the training and demo default): chat_template when the tokenizer has one, else
 default.
+
+template="gdgpt": gdGPT's own layout, piece by piece (data/gdgpt_template.py).
 """
 from __future__ import annotations
 
@@ -40,10 +42,11 @@ import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from . import gdgpt_template as gdgpt
 from .samples import (Answer, ApiAnswer, Ask, Conversation, ConverHasApi, Instruct, Pretrain, RefQA, Sample, Turn,
                       parse_sample)
 
-TEMPLATES = ("auto", "default", "chat_template")
+TEMPLATES = ("auto", "default", "chat_template", "gdgpt")
 
 
 class TemplateError(ValueError):
@@ -96,9 +99,17 @@ CHAT_API = "API:\n{api_desc}\n\n"
 def render(sample: Sample, template: str = "default", tokenizer=None) -> list[Segment]:
     """Segments of a training sample (or of a generation prompt: then all are context)."""
     template = resolve_template(template, tokenizer)
+    if template == "gdgpt":  # one Segment per piece gdGPT tokenized on its own
+        return [Segment(text, target) for text, target in gdgpt.pieces(sample, gdgpt_eos(tokenizer))]
     if uses_chat_template(sample, template):
         return _render_chat(sample, tokenizer)
     return _render_default(sample)
+
+
+def gdgpt_eos(tokenizer) -> str:
+    if tokenizer is None or not tokenizer.eos_token:
+        raise TemplateError("prompt_template 'gdgpt' needs a tokenizer with an eos_token (its layout writes it)")
+    return tokenizer.eos_token
 
 
 def render_prompt(sample, template: str = "default", tokenizer=None,
@@ -114,6 +125,8 @@ def render_prompt(sample, template: str = "default", tokenizer=None,
     template = resolve_template(template, tokenizer)
     if isinstance(sample, dict):
         sample = parse_sample(sample, "<prompt>", 0, for_prompt=True)
+    if template == "gdgpt":
+        return "".join(text for text, _ in gdgpt.prompt_pieces(sample, gdgpt_eos(tokenizer), pending))
     if not uses_chat_template(sample, template):
         text = "".join(seg.text for seg in _render_default(sample))
         return text + "".join(call + ACTION_RESULT.format(api_res=res) for call, res in pending)
@@ -183,7 +196,9 @@ _CALL = re.compile(r"(?:Thought: ?(?P<thought>.*?)\n)?Action: ?(?P<name>[^\n]*)(
 
 def parse_api_call(text: str) -> dict | None:
     """{inner_thought, api_name, api_param} of an api call the model generated (the layout of
-    ACTION_CALL, with or without the final "Observation:"), or None when `text` is no call."""
+    ACTION_CALL, with or without the final "Observation:", or gdGPT's), or None when `text` is no call."""
+    if "#### api call" in text:
+        return gdgpt.parse_call(text)
     m = _CALL.search(text)
     if m is None or "Final Answer:" in text:
         return None

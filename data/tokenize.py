@@ -12,18 +12,22 @@ Layout of one encoded sample (a "document"):
   template's end-of-turn token, which is the target that teaches stopping; no BOS or EOS is
   added (EOS only for a template without an end-of-turn token).
 - Text tokens are target when they start inside a target segment (answers; all of pretrain).
+- gdGPT's layout (template "gdgpt"): each piece tokenized on its own, special tokens parsed,
+  no BOS (gdGPT never added one); its pieces write EOS after each answer, so only pretrain gets
+  one appended.
 - Longer than max_seq_len: the tail is cut (the EOS and maybe part of the answer are lost) and
   the sample is counted as truncated; if no target token survives, it is dropped and counted.
 Labels are derived from this later (data.dataset): labels[t] = ids[t+1] if target[t+1] else -100.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .samples import Sample
-from .templates import Segment, chat_style, render, render_prompt, resolve_template, uses_chat_template
+from .gdgpt_template import prompt_pieces as gdgpt_prompt_pieces
+from .templates import Segment, chat_style, gdgpt_eos, render, render_prompt, resolve_template, uses_chat_template
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ def encode_batch(samples: list[Sample], tokenizer, max_seq_len: int, template: s
     in Rust): chat-template texts keep their special tokens, plain texts are literal."""
     special = special or SpecialIds.of(tokenizer)
     template = resolve_template(template, tokenizer)
+    if template == "gdgpt":
+        return _encode_gdgpt(samples, tokenizer, max_seq_len, special)
     chat = [uses_chat_template(s, template) for s in samples]
     stops = any(chat) and bool(chat_style(tokenizer).eot_token)  # the template's end-of-turn ends its turns
     rendered = [render(s, template, tokenizer) for s in samples]
@@ -102,8 +108,26 @@ def prompt_token_ids(sample, tokenizer, template: str = "default", pending: list
 
     if isinstance(sample, dict):
         sample = parse_sample(sample, "<prompt>", 0, for_prompt=True)
+    if resolve_template(template, tokenizer) == "gdgpt":  # piece by piece, no BOS, as gdGPT
+        texts = [text for text, _ in gdgpt_prompt_pieces(sample, gdgpt_eos(tokenizer), pending)]
+        return [i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids]
     chat = uses_chat_template(sample, resolve_template(template, tokenizer))
     return encode_prompt(render_prompt(sample, template, tokenizer, pending), tokenizer, template, chat=chat)
+
+
+def _encode_gdgpt(samples: list[Sample], tokenizer, max_seq_len: int, special: SpecialIds) -> list[Encoded]:
+    """Every sample's gdGPT pieces tokenized separately (one batched call), no BOS."""
+    rendered = [render(s, "gdgpt", tokenizer) for s in samples]
+    flat = [seg.text for segs in rendered for seg in segs]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, at, no_bos = [], 0, replace(special, bos=None)
+    for segs in rendered:
+        parts = ids[at:at + len(segs)]
+        at += len(segs)
+        tokens = np.asarray([i for p in parts for i in p], dtype=np.int64)
+        target = np.asarray([seg.target for seg, p in zip(segs, parts) for _ in p], dtype=bool)
+        out.append(_finish(tokens, target, no_bos, max_seq_len))
+    return out
 
 
 def _target_by_offsets(segs: list[Segment], offsets) -> np.ndarray:

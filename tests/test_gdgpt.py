@@ -211,7 +211,7 @@ def test_gdgpt_pipeline_config_trains_with_its_keys_acting(gdgpt_llama, tmp_path
     path = GDGPT / "ds_config_pp@f5aa4a4.yml"  # aux_max_z_loss, no_wd_kws, fused_optimizer, WarmupCosineLR
     losses, metrics = run_gdgpt(path, gdgpt_llama[0], tmp_path / "run",  # model: gdGPT's own hg_to_pp dir
                                 extra=["model_topo.process_topology.dims=[2,1]", "model_topo.parts=auto",
-                                       "optimizer.params.lr=3e-3"])
+                                       "optimizer.params.lr=3e-3", "prompt_template=gdgpt"])
     assert sorted(losses) == [1, 2, 3]
     for m in metrics:
         assert m["z_loss"] > 0 and abs(m["loss"] - (m["lm_loss"] + 2e-4 * m["z_loss"])) < 1e-5
@@ -285,3 +285,183 @@ def test_demo_reads_a_gdgpt_dir(gdgpt_llama, tmp_path, capsys):
         assert code == 0, err
         answers.append([json.loads(l)["answer"] for l in out.read_text().splitlines()])
     assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 2  # same weights, whichever layout
+
+
+# ---------------------------------------------------------------------- prompt_template: gdgpt
+README_SAMPLES = json.loads((GDGPT / "readme_samples.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gd_tok(tmp_path_factory):
+    """The tests' tiny sentencepiece tokenizer, also trained on gdGPT's layout text (its '#', '`',
+    '(' ... are otherwise unknown to it) and on gdGPT's README samples."""
+    from models.tiny import make_tiny_tokenizer, sample_texts
+    from tests.tokenizer_util import example_texts
+
+    layout = ("A chat between a curious human and an artificial intelligence assistant. ### Human: ### Assistent: "
+              "### Instruction: ### Response: ### Reference: #### api call ```python search(query='x', n=3) ``` "
+              "#### api output {\"a\": [1]} Answer the following questions as best as you can.")
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("gd_tok"), example_texts() + [layout] +
+                               sample_texts([GDGPT / "readme_samples.json"]), 320)
+
+
+def gdgpt_reference(ob: dict, tok) -> tuple[list[int], list[int]]:
+    """gdGPT's datasets.py written out plainly: each piece tokenized alone, prompt pieces labelled
+    -100, no BOS; (ids, labels) before its truncate_and_pad (which then appended one more EOS)."""
+    eos, ids, labels = tok.eos_token, [], []
+
+    def piece(text, ignore):
+        part = tok(text, add_special_tokens=False)["input_ids"]
+        ids.extend(part)
+        labels.extend([-100] * len(part) if ignore else part)
+
+    def rounds(items, ask, ans):
+        for role, value in items:
+            if role == "ask":
+                piece(f"### {ask}: {value} \n", True)
+            elif role == "ans":
+                piece(f"### {ans}: ", True)
+                piece(f"{value} {eos}\n", False)
+            else:
+                for a in value["actions"]:
+                    piece(f"### {ans}: ", True)
+                    kw = ", ".join(f"{k}={v!r}" for k, v in json.loads(a["api_param"]).items())
+                    piece(a["inner_thought"] + "\n" + "#### api call\n```python\n" + f"{a['api_name']}({kw})" +
+                          "\n```  " + eos, False)
+                    res = a["api_res"] if isinstance(a["api_res"], str) else json.dumps(a["api_res"], indent=2,
+                                                                                       ensure_ascii=False)
+                    piece("\n#### api output\n" + res + "\n", True)
+                piece(f"### {ans}: ", True)
+                piece(value["ans"] + "  " + eos, False)
+
+    kind = ob["type"]
+    if kind == "pretrain":
+        piece(ob["text"], False)
+    elif kind == "instruct":
+        inp = "### Input:\n" + ob["input"] + "\n\n" if ob.get("input", "").strip() else ""
+        piece("Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n### Instruction:\n" + ob["instruct"] +
+              "\n\n" + inp + "### Response:\n", True)
+        piece(ob["output"] + "\n" + eos, False)
+    elif kind == "conversation":
+        piece("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the human's questions. \n\n", True)
+        rounds(ob["rounds"], "Human", "Assistent")
+    elif kind == "ref_qa":
+        piece("Generate responses to the given instruction series according to the reference text. \n\n"
+              f"### Reference: \n{ob['reference']}\n\n", True)
+        rounds(ob["rounds"], "Instruction", "Response")
+    else:
+        piece("Answer the following questions as best as you can. You have access to the following tool(s):\n" +
+              json.dumps(ob["api_desc"], indent=2, ensure_ascii=False), True)
+        rounds(ob["rounds"], "Human", "Assistent")
+    return ids, labels
+
+
+@pytest.mark.parametrize("index", range(len(README_SAMPLES)), ids=[s["type"] for s in README_SAMPLES])
+def test_gdgpt_template_is_gdgpts_text_token_for_token(index, gd_tok):
+    from data.samples import parse_sample
+    from data.tokenize import encode
+
+    ob, tok = README_SAMPLES[index], gd_tok
+    ids, labels = gdgpt_reference(ob, tok)
+    got = encode(parse_sample(ob), tok, 100_000, "gdgpt")
+    eos = tok.eos_token_id
+    if ob["type"] == "pretrain":  # gdGPT ended pretrain text without EOS; every sample ends with one here
+        ids, labels = ids + [eos], labels + [eos]
+    # (gdGPT's truncate_and_pad appended a second EOS to every other sample: not copied)
+    assert got.ids.tolist() == ids
+    assert got.target.tolist() == [lab != -100 for lab in labels]
+    assert ids[0] != tok.bos_token_id and ids[-1] in (eos, tok("\n", add_special_tokens=False)["input_ids"][-1])
+
+
+def test_gdgpt_pieces_are_tokenized_apart(gd_tok):
+    """Why piece by piece: a sentencepiece tokenizer gives other ids for the joined text."""
+    from data.samples import parse_sample
+    from data.templates import render
+    from data.tokenize import encode
+
+    sample = parse_sample(README_SAMPLES[3])
+    text = "".join(s.text for s in render(sample, "gdgpt", gd_tok))
+    assert text.startswith("A chat between") and "### Human: Who is caixukun? \n### Human: caixukun is" in text
+    whole = gd_tok(text, add_special_tokens=False)["input_ids"]
+    assert encode(sample, gd_tok, 100_000, "gdgpt").ids.tolist() != whole
+
+
+def test_gdgpt_prompts_and_chat_history(gd_tok):
+    from data.gdgpt_template import format_call, parse_call
+    from data.templates import render_prompt
+    from data.tokenize import prompt_token_ids
+
+    tok = gd_tok
+    prompt = {"type": "conversation", "rounds": [["ask", "Hello"], ["ans", "Hi"], ["ask", "Who?"]]}
+    full = {"type": "conversation", "rounds": [["ask", "Hello"], ["ans", "Hi"], ["ask", "Who?"], ["ans", "Me"]]}
+    ids, _ = gdgpt_reference(full, tok)
+    head = ids[:len(ids) - len(tok("Me </s>\n", add_special_tokens=False)["input_ids"])]
+    assert prompt_token_ids(prompt, tok, "gdgpt") == head  # what the model saw before its answer, exactly
+    assert render_prompt(prompt, "gdgpt", tok).endswith("### Human: Who? \n### Assistent: ")
+    instruct = render_prompt({"type": "instruct", "instruct": "Say hi."}, "gdgpt", tok)
+    assert instruct.endswith("### Instruction:\nSay hi.\n\n### Response:\n") and "paired with an input" in instruct
+    call = format_call("search", json.dumps({"query": "it's", "n": 3, "exact": True}))
+    assert call == "search(query=\"it's\", n=3, exact=True)"
+    parsed = parse_call("I look it up\n#### api call\n```python\n" + call + "\n```  ")
+    assert parsed["api_name"] == "search" and json.loads(parsed["api_param"]) == {"query": "it's", "n": 3, "exact": True}
+    assert parse_call("no call here") is None
+
+
+def test_demo_gdgpt_invocation_and_template(gdgpt_llama, tmp_path, capsys, monkeypatch):
+    """gdGPT's `deepspeed --num_gpus 4 --num_nodes 1 demo.py`: no --model, its ./checkpoints; a gdGPT
+    checkpoint is served in gdGPT's layout."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"type": "conversation", "rounds": [["ask", "Hello"]]}) + "\n")
+    code, _, err = cli("demo", ["--prompts", "p.jsonl"], capsys)
+    assert code == 2 and "--model is required (no checkpoints here" in err
+    shutil.copytree(gdgpt_llama[1], tmp_path / "checkpoints")  # gdGPT's training output at its default save_path
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = cli("demo", ["--prompts", "p.jsonl", "--output", "a.jsonl", "--max-new-tokens", "4",
+                                "--local_rank=0"], capsys)
+    assert code == 0, err
+    assert "gdGPT's layout (--template gdgpt" in err and json.loads((tmp_path / "a.jsonl").read_text())["n_tokens"] > 0
+
+
+def test_gdgpt_chat_api_round_trip(gd_tok):
+    """conver_has_api under gdGPT's layout: the call ends at EOS, the tool's result enters as gdGPT's
+    "#### api output" piece, and the history renders as the training sample would."""
+    from data.tokenize import prompt_token_ids
+    from engine.inference.generate import Chat, SamplingConfig
+
+    tok = gd_tok
+    call = "I look\n#### api call\n```python\nsearch(query='x')\n```  "
+    script = tok(call, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    final = tok("Found.  ", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    class Scripted:  # plays the call, then (after the tool) the final answer
+        def __init__(self):
+            self.prompts, self.todo = [], [script, final]
+
+        def reset(self):
+            self.played = None
+
+        def next_logits(self, new_ids):
+            if self.played is None:
+                self.prompts.append(list(new_ids))
+                self.played, self.seq = 0, self.todo.pop(0)
+            logits = torch.zeros(len(tok))
+            logits[self.seq[min(self.played, len(self.seq) - 1)]] = 1.0
+            self.played += 1
+            return logits
+
+    lm = Scripted()
+    chat = Chat(lm, tok, "conver_has_api", SamplingConfig(max_new_tokens=80), template="gdgpt", api_desc="search: s")
+    seen = []
+    chat.ask("Find x", observe=lambda text: seen.append(text) or "42")
+    assert len(seen) == 1 and len(lm.prompts) == 2
+    history = {"type": "conver_has_api", "api_desc": "search: s", "rounds": chat.rounds}
+    assert chat.rounds[-1][0] == "ans-api" and chat.rounds[-1][1]["ans"] == "Found."
+    expected, _ = gdgpt_reference(history, tok)
+    second = lm.prompts[1]
+    assert expected[:len(second)] == second  # the continued prompt is the training layout of the call + result
+    shown = tok.decode(second)  # (pieces tokenized apart decode with sentencepiece's leading spaces)
+    assert "```  </s>\n#### api output\n42\n" in shown and shown.rstrip().endswith("### Assistent:")

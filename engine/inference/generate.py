@@ -460,8 +460,10 @@ class Chat:
 
         calls = [parse_api_call(call) for call, _ in pending]
         final = final.strip().removeprefix("Final Answer:").strip()
-        if not pending or resolve_template(self.template, self.tokenizer) != "chat_template" or \
-                None in calls or not final:
+        template = resolve_template(self.template, self.tokenizer)
+        if template == "gdgpt" and not pending:
+            return ["ans", text.removesuffix(" ")]  # its layout writes "{ans} </s>": the space is the layout's
+        if not pending or template not in ("chat_template", "gdgpt") or None in calls or not final:
             return ["ans", text]
         return ["ans-api", {"actions": [{**c, "api_res": res} for c, (_, res) in zip(calls, pending)], "ans": final}]
 
