@@ -465,3 +465,49 @@ def test_gdgpt_chat_api_round_trip(gd_tok):
     assert expected[:len(second)] == second  # the continued prompt is the training layout of the call + result
     shown = tok.decode(second)  # (pieces tokenized apart decode with sentencepiece's leading spaces)
     assert "```  </s>\n#### api output\n42\n" in shown and shown.rstrip().endswith("### Assistent:")
+
+
+# ---------------------------------------------------------------------- hub ids (offline: a local HF cache)
+def hf_cache_with(hf_dir: Path, cache: Path, repo_id: str, revision="0f3d5e7a") -> Path:
+    """`repo_id` in a cache laid out as huggingface_hub writes it: blobs/, snapshots/<rev>/ of
+    symlinks to them, refs/main naming the revision."""
+    import os
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in sorted(hf_dir.iterdir()):
+        blob = repo / "blobs" / f"{abs(hash(f.name)):x}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snap
+
+
+def test_hub_ids_from_the_local_cache_offline(tiny_pp, tmp_path, capsys, monkeypatch):
+    from engine.checkpoints.files import locate
+
+    hf = Path(tiny_pp).parent / "hf"
+    hf_cache_with(hf, tmp_path / "cache", "tiny-org/tiny-llama")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = cli("convert_model", ["hg_to_pp", "--input-path", "tiny-org/tiny-llama", "--save-path",
+                                           str(tmp_path / "pp")], capsys)
+    assert code == 0, err
+    assert locate(tmp_path / "pp").layers(None).name == "global_step0"
+    code, out, err = cli("convert_model", ["download", "--model-name", "tiny-org/tiny-llama", "--save-path",
+                                           str(tmp_path / "dl")], capsys)
+    assert code == 0, err
+    got = tmp_path / "dl"
+    assert {p.name for p in got.iterdir()} == {p.name for p in hf.iterdir()} and not (got / "config.json").is_symlink()
+    assert (got / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+    code, _, err = cli("convert_model", ["hg_to_pp", "--input-path", "tiny-org/not-cached", "--save-path",
+                                         str(tmp_path / "x")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "tiny-org/not-cached: not a local dir and not in" in err
+    assert "HF_HUB_OFFLINE is set" in err and not (tmp_path / "x").exists()
+    code, _, err = cli("convert_model", ["download", "--model-name", "tiny-org/tiny-llama", "--save-path",
+                                         str(got)], capsys)
+    assert code == 2 and "already exists and is not empty" in err
