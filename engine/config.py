@@ -226,6 +226,27 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9
                               list("-+0123456789"))
 
 
+def _mapping_without_duplicates(loader, node, deep=False):
+    """PyYAML keeps the last of two equal keys silently; a config that says a key twice is a mistake."""
+    seen = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+            seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # unhashable: construct_mapping reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (first on line {first})",
+                                                    key_node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _mapping_without_duplicates)
+
+
 def parse_value(text: str):
     """A CLI override value, read as YAML (so 1e-4, true, [1, 2] work)."""
     return yaml.load(text, Loader=_Loader) if text != "" else ""

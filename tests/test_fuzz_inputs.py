@@ -154,6 +154,21 @@ for name, text in {"list": "- model_path\n- data_path\n", "scalar": "just text\n
         "train_ds", ["--config", w.config(f"cfg-top-{name}", text=text)], ("config.yml", "mapping")))
 
 
+@case("cfg-duplicate-key")
+def _(w):
+    text = yaml.safe_dump({**w.base, "save_path": str(w.out("cfg-duplicate-key"))}) + "max_seq_len: 128\n"
+    return Case("train_ds", ["--config", w.config("cfg-duplicate-key", text=text)],
+                ("config.yml", "'max_seq_len' given twice"), absent=(w.out("cfg-duplicate-key"),))
+
+
+@case("cfg-duplicate-nested-key")
+def _(w):
+    text = yaml.safe_dump({**w.base, "save_path": str(w.out("cfg-duplicate-nested-key"))}) + \
+        "zero_optimization: {stage: 1, stage: 0}\n"
+    return Case("train_ds", ["--config", w.config("cfg-duplicate-nested-key", text=text)],
+                ("config.yml", "'stage' given twice"), absent=(w.out("cfg-duplicate-nested-key"),))
+
+
 @case("cfg-deep-nesting")
 def _(w):
     return Case("train_ds", ["--config", w.config("cfg-deep-nesting", text="model_topo: " + "[" * 5000 + "]" * 5000)],
