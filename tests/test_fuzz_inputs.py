@@ -880,6 +880,20 @@ def test_bom_is_accepted_everywhere(ws, tmp_path):
     assert code in (0, None) and "error" not in err, err
 
 
+def test_internal_errors_keep_their_traceback(ws, monkeypatch):
+    """The boundaries catch what bad input raises, nothing else: a bug inside them is not reported
+    as a user error (the tokenizer loader is the widest catch; a ZeroDivisionError passes it)."""
+    import transformers
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    cid = "internal-error"
+    code, err = run_main("train_ds", ["--config", ws.config(cid, model_path=str(ws.hf))])
+    assert code == "traceback" and "ZeroDivisionError: a bug" in err and "error: " not in err
+
+
 def test_shared_inputs_untouched(ws):
     """Runs last: no case wrote into the shared model dirs or data file."""
     assert {p: digest(p) for p in ws.inputs} == ws.inputs
