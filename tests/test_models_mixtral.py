@@ -1,7 +1,7 @@
-"""Mixtral: our layers vs transformers' MixtralForCausalLM on a tiny random model (fp32): logits,
-LM loss and router aux loss on one process and on a 2-stage DeepSpeed pipeline (aux statistics
-carried across stages, normalised over micro-batches), sliding window, packing, unrouted
-experts, and HF -> pipeline -> HF conversion (on-disk per-expert keys)."""
+"""Mixtral quirks vs transformers' MixtralForCausalLM (fp32): the router aux loss and its metrics,
+sliding window (+ packing), unrouted experts, the embedding stage's router statistics, grad
+checkpointing. The checks every family gets (pp=2 step with the router loss across stages,
+packing, conversion with on-disk per-expert keys) are in tests/test_families.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,16 +9,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from models import get_family
 from models.blocks import AttnOptions, LayerOptions
-from models.keymap import model_from_hf, model_to_hf
+from models.keymap import model_from_hf
 from models.pipeline import SequentialModel, make_loss
-from tests.dist import run_ranks
 from tests.model_check import shifted_labels
-from tests.test_models_bloom import pipeline_eval_and_step
 
 FAMILY = "mixtral"
 ATOL = 1e-5
@@ -164,79 +161,6 @@ def test_embedding_stage_output_joins_backward():
     ids = torch.zeros(1, 4, dtype=torch.long)
     _, _, stats = fam.Embed(args, LayerOptions())((ids, torch.arange(4)[None]))
     assert stats.shape == (2, args.num_experts) and stats.requires_grad
-
-
-def test_pipeline_aux_loss_across_stages_and_micro_batches(hf_dir):
-    """pp=2 (embedding + block 0 | blocks 1-3 + head): eval logits, loss and aux equal
-    transformers'; one SGD step over 2 micro-batches equals transformers' step on
-    sum(token losses)/tokens + coef * mean(aux over micro-batches), the router of stage 0
-    included; pop_metrics reports the aux loss of each micro-batch."""
-    hf_config = json.loads((hf_dir / "config.json").read_text())
-    state = hf_state(hf_dir)
-    mbs, n = [], 0
-    for seed in (3, 4):
-        ids, labels, _ = batch(seed=seed)
-        mbs.append(((ids, torch.arange(16).expand_as(ids)), labels))
-        n += int((labels != -100).sum())
-    gas, lr = len(mbs), 1.0
-    scale = torch.tensor(gas / n)  # gas * dp / answer tokens of the global batch
-    micro_batches = [(inp, (labels, scale)) for inp, labels in mbs]
-    (ids0, pos0), labels0 = mbs[0]
-    eval_scale = torch.tensor(1.0) / (labels0 != -100).sum()
-    eval_batch = ((ids0, pos0), (labels0, eval_scale))
-
-    ranks = run_ranks(pipeline_eval_and_step, 2, FAMILY, hf_config, state, [2, 4], eval_batch, micro_batches, lr)
-    last = ranks[-1]
-    logits, aux = last["outputs"]
-
-    hf = load_hf(hf_dir)
-    with torch.no_grad():
-        ref = hf(ids0, labels=ids0, output_router_logits=True)
-    assert (logits - ref.logits).abs().max() < ATOL
-    assert abs(float(aux) - float(ref.aux_loss)) < ATOL
-    assert abs(last["loss"] - float(ref.loss)) < ATOL
-    assert abs(last["metrics"][0]["aux_loss"] - float(ref.aux_loss)) < ATOL
-
-    hf.train()
-    ce, auxes = 0.0, []
-    for (ids, _), labels in mbs:
-        out = hf(ids, output_router_logits=True)
-        ce = ce + F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), reduction="sum")
-        auxes.append(out.aux_loss)
-    objective = ce / n + COEF * sum(auxes) / gas
-    objective.backward()
-    assert abs(last["step_loss"] - objective.item()) < ATOL
-    assert abs(last["metrics"][1]["aux_loss"] - sum(a.item() for a in auxes)) < ATOL
-    assert abs(last["metrics"][1]["lm_loss"] - (ce * scale).item()) < ATOL
-    with torch.no_grad():
-        for p in hf.parameters():
-            p -= lr * p.grad
-    hf.save_pretrained(hf_dir.parent / "stepped")
-    stepped = load_file(hf_dir.parent / "stepped" / "model.safetensors")
-    after = {**ranks[0]["after"], **ranks[1]["after"]}
-    assert set(after) == set(state)
-    diff = {theirs: float((t - stepped[theirs]).abs().max())
-            for theirs, t in model_to_hf(get_family(FAMILY), args_of(hf_dir), after).items()}
-    worst = max(diff, key=diff.get)
-    assert diff[worst] < ATOL, (worst, diff[worst])
-    gate = "1.block_sparse_moe.gate.weight"  # stage 0's router: its aux gradient crossed the stages
-    assert (after[gate] - state[gate]).abs().max() > 1e-4
-
-
-def test_convert_round_trip(hf_dir, tmp_path):
-    """HF -> pipeline -> HF is bit-exact with the on-disk per-expert names and loads with transformers."""
-    from engine.checkpoints.convert import hf_to_pp, pp_to_hg
-
-    out = pp_to_hg(hf_to_pp(hf_dir, tmp_path / "pp"), tmp_path / "hf_out")
-    original = load_file(hf_dir / "model.safetensors")
-    written = {}
-    for f in sorted(out.glob("*.safetensors")):
-        written.update(load_file(f))
-    assert set(written) == set(original)
-    assert all(torch.equal(written[k], original[k]) for k in original)
-    ids, _, _ = batch(seed=5)
-    with torch.no_grad():
-        assert torch.equal(load_hf(out)(ids).logits, load_hf(hf_dir)(ids).logits)
 
 
 def test_grad_ckpt_same_gradients(hf_dir):
