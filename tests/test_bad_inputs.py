@@ -66,8 +66,8 @@ def build_cases(w: Path, hf: Path, pp: Path, ckpt: Path, exported: Path) -> list
 
     def data(id, content: str, suffix=".jsonl", expect=()):
         f = w / f"{id}{suffix}"
-        f.write_text(content)
-        train(id, [f.name, *expect], data_path=[str(good_data), str(f)])
+        f.write_text(content)  # fails after taking save_path's lock: a save_path of its own (cases run in parallel)
+        train(id, [f.name, *expect], data_path=[str(good_data), str(f)], save_path=str(w / f"save-{id}"))
 
     def convert(id, expect, *args):
         cases.append(Case(id, ["convert_model.py", *map(str, args)], expect))
@@ -131,9 +131,11 @@ def build_cases(w: Path, hf: Path, pp: Path, ckpt: Path, exported: Path) -> list
           save_path=str(w / "save-layer-truncated"))
     smaller = hf_variant("hf-2-blocks", lambda d: (d / "config.json").write_text(
         json.dumps({**json.loads((d / "config.json").read_text()), "num_hidden_layers": 2})))
-    train("checkpoint-of-another-model", [str(ckpt / "global_step2"), "6 layers", "with 4"], model_path=str(smaller),
-          from_scratch=True, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]},
-                                         "parts": "auto"})
+    other = w / "ckpt-other-model"  # fails after taking save_path's lock: a copy of its own (cases run in parallel)
+    shutil.copytree(ckpt, other)
+    train("checkpoint-of-another-model", [str(other / "global_step2"), "6 layers", "with 4"], model_path=str(smaller),
+          from_scratch=True, save_path=str(other),
+          model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}, "parts": "auto"})
     damaged = w / "ckpt-damaged"
     shutil.copytree(ckpt, damaged)
     mp = damaged / "global_step2" / "mp_rank_00_model_states.pt"
