@@ -220,6 +220,15 @@ def test_gdgpt_pipeline_config_trains_with_its_keys_acting(gdgpt_llama, tmp_path
     assert saved["scheduler"]["params"]["total_num_steps"] == 3  # filled from the run, as gdGPT did
 
 
+def test_gdgpt_first_json_config_trains_without_model_topo(gdgpt_llama, tmp_path):
+    # no model_topo (gdGPT's script hard-coded it), no paths, compression_training: every rank a stage
+    losses, _ = run_gdgpt(GDGPT / "ds_config_pp@f3c21e7.json", gdgpt_llama[0], tmp_path / "run",
+                          extra=["max_steps=2"])
+    assert sorted(losses) == [1, 2]
+    meta = json.loads((tmp_path / "run" / "global_step2" / "meta.json").read_text())
+    assert (meta["layout"]["pp"], meta["layout"]["dp"]) == (2, 1)
+
+
 def test_gdgpt_zero_config_without_model_topo_takes_every_rank(gdgpt_llama, tmp_path):
     # model: a gdGPT training output (save_path whose `latest` names checkpoint_final)
     losses, metrics = run_gdgpt(GDGPT / "ds_config_zero@3176d99.yml", gdgpt_llama[1], tmp_path / "run", zero=True)
