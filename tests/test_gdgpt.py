@@ -438,7 +438,6 @@ def test_demo_gdgpt_invocation_and_template(gdgpt_llama, tmp_path, capsys, monke
 def test_gdgpt_chat_api_round_trip(gd_tok):
     """conver_has_api under gdGPT's layout: the call ends at EOS, the tool's result enters as gdGPT's
     "#### api output" piece, and the history renders as the training sample would."""
-    from data.tokenize import prompt_token_ids
     from engine.inference.generate import Chat, SamplingConfig
 
     tok = gd_tok
