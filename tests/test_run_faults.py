@@ -204,3 +204,27 @@ def test_lock_rules(tmp_path):
                                        rf"delete {re.escape(str(save / LOCK))}"):
         RunLock.acquire(save)
     assert json.loads((save / LOCK).read_text())["host"] == "node-elsewhere"  # refused: file untouched
+
+
+def test_failed_publish_keeps_the_previous_tag(tmp_path):
+    """A write that fails in the publisher's steps (after the rename, before `latest` moved):
+    one line, and only what `latest` names is left (single process: agree needs no peers)."""
+    import errno
+
+    from engine.checkpoints import writes
+
+    root = tmp_path / "run"
+    for d in ("global_step2", ".tmp-global_step4", "global_step4"):
+        (root / d).mkdir(parents=True)
+        (root / d / "layer_00-model_states.pt").write_bytes(b"x")
+    (root / "latest").write_text("global_step2")
+    (root / ".latest.tmp-123").write_text("global_st")
+    note = writes.kept_note(root, "global_step4")
+    with writes.recorded(root / ".tmp-global_step4"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root / ".latest.tmp-123"))
+    with pytest.raises(writes.SaveFailed, match=rf"^{re.escape(str(root / '.latest.tmp-123'))}: no space left on "
+                                                r"device, .* free there \(saving global_step4; the last checkpoint, "
+                                                r"global_step2, is intact"):
+        writes.agree(lambda: writes.discard(root, "global_step4"), note)
+    assert sorted(p.name for p in root.iterdir()) == ["global_step2", "latest"]
+    writes.agree()  # the failure was reported once: the next save starts clean

@@ -128,12 +128,13 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     D.barrier()
-    if D.rank() == 0:
-        tmp.mkdir(parents=True)
-    D.barrier()
+    note = writes.kept_note(root, tag)
+    with writes.recorded(tmp):  # a full disk may refuse even the directory
+        if D.rank() == 0:
+            tmp.mkdir(parents=True)
+    writes.agree(note=note)
     shared = _shared_storage(root, tmp)
     publisher = D.rank() == 0 if shared else int(os.environ.get("LOCAL_RANK", "0")) == 0
-    note = writes.kept_note(root, tag)
     with writes.deferred():  # a failed write (disk full) is raised by agree, on every rank, not mid-collective
         written = reshape.save(engine, tmp)
     writes.agree(lambda: publisher and writes.discard(root, tag), note)
