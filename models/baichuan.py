@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims, UnsupportedModel
-from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, alibi_bias, alibi_slopes,
-                     apply_rotary, attend, gated_mlp_keys)
+from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, alibi_bias,
+                     alibi_slopes, apply_rotary, attend, decoder_layers, gated_mlp_keys)
 from .keymap import with_prefix
 from .llama import Embed, FinalNorm
 
@@ -151,8 +151,7 @@ class Head(FinalNorm):
 
 
 def layers(args: Args) -> list[list[LayerDef]]:
-    """Pipeline layers grouped as `parts` counts them: embedding, each block, norm + head."""
-    return [[LayerDef(Embed)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [[LayerDef(Head)]]
+    return decoder_layers(args.num_layers, Embed, Block, FinalNorm, Head)
 
 
 def hf_keys(args: Args) -> list[dict]:

@@ -444,6 +444,18 @@ class LayerDef:
     forward_fn: Callable | None = None
 
 
+def decoder_layers(n_blocks: int, embed: type, block: type, final_norm: type | None, head: type,
+                   tied_logits: Callable | None = None, embed_extra: tuple[type, ...] = ()) -> list[list[LayerDef]]:
+    """A decoder's pipeline layers grouped as `parts` counts them: the embedding (+ `embed_extra`
+    layers in its slot), each block, and the final norm + head. With `tied_logits` the head is
+    the final norm followed by the embedding's twin, which projects through `tied_logits(embed,
+    inputs)` with the embedding's own weight."""
+    tie = "embed" if tied_logits else None
+    last = [LayerDef(final_norm), LayerDef(embed, tie, tied_logits)] if tie else [LayerDef(head)]
+    first = [LayerDef(embed, tie), *map(LayerDef, embed_extra)]
+    return [first] + [[LayerDef(block)] for _ in range(n_blocks)] + [last]
+
+
 @dataclass(frozen=True)
 class LayerOptions:
     """Per-run choices every family's layers honour (from the training config)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims
-from .blocks import AttnOptions, BlockBase, LayerDef, LayerOptions, alibi_bias, alibi_slopes, attend
+from .blocks import AttnOptions, BlockBase, LayerDef, LayerOptions, alibi_bias, alibi_slopes, attend, decoder_layers
 
 MODEL_TYPES = ("bloom",)
 HF_ARCHITECTURE = "BloomForCausalLM"
@@ -137,10 +137,9 @@ def tied_logits(embed: Embed, inputs):
 
 
 def layers(args: Args) -> list[list[LayerDef]]:
-    """Pipeline layers grouped as `parts` counts them: embedding (+ its norm), each block, norm + head."""
-    tie = "embed" if args.tie_word_embeddings else None
-    head = [LayerDef(FinalNorm), LayerDef(Embed, tie, tied_logits)] if tie else [LayerDef(Head)]
-    return [[LayerDef(Embed, tie), LayerDef(EmbedNorm)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [head]
+    """The embedding's LayerNorm shares the embedding's `parts` slot."""
+    tied = tied_logits if args.tie_word_embeddings else None
+    return decoder_layers(args.num_layers, Embed, Block, FinalNorm, Head, tied, embed_extra=(EmbedNorm,))
 
 
 def hf_keys(args: Args) -> list[dict[str, str]]:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims, UnsupportedModel
-from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary_interleaved, attend)
+from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary_interleaved, attend,
+                     decoder_layers)
+from .bloom import Embed  # the same word_embeddings layer
 
 MODEL_TYPES = ("chatglm",)
 HF_ARCHITECTURE = "ChatGLMModel"  # what the public config.json says (auto_map picks the class)
@@ -64,16 +66,6 @@ class Args:
             add_qkv_bias=hf.get("add_qkv_bias", False),
             add_bias_linear=hf.get("add_bias_linear", False),
         )
-
-
-class Embed(nn.Module):
-    def __init__(self, args: Args, opts: LayerOptions):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-
-    def forward(self, inputs):
-        input_ids, position_ids = inputs
-        return self.word_embeddings(input_ids), position_ids
 
 
 class Attention(nn.Module):
@@ -139,8 +131,7 @@ class Head(nn.Module):
 
 
 def layers(args: Args) -> list[list[LayerDef]]:
-    """Pipeline layers grouped as `parts` counts them: embedding, each block, norm + head."""
-    return [[LayerDef(Embed)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [[LayerDef(Head)]]
+    return decoder_layers(args.num_layers, Embed, Block, None, Head)  # the head holds the final norm
 
 
 def hf_keys(args: Args) -> list[dict[str, str]]:

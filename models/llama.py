@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import Dims
-from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary,
-                     accept_unfused, apply_rotary, attend, fused_linear, gated_mlp_keys, rope_parameters)
+from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, accept_unfused,
+                     apply_rotary, attend, decoder_layers, fused_linear, gated_mlp_keys, rope_parameters)
 from .keymap import Fused, with_prefix
 
 MODEL_TYPES = ("llama",)
@@ -36,22 +36,29 @@ class Args:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "Args":
-        heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope=rope_parameters(hf),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            attention_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        )
+        return cls(**llama_fields(hf))
+
+
+def llama_fields(hf: dict, rms_norm_eps: float = 1e-6, rope_theta: float | None = None,
+                 max_position_embeddings: int = 2048) -> dict:
+    """Args fields of the llama-style decoder from config.json (mixtral's Args extends them; the
+    defaults are what each family's HF config class assumes when a field is absent)."""
+    heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", rms_norm_eps),
+        rope=rope_parameters(hf if rope_theta is None else {"rope_theta": rope_theta, **hf}),
+        max_position_embeddings=hf.get("max_position_embeddings", max_position_embeddings),
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+    )
 
 
 class Embed(nn.Module):
@@ -142,10 +149,8 @@ def tied_logits(embed: Embed, inputs):
 
 
 def layers(args: Args) -> list[list[LayerDef]]:
-    """Pipeline layers grouped as `parts` counts them: embedding, each block, norm + head."""
-    tie = "embed" if args.tie_word_embeddings else None
-    head = [LayerDef(FinalNorm), LayerDef(Embed, tie, tied_logits)] if tie else [LayerDef(Head)]
-    return [[LayerDef(Embed, tie)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [head]
+    return decoder_layers(args.num_layers, Embed, Block, FinalNorm, Head,
+                          tied_logits if args.tie_word_embeddings else None)
 
 
 def hf_keys(args: Args) -> list[dict]:
@@ -154,6 +159,12 @@ def hf_keys(args: Args) -> list[dict]:
     block = {"input_layernorm.weight": "input_layernorm.weight",
              "post_attention_layernorm.weight": "post_attention_layernorm.weight",
              **attention_keys(args), **gated_mlp_keys(args.intermediate_size, args.mlp_bias)}
+    return decoder_keys(args, block)
+
+
+def decoder_keys(args, block: dict) -> list[dict]:
+    """The llama layout's key map around one block's entries (mixtral's too): embedding, blocks
+    under model.layers.<i>., final norm + lm_head (or the embedding's twin when tied)."""
     keys = [{"embed_tokens.weight": "model.embed_tokens.weight"}]
     keys += [with_prefix(block, f"model.layers.{i}.") for i in range(args.num_layers)]
     if args.tie_word_embeddings:

@@ -9,15 +9,15 @@ together, travels through the pipeline to the head. The head returns `(logits, a
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Dims
-from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, rope_parameters
-from .keymap import with_prefix
+from . import Dims, llama
+from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, decoder_layers
 from .llama import Attention, attention_keys  # same GQA + rotary attention; the sliding window comes with the mask
 from .loss import causal_lm_loss
 
@@ -26,44 +26,23 @@ HF_ARCHITECTURE = "MixtralForCausalLM"
 TIED_WEIGHTS = ["embed_tokens.weight"]  # shared by embedding and head when tie_word_embeddings
 
 
-@dataclass
-class Args:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope: dict
-    max_position_embeddings: int
+@dataclass(kw_only=True)
+class Args(llama.Args):
+    """llama's fields (attention and norms are llama's) + the mixture of experts."""
+
     num_experts: int
     top_k: int
     router_aux_loss_coef: float  # weight of the load-balancing loss (override: dataclasses.replace)
     sliding_window: int | None = None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # llama's attention, which mixtral shares, has the option
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "Args":
-        heads = hf["num_attention_heads"]
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope=rope_parameters({"rope_theta": 1e6, **hf}),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096 * 32),
+            **llama.llama_fields(hf, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096 * 32),
             num_experts=hf.get("num_local_experts", 8),
             top_k=hf.get("num_experts_per_tok", 2),
             router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
             sliding_window=hf.get("sliding_window"),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
         )
 
 
@@ -179,10 +158,8 @@ def tied_logits(embed: Embed, inputs):
 
 
 def layers(args: Args) -> list[list[LayerDef]]:
-    """Pipeline layers grouped as `parts` counts them: embedding, each block, norm + head."""
-    tie = "embed" if args.tie_word_embeddings else None
-    head = [LayerDef(FinalNorm), LayerDef(Embed, tie, tied_logits)] if tie else [LayerDef(Head)]
-    return [[LayerDef(Embed, tie)]] + [[LayerDef(Block)] for _ in range(args.num_layers)] + [head]
+    return decoder_layers(args.num_layers, Embed, Block, FinalNorm, Head,
+                          tied_logits if args.tie_word_embeddings else None)
 
 
 class MoELoss:
@@ -229,20 +206,11 @@ def hf_keys(args: Args) -> list[dict]:
     block = {k: k for k in ["input_layernorm.weight", "post_attention_layernorm.weight", "block_sparse_moe.gate.weight"]
              + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(args.num_experts) for w in ("w1", "w2", "w3")]}
     block.update(attention_keys(args))
-    keys = [{"embed_tokens.weight": "model.embed_tokens.weight"}]
-    keys += [with_prefix(block, f"model.layers.{i}.") for i in range(args.num_layers)]
-    if args.tie_word_embeddings:
-        keys += [{"norm.weight": "model.norm.weight"}, {"embed_tokens.weight": "model.embed_tokens.weight"}]
-    else:
-        keys += [{"norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}]
-    return keys
+    return llama.decoder_keys(args, block)
 
 
 def dims(args: Args) -> Dims:
-    return Dims(hidden=args.hidden_size, heads=args.num_heads, kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-                ffn=args.intermediate_size, gated=True, n_layers=args.num_layers, vocab=args.vocab_size,
-                norm_eps=args.rms_norm_eps, positional="rope", max_positions=args.max_position_embeddings,
-                tied=args.tie_word_embeddings, experts=args.num_experts, top_k=args.top_k)
+    return dataclasses.replace(llama.dims(args), experts=args.num_experts, top_k=args.top_k)
 
 
 def tiny_hf_config(**overrides) -> dict:
