@@ -28,7 +28,7 @@ LOCK = ".lock"
 
 
 class LockHeld(Exception):
-    """Another run uses this save_path (one line, exit 2)."""
+    """Another run uses this save_path, or its lock cannot be taken (one line, exit 2)."""
 
     every_rank = True  # raised by every rank together (engine/cli.py user_errors)
 
@@ -106,10 +106,13 @@ class RunLock:
         """Take save_path's lock for this process (rank 0) or raise LockHeld naming the holder."""
         root = Path(save_path)
         made_dir = not root.exists()
-        root.mkdir(parents=True, exist_ok=True)
         path = root / LOCK
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # read-only, no permission, full: nothing can be saved here either
+                raise LockHeld(f"{path}: cannot create the run lock ({e.strerror.lower()})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
