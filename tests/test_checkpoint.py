@@ -143,15 +143,18 @@ def _continue_from_universal(model_path, save, tag, raw):
 
 def test_reshape_agrees_with_deepspeed_universal_checkpoint(tiny_pp, tmp_path):
     """For ZeRO-1 DeepSpeed's universal checkpoint (ds_to_universal + load_universal) also works
-    under PP; it is an offline conversion and does not cover the plain fp32 stage-0 path, so we
-    keep our own copy, and check here that both continue identically on pp=1 x dp=2."""
+    under PP; it is an offline conversion of DeepSpeed's own files (which our tags no longer hold)
+    and does not cover the plain fp32 stage-0 path. Check that our tag and DeepSpeed's files of
+    the same run (written by DeepSpeed's own save) continue identically on pp=1 x dp=2."""
     import subprocess
     import sys
 
+    from tests.test_checkpoint_faults import _train_writing_deepspeed_files
+
     zero = {"zero_optimization": {"stage": 1}}
-    run(config(tiny_pp, tmp_path / "base", steps=3, **LAYOUTS["pp2"], **zero))
-    shutil.copytree(tmp_path / "base", tmp_path / "ours")
+    run(config(tiny_pp, tmp_path / "ours", steps=3, **LAYOUTS["pp2"], **zero))
     ours = run(config(tiny_pp, tmp_path / "ours", steps=6, **LAYOUTS["dp2"], **zero))
+    run_ranks(_train_writing_deepspeed_files, 2, config(tiny_pp, tmp_path / "base", steps=3, **LAYOUTS["pp2"], **zero))
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                     str(tmp_path / "base" / "global_step3"), "--output_folder",
                     str(tmp_path / "base" / "global_step3_universal"), "--inject_missing_state",

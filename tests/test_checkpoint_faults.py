@@ -218,6 +218,7 @@ def test_pp_to_hg_refuses_damaged_layer_files(base, tmp_path, capsys):
 
 def _train_writing_deepspeed_files(raw):
     """Train with the previous format's save: DeepSpeed's own files + a meta.json of sizes only."""
+    from engine import distributed as D
     from engine.checkpoints import tags
     from engine.checkpoints.files import write_text_atomic
     from engine.config import from_dict
@@ -227,12 +228,15 @@ def _train_writing_deepspeed_files(raw):
         root = Path(cfg.save_path)
         engine.save_checkpoint(str(root), tag=tags.tag_name(step), client_state={"step": step}, save_latest=False)
         tag = root / tags.tag_name(step)
-        files = {str(p.relative_to(tag)): p.stat().st_size for p in sorted(tag.rglob("*")) if p.is_file()}
-        meta = {"family": family_name, "n_layers": n_layers, "step": step, "files": files,
-                "layout": tags.layout_of(cfg, n_layers, kind)}
-        (tag / "meta.json").write_text(json.dumps(meta))
-        tags.copy_hf_side_files(hf_dir, root / "hf")
-        write_text_atomic(root / "latest", tag.name)
+        D.barrier()
+        if D.rank() == 0:
+            files = {str(p.relative_to(tag)): p.stat().st_size for p in sorted(tag.rglob("*")) if p.is_file()}
+            meta = {"family": family_name, "n_layers": n_layers, "step": step, "files": files,
+                    "layout": tags.layout_of(cfg, n_layers, kind)}
+            (tag / "meta.json").write_text(json.dumps(meta))
+            tags.copy_hf_side_files(hf_dir, root / "hf")
+            write_text_atomic(root / "latest", tag.name)
+        D.barrier()
         return tag
 
     tags.save = save

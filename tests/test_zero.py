@@ -97,6 +97,17 @@ def _first_step_loss(model_dir, raw, dp: int) -> float:
     return total / (dp * cfg.grad_accum)
 
 
+def test_checkpoint_resumes_on_another_zero_stage(tiny_pp, pipeline_losses, tmp_path):
+    """Every stage writes the same per-layer tag (fp32 masters in the layer files, moments in
+    optim/): ZeRO-1's checkpoint continues under ZeRO-3, optimizer state included."""
+    run_zero(zero_config(tiny_pp, tmp_path / "run", 1, steps=3))
+    assert not list((tmp_path / "run" / "global_step3").glob("*optim_states*"))  # no DeepSpeed partitions
+    second = run_zero(zero_config(tiny_pp, tmp_path / "run", 3, steps=6))
+    assert sorted(second) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert second[s] == pytest.approx(pipeline_losses[s], rel=REL), (second, pipeline_losses)
+
+
 def test_weights_hand_over_between_pipeline_and_zero(tiny_pp, tmp_path):
     """Pipeline (pp=1 x dp=2) steps 1-3, then ZeRO-3 from that checkpoint's weights (fresh
     optimizer), then the pipeline at pp=2 from the ZeRO checkpoint: each run's first loss is
