@@ -107,6 +107,9 @@ class TrainConfig:
                              default="auto")
     aux_max_z_loss: dict | None = doc("gdGPT's max-z loss: {weight: w} adds w x mean over positions of (max "
                                       "log-softmax of the LM logits)^2 to the loss, logged as z_loss", default=None)
+    router_z_loss_coef: float = doc("MoE families: weight of ST-MoE's router z-loss, mean over real tokens of "
+                                    "logsumexp(router logits)^2 averaged over MoE layers, logged as router_z_loss "
+                                    "(0 = off)", default=0.0)
     model_topo: ModelTopo = doc("pipeline/data-parallel layout", default_factory=ModelTopo)
     ds: dict = doc("DeepSpeed's own keys, passed through", default_factory=dict)
     source: str = doc("file the config was read from (set by the loader)", default="<dict>")
@@ -601,6 +604,8 @@ def _check_values(cfg: TrainConfig) -> None:
     for key in ("seed", "evaluate_every", "eval_batches"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    if not 0 <= cfg.router_z_loss_coef < math.inf:
+        raise ConfigError(f"{where}: 'router_z_loss_coef' must be a finite number >= 0, got {cfg.router_z_loss_coef}")
 
 
 def help_text() -> str:

@@ -5,6 +5,7 @@ per-layer parameter shapes every loader checks against (`expected_shapes`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from models.hf_config import args_from_hf_config
 from models.pipeline import SequentialModel, layer_groups
 
 from engine.checkpoints.files import LayoutError, locate, read_hf_config, read_json
+from engine.config import ConfigError
 
 
 def expected_shapes(family, args) -> list[dict[str, torch.Size]]:
@@ -41,6 +43,18 @@ class Model:
         family = family_for_hf_config(hf, str(hf_dir / "config.json"))
         args = args_from_hf_config(family, hf, str(hf_dir / "config.json"))  # every field read is checked
         return cls(family, args, hf_dir, len(layer_groups(family, args)))
+
+    @classmethod
+    def for_training(cls, cfg) -> "Model":
+        """from_dir(cfg.model_path) with the training config's model-side keys in Args:
+        router_z_loss_coef, which only a family whose Args has that field (MoE) takes."""
+        model = cls.from_dir(cfg.model_path)
+        if cfg.router_z_loss_coef > 0:  # a bad value is validate's to report
+            if "router_z_loss_coef" not in {f.name for f in dataclasses.fields(model.args)}:
+                raise ConfigError(f"{cfg.source}: router_z_loss_coef applies to MoE families only "
+                                  f"({model.name} is dense); remove it or set it to 0")
+            model.args = dataclasses.replace(model.args, router_z_loss_coef=float(cfg.router_z_loss_coef))
+        return model
 
     @property
     def dims(self):

@@ -386,7 +386,7 @@ def dry_run(cfg, world_size: int, gpu_mem_gib: float = 80.0, pipeline: bool = Tr
     from engine.config import validate
     from engine.model import Model
 
-    model = Model.from_dir(cfg.model_path)
+    model = Model.for_training(cfg)
     validate(cfg, world_size, model.n_layers, pipeline=pipeline)
     text, _ = report(cfg, model.family, model.args, world_size, gpu_mem_gib, pipeline)
     return text

@@ -1,11 +1,15 @@
 """Mixtral family: llama-style attention (GQA, rope, optional sliding window) with a sparse
-mixture-of-experts MLP (top-k routing) and Switch-style router load-balancing loss.
+mixture-of-experts MLP (top-k routing), Switch-style router load-balancing loss and, optionally,
+ST-MoE's router z-loss.
 
-Pipeline layers exchange `(hidden, position_ids, router_stats)`: every MoE block adds its
-routing statistics (a [2, experts] fp32 tensor: tokens sent to each expert, summed router
-probability per expert) so the aux loss, which transformers computes from all layers' routing
-together, travels through the pipeline to the head. The head returns `(logits, aux_loss)` and
-`make_loss(args)` adds `router_aux_loss_coef * aux_loss` to the LM loss.
+Pipeline layers exchange `(hidden, position_ids, router_stats, router_z, real)`: every MoE block
+adds its routing statistics (a [2, experts] fp32 tensor: tokens sent to each expert, summed
+router probability per expert) so the aux loss, which transformers computes from all layers'
+routing together, travels through the pipeline to the head; likewise its router z-loss (a [1]
+fp32 tensor: mean over the real tokens of logsumexp(router logits)^2, averaged over layers).
+`real` (int32 [B, S], 1 = not padding) is found once by the embedding. The head returns
+`(logits, aux_loss, router_z)` and `make_loss(args)` adds `router_aux_loss_coef * aux_loss +
+router_z_loss_coef * router_z` to the LM loss.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims, llama
-from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, decoder_layers
+from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, decoder_layers, document_ids
 from .llama import Attention, attention_keys  # same GQA + rotary attention; the sliding window comes with the mask
 from .loss import causal_lm_loss
 
@@ -34,6 +38,9 @@ class Args(llama.Args):
     top_k: int
     router_aux_loss_coef: float  # weight of the load-balancing loss (override: dataclasses.replace)
     sliding_window: int | None = None
+    # weight of ST-MoE's router z-loss; HF's Mixtral has none, so the training config's
+    # `router_z_loss_coef` sets it (engine.model.Model.for_training)
+    router_z_loss_coef: float = 0.0
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "Args":
@@ -57,7 +64,21 @@ class Embed(nn.Module):
         # requires_grad: DeepSpeed runs backward on every float output of a stage, so the
         # statistics must be part of the graph even on a stage holding only the embedding
         stats = torch.zeros(2, self.num_experts, device=input_ids.device, requires_grad=True)
-        return self.embed_tokens(input_ids), position_ids, stats
+        z = torch.zeros(1, device=input_ids.device, requires_grad=True)
+        return self.embed_tokens(input_ids), position_ids, stats, z, real_tokens(input_ids, position_ids)
+
+
+def real_tokens(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """1 at real tokens, 0 at padding; int32, as DeepSpeed's pipeline sends no bool tensors.
+
+    A padded row ends in its padding as one more segment (data.packing.layout_row: position ids
+    restart at 0 after the last document) holding the pad id repeated. A real document is not
+    one token repeated, so a row's last segment is padding exactly when it is uniform (with
+    pad = eos, the document's own eos stays in its segment)."""
+    doc = document_ids(position_ids)
+    tail = doc == doc[:, -1:]
+    uniform = ~((input_ids != input_ids[:, -1:]) & tail).any(dim=-1, keepdim=True)
+    return (~(tail & uniform)).to(torch.int32)
 
 
 class Expert(nn.Module):
@@ -74,8 +95,9 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k routing with renormalised weights (as transformers' Mixtral). Returns the output
-    and this layer's routing statistics [2, experts], per token: routed slots, router probability."""
+    """Top-k routing with renormalised weights (as transformers' Mixtral). Returns the output,
+    this layer's routing statistics [2, experts], per token: routed slots, router probability,
+    and each token's router z term logsumexp(router logits)^2 [tokens] (ST-MoE's z-loss, fp32)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -86,7 +108,8 @@ class SparseMoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(x).float(), dim=-1)
+        logits = self.gate(x).float()
+        probs = F.softmax(logits, dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         # group the (token, slot) pairs by expert: one host sync for the group sizes per layer
@@ -98,7 +121,8 @@ class SparseMoE(nn.Module):
             # module's parameters in its forward, which must stay collective on every rank
             token, slot = pairs // self.top_k, pairs % self.top_k
             out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
-        return out.view(shape), torch.stack((routed.to(probs.dtype), probs.sum(dim=0))) / x.shape[0]
+        stats = torch.stack((routed.to(probs.dtype), probs.sum(dim=0))) / x.shape[0]
+        return out.view(shape), stats, logits.logsumexp(dim=-1).square()
 
 
 class Block(BlockBase):
@@ -113,13 +137,21 @@ class Block(BlockBase):
 
     def block(self, x, position_ids, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, cache)
-        moe, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
-        return x + moe, stats
+        moe, stats, z = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + moe, stats, z
 
     def forward(self, inputs, cache=None):
-        x, position_ids, stats = inputs
-        x, layer_stats = self.run_block(x, position_ids, cache)
-        return x, position_ids, stats + layer_stats / self.num_layers  # mean over (layer, token) rows
+        x, position_ids, stats, z, real = inputs
+        x, layer_stats, layer_z = self.run_block(x, position_ids, cache)
+        # stats: mean over (layer, token) rows; z: mean over layers of each layer's real-token mean
+        return (x, position_ids, stats + layer_stats / self.num_layers,
+                z + real_mean(layer_z, real) / self.num_layers, real)
+
+
+def real_mean(per_token: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-token value over the real tokens (0 for a row of padding only)."""
+    weight = real.flatten().to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1)
 
 
 def load_balancing_loss(stats: torch.Tensor) -> torch.Tensor:
@@ -135,26 +167,27 @@ class FinalNorm(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, inputs):
-        x, position_ids, stats = inputs
-        return self.norm(x), position_ids, stats
+        x, *rest = inputs
+        return self.norm(x), *rest
 
 
 class Head(FinalNorm):
-    """Final norm + lm_head (untied); also turns the routing statistics into the aux loss."""
+    """Final norm + lm_head (untied); also turns the routing statistics into the aux loss and
+    passes the router z-loss on."""
 
     def __init__(self, args: Args, opts: LayerOptions):
         super().__init__(args, opts)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, inputs):
-        x, _, stats = super().forward(inputs)
-        return self.lm_head(x), load_balancing_loss(stats)
+        x, _, stats, z, _ = super().forward(inputs)
+        return self.lm_head(x), load_balancing_loss(stats), z
 
 
 def tied_logits(embed: Embed, inputs):
     """Head of a tied model: the embedding matrix projects the (already normed) hidden states."""
-    x, _, stats = inputs
-    return x @ embed.embed_tokens.weight.t(), load_balancing_loss(stats)
+    x, _, stats, z, _ = inputs
+    return x @ embed.embed_tokens.weight.t(), load_balancing_loss(stats), z
 
 
 def layers(args: Args) -> list[list[LayerDef]]:
@@ -163,40 +196,42 @@ def layers(args: Args) -> list[list[LayerDef]]:
 
 
 class MoELoss:
-    """`(outputs, (labels, scale)) -> loss`: the causal-LM loss plus coef * router aux loss.
+    """`(outputs, (labels, scale)) -> loss`: the causal-LM loss plus coef * router aux loss plus
+    z_coef * router z-loss.
 
     Normalisation: `scale` (= gas * dp / answer tokens of the global batch) turns the LM term
     into this micro-batch's share of the global token mean, cancelling DeepSpeed's averaging of
-    micro-batch losses over gas (loss / gas) and of gradients over dp ranks. The aux loss is
-    already a mean over its micro-batch's tokens, so it enters with factor 1: DeepSpeed's own
-    1/(gas * dp) averaging then makes the step's objective coef * (mean aux over micro-batches and
-    ranks), which is what transformers optimises per batch. Scaling it by `scale` would weight it
-    by batch size instead.
+    micro-batch losses over gas (loss / gas) and of gradients over dp ranks. The aux and z losses
+    are already means over their micro-batch's tokens, so they enter with factor 1: DeepSpeed's
+    own 1/(gas * dp) averaging then makes the step's objective coef * (mean aux over micro-batches
+    and ranks), which is what transformers optimises per batch. Scaling them by `scale` would
+    weight them by batch size instead.
 
-    `pop_metrics()` returns the LM and aux terms summed over the micro-batches seen by this
-    rank since the last pop (divide by their number for the step mean; only the last pipeline
-    stage computes losses, other stages return zeros).
+    `pop_metrics()` returns the LM and aux terms (and `router_z_loss` when z_coef > 0) summed
+    over the micro-batches seen by this rank since the last pop (divide by their number for the
+    step mean; only the last pipeline stage computes losses, other stages return zeros).
     """
 
-    def __init__(self, coef: float):
-        self.coef = coef
+    def __init__(self, coef: float, z_coef: float = 0.0):
+        self.coef, self.z_coef = coef, z_coef
         self._sums: torch.Tensor | None = None
 
     def __call__(self, outputs, target) -> torch.Tensor:
-        logits, aux = outputs
-        lm = causal_lm_loss(logits, target)
-        terms = torch.stack((lm.detach().float(), aux.detach().float()))
+        logits, aux, z = outputs
+        lm, z = causal_lm_loss(logits, target), z.sum()
+        terms = torch.stack((lm.detach().float(), aux.detach().float(), z.detach().float()))
         self._sums = terms if self._sums is None else self._sums + terms
-        return lm + self.coef * aux.to(lm.dtype)
+        # z is in the graph even at z_coef 0: the pipeline sends a gradient for every float activation
+        return lm + self.coef * aux.to(lm.dtype) + self.z_coef * z.to(lm.dtype)
 
     def pop_metrics(self) -> dict[str, float]:
-        lm, aux = self._sums.tolist() if self._sums is not None else (0.0, 0.0)
+        lm, aux, z = self._sums.tolist() if self._sums is not None else (0.0, 0.0, 0.0)
         self._sums = None
-        return {"lm_loss": lm, "aux_loss": aux}
+        return {"lm_loss": lm, "aux_loss": aux, **({"router_z_loss": z} if self.z_coef else {})}
 
 
 def make_loss(args: Args) -> MoELoss:
-    return MoELoss(args.router_aux_loss_coef)
+    return MoELoss(args.router_aux_loss_coef, args.router_z_loss_coef)
 
 
 def hf_keys(args: Args) -> list[dict]:

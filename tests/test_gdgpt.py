@@ -185,7 +185,7 @@ def test_max_z_loss_matches_gdgpts_formula():
     assert metrics["z_loss"] == pytest.approx(float(reference(logits)) / w, rel=1e-6)
     assert metrics["lm_loss"] == pytest.approx(float(causal_lm_loss(logits, target)), rel=1e-6)
     moe = MaxZLoss(MoELoss(0.5), w)  # an MoE keeps its router loss and metrics; z_loss is added
-    out = moe((logits, torch.tensor(0.3)), target)
+    out = moe((logits, torch.tensor(0.3), torch.zeros(1)), target)  # (logits, aux, router z): mixtral's head
     assert float(out) == pytest.approx(float(causal_lm_loss(logits, target) + 0.15 + reference(logits)), rel=1e-6)
     assert set(moe.pop_metrics()) == {"lm_loss", "aux_loss", "z_loss"}
 

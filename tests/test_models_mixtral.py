@@ -90,8 +90,8 @@ def test_matches_transformers_with_aux_loss(hf_dir):
     model, loss_fn = ours(hf_dir), make_loss(get_family(FAMILY), args_of(hf_dir))
     with torch.no_grad():
         ref = load_hf(hf_dir)(ids, labels=ids, output_router_logits=True)
-        logits, aux = model(ids)
-        loss = loss_fn((logits, aux), (labels, scale))
+        logits, aux, z = model(ids)
+        loss = loss_fn((logits, aux, z), (labels, scale))
     assert ref.logits.abs().max() > 1
     assert (logits - ref.logits).abs().max() < ATOL
     assert abs(float(aux) - float(ref.aux_loss)) < ATOL
@@ -111,14 +111,14 @@ def test_sliding_window_and_packing(tmp_path):
     with torch.no_grad():
         ref = load_hf(hf_dir)(ids).logits
         for impl in ("sdpa", "eager"):
-            logits, _ = ours(hf_dir, LayerOptions(attn=AttnOptions(impl=impl)))(ids)
+            logits = ours(hf_dir, LayerOptions(attn=AttnOptions(impl=impl)))(ids)[0]
             assert (logits - ref).abs().max() < ATOL
         cut = 9
         pos = torch.cat([torch.arange(cut), torch.arange(16 - cut)])[None]
-        row, _ = ours(hf_dir, LayerOptions(attn=AttnOptions(packed=True)))(ids, pos)
+        row = ours(hf_dir, LayerOptions(attn=AttnOptions(packed=True)))(ids, pos)[0]
         single = ours(hf_dir)
         docs = torch.cat([single(ids[:, :cut])[0], single(ids[:, cut:])[0]], dim=1)
-        unmasked, _ = single(ids, pos)
+        unmasked = single(ids, pos)[0]
     assert (row - docs).abs().max() < ATOL
     assert (unmasked[:, cut:] - docs[:, cut:]).abs().max() > 1e-3
     full = dataclasses.replace(args_of(hf_dir), sliding_window=None)
@@ -143,8 +143,7 @@ def test_unrouted_experts_still_run(hf_dir):
         for e, expert in enumerate(moe.experts):
             expert.register_forward_hook(lambda m, a, out, key=(i, e): calls.setdefault(key, []).append(a[0].shape[0]))
     ids, labels, scale = batch()
-    logits, aux = model(ids)
-    make_loss(get_family(FAMILY), args_of(hf_dir))((logits, aux), (labels, scale)).backward()
+    make_loss(get_family(FAMILY), args_of(hf_dir))(model(ids), (labels, scale)).backward()
     n_layers = args_of(hf_dir).num_layers
     assert len(calls) == n_layers * 4 and all(len(v) == 1 for v in calls.values())
     assert all(calls[(i, e)] == [0] for i, e in calls if e >= 2)
@@ -159,8 +158,9 @@ def test_embedding_stage_output_joins_backward():
     fam = get_family(FAMILY)
     args = fam.Args.from_hf_config(fam.tiny_hf_config())
     ids = torch.zeros(1, 4, dtype=torch.long)
-    _, _, stats = fam.Embed(args, LayerOptions())((ids, torch.arange(4)[None]))
+    _, _, stats, z, real = fam.Embed(args, LayerOptions())((ids, torch.arange(4)[None]))
     assert stats.shape == (2, args.num_experts) and stats.requires_grad
+    assert z.shape == (1,) and z.requires_grad and real.dtype == torch.int32  # DeepSpeed sends no bool over NCCL
 
 
 def test_grad_ckpt_same_gradients(hf_dir):
@@ -173,3 +173,90 @@ def test_grad_ckpt_same_gradients(hf_dir):
         grads.append({k: p.grad for k, p in model.named_parameters()})
     assert all(grads[1][k] is not None and torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
     assert grads[1]["1.block_sparse_moe.gate.weight"].abs().max() > 0
+
+
+# ------------------------------------------------------------------ ST-MoE router z-loss (router_z_loss_coef)
+Z_COEF = 0.5  # large, so a wrongly normalised z term shows in the gradients
+PAD = 2  # = eos, as data.tokenize.SpecialIds picks when the tokenizer has no pad token
+
+
+def padded_rows():
+    """Rows as data.packing.layout_row lays them out: a 10-token document ending in eos (= pad)
+    then 6 pads (positions restart at 0), and a row packed with two documents and no padding."""
+    ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(3))
+    ids[0, 9:] = PAD
+    pos = torch.stack([torch.cat([torch.arange(10), torch.arange(6)]), torch.cat([torch.arange(7), torch.arange(9)])])
+    real = torch.ones(2, 16, dtype=torch.bool)
+    real[0, 10:] = False
+    labels = shifted_labels(ids)
+    labels[~real] = -100
+    return ids, pos, real, (labels, torch.tensor(1.0) / (labels != -100).sum())
+
+
+def reference_z(router_logits, real):
+    """ST-MoE's router z-loss written out: per MoE layer, the mean over real tokens of
+    logsumexp(router logits)^2; averaged over the layers."""
+    per_layer = [lg.float().logsumexp(dim=-1).pow(2)[real.flatten()].mean() for lg in router_logits]
+    return sum(per_layer) / len(per_layer)
+
+
+def test_router_z_loss_value_and_gradients_match_reference(hf_dir):
+    """The z term equals ST-MoE's formula on transformers' router logits (padding left out), it
+    is added with its coefficient and popped as router_z_loss, and its gradients equal those of
+    the formula applied to the router logits (captured by hooks) of the same model."""
+    from models.loss import causal_lm_loss
+    from models.mixtral import real_tokens
+
+    fam, (ids, pos, real, target) = get_family(FAMILY), padded_rows()
+    assert torch.equal(real_tokens(ids, pos), real.int())  # the padding found from ids + positions alone
+    full = torch.full((1, 8), PAD)  # an empty eval row (engine.training.evaluate): padding only
+    assert not real_tokens(full, torch.arange(8)[None]).any()
+    args = dataclasses.replace(args_of(hf_dir), router_z_loss_coef=Z_COEF)
+    with torch.no_grad():
+        ref_logits = load_hf(hf_dir)(ids, position_ids=pos, output_router_logits=True).router_logits
+    want = reference_z(ref_logits, real)
+    assert abs(float(want) - float(reference_z(ref_logits, torch.ones_like(real)))) > 1e-3  # the padding matters
+
+    grads = {}
+    for way in ("ours", "reference", "no_z"):
+        model, captured = ours(hf_dir).train(), []
+        for layer in model.children():
+            if hasattr(layer, "block_sparse_moe"):
+                layer.block_sparse_moe.gate.register_forward_hook(lambda m, a, out: captured.append(out))
+        logits, aux, z = model(ids, pos)
+        if way == "ours":
+            loss_fn = make_loss(fam, args)
+            loss = loss_fn((logits, aux, z), target)
+            assert abs(z.item() - float(want)) < ATOL
+            assert abs(loss.item() - (causal_lm_loss(logits, target) + COEF * aux + Z_COEF * want).item()) < ATOL
+            metrics = loss_fn.pop_metrics()
+            assert abs(metrics["router_z_loss"] - float(want)) < ATOL and metrics["aux_loss"] > 0
+        else:
+            loss = causal_lm_loss(logits, target) + COEF * aux
+            if way == "reference":
+                loss = loss + Z_COEF * reference_z(captured, real)
+        loss.backward()
+        grads[way] = {k: p.grad for k, p in model.named_parameters()}
+    for k, g in grads["ours"].items():
+        torch.testing.assert_close(g, grads["reference"][k], atol=1e-6, rtol=1e-5)
+    gate = "1.block_sparse_moe.gate.weight"
+    assert (grads["ours"][gate] - grads["no_z"][gate]).abs().max() > 1e-3  # the z term moves the router
+
+
+def test_router_z_loss_coef_is_for_moe_families_only(tmp_path):
+    """A training config's router_z_loss_coef reaches mixtral's Args; on a dense family it is one line."""
+    from engine.config import ConfigError, from_dict
+    from engine.model import Model
+
+    def cfg(name, coef):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(get_family(name).tiny_hf_config()))
+        return from_dict({"model_path": str(tmp_path / name), "data_path": "d", "save_path": "s",
+                          "router_z_loss_coef": coef}, "x.yml")
+
+    assert Model.for_training(cfg(FAMILY, 0.01)).args.router_z_loss_coef == 0.01
+    assert Model.for_training(cfg(FAMILY, 0)).args.router_z_loss_coef == 0.0
+    assert Model.for_training(cfg("llama", 0)).name == "llama"  # 0 = off: fine anywhere
+    with pytest.raises(ConfigError) as e:
+        Model.for_training(cfg("llama", 1e-3))
+    assert str(e.value).startswith("x.yml: router_z_loss_coef applies to MoE families only") and "\n" not in str(e.value)

@@ -92,16 +92,38 @@ def test_train_straight_from_hf_dir_and_from_scratch(tiny_pp, tmp_path):
     assert (tmp_path / "b" / "hf" / "config.json").is_file()  # export-ready: pp_to_hg finds config + tokenizer
 
 
-def test_moe_aux_loss_reaches_the_metrics_under_pp(tmp_path):
+def test_moe_aux_and_router_z_loss_reach_the_metrics_under_pp(tmp_path):
+    """pp=2 mixtral with router_z_loss_coef: aux_loss and router_z_loss are computed on the last
+    stage and logged by rank 0, the parts add up to the loss, and step 1's router_z_loss equals
+    the single-process model's on the same micro-batches."""
+    import torch
+
     from engine.checkpoints.convert import hf_to_pp
+    from engine.checkpoints.weights import open_weights
+    from engine.model import Model
+    from engine.training.loop import build_data
+    from models.pipeline import SequentialModel
     from models.tiny import make_tiny_hf_model, sample_texts
 
     make_tiny_hf_model(tmp_path / "hf", "mixtral", sample_texts(DATA))
     hf_to_pp(tmp_path / "hf", tmp_path / "pp")
-    losses = run(config(tmp_path / "pp", tmp_path / "run", steps=2))
+    z_coef = 0.05
+    raw = config(tmp_path / "pp", tmp_path / "run", steps=2, router_z_loss_coef=z_coef)
+    losses = run(raw)
     metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    coef = json.loads((tmp_path / "hf" / "config.json").read_text())["router_aux_loss_coef"]
     for m in metrics:  # logged on rank 0 (first stage); computed on the last stage
-        assert m["aux_loss"] > 0.5 and m["lm_loss"] > 1.0
+        assert m["aux_loss"] > 0.5 and m["lm_loss"] > 1.0 and m["router_z_loss"] > 0
         assert abs(m["loss"] - losses[m["step"]]) < 1e-6
-        coef = json.loads((tmp_path / "hf" / "config.json").read_text())["router_aux_loss_coef"]
-        assert abs(m["loss"] - (m["lm_loss"] + coef * m["aux_loss"])) < 1e-4  # the parts add up to the loss
+        parts = m["lm_loss"] + coef * m["aux_loss"] + z_coef * m["router_z_loss"]
+        assert abs(m["loss"] - parts) < 1e-4  # the parts add up to the loss
+
+    cfg = from_dict(raw)  # single process: the whole model on step 1's micro-batches, weights as loaded
+    model = Model.for_training(cfg)
+    _, loader = build_data(cfg, model, 0, 1)
+    seq, source = SequentialModel(model.family, model.args).eval(), open_weights(tmp_path / "pp")
+    for i, layer in seq.owned_layers():
+        layer.load_state_dict(source.layer(i))
+    with torch.no_grad():
+        zs = [seq(*inputs)[2].item() for inputs, _ in loader.micro_batches(0)]
+    assert abs(metrics[0]["router_z_loss"] - sum(zs) / len(zs)) < 1e-5

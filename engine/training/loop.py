@@ -71,7 +71,7 @@ def train_zero(cfg: TrainConfig) -> RunResult:
 def run(cfg: TrainConfig, backend_cls) -> RunResult:
     """The training loop; `backend_cls(cfg, model)` says how one global step runs (engine/training/backends.py)."""
     check_paths(cfg)
-    model = Model.from_dir(cfg.model_path)
+    model = Model.for_training(cfg)
     setup_logging()
     runlock.refuse_if_held_here(cfg.save_path)  # a second launch here must not reach the first one's rendezvous
     D.init_distributed()
