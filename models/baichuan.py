@@ -108,6 +108,7 @@ class Attention(nn.Module):
         else:
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            v = v.contiguous()  # q, k are new tensors now; a view v would keep all of W_pack's output (llama.Attention)
         return self.o_proj(attend(q, k, v, mask, self.attn, bias, cache=cache))
 
 

@@ -87,7 +87,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        # v's own copy: attention keeps v for backward, and a view would keep the whole fused q/k/v
+        # output alive (+2 GiB on a 7B stage at micro 4); q and k are new tensors after rotary anyway
+        v = v.contiguous().view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend(q, k, v, mask, self.attn, cache=cache))
