@@ -208,6 +208,7 @@ def test_prompts_file_to_jsonl(tiny, tmp_path, tok):
         want = reference_greedy(hf, ids)
         assert r["answer"] == tok.decode(want[:r["n_tokens"]], skip_special_tokens=True)
         assert r["stop_reason"] in ("eos", "length", "stop")
+        assert (r["stop_reason"] == "length") == (r["n_tokens"] == N_NEW and tok.eos_token_id not in want)
 
 
 def test_bad_prompt_is_one_line(tiny, tmp_path):

@@ -1,0 +1,175 @@
+"""Generation speed: our backend (demo.py's default: our layers + KV cache) vs transformers' generate.
+
+Same weights in both (a random model of a named shape, or a real HF dir), greedy decoding of
+`--new-tokens` tokens after a `--prompt-len`-token prompt, EOS suppressed so both write exactly
+that many. Ours runs the product path (engine.inference.generate.generate: logits processing,
+streaming detokenization) on an OurLM; transformers runs model.generate with its own cache.
+Prints one JSON line per backend and the ratio.
+
+    python bench/bench_generate.py                                        # SmolLM2-135M shape, CPU, fp32
+    python bench/bench_generate.py --shape llama-7b --device cuda:0 --dtype bf16
+    python bench/bench_generate.py --model /path/to/hf-dir --device cpu   # a real model and its tokenizer
+
+Tokens/s = new tokens / wall time of the whole call (prefill included); the median of
+`--repeats` runs after one warm-up run, backends alternating so that load on a shared machine
+hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+SHAPES = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct)'s config.json
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                     max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NoEosTokenizer:
+    """Stands in for a random model's tokenizer: no EOS (exactly N tokens are written), and a cheap
+    decode so streaming costs what it costs with a fast tokenizer."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def hf_model(a):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[a.dtype]
+    if a.model:
+        return AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(a.device).eval()
+    cfg = dict(SHAPES[a.shape])
+    torch.manual_seed(0)
+    with torch.device(a.device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=dtype)
+    return model.eval()
+
+
+def our_lm(hf, a):
+    """An OurLM holding the same tensors as `hf` (no copy through disk), all layers on a.device."""
+    from engine.inference.generate import OurLM
+    from models import family_for_hf_config
+    from models.blocks import LayerOptions
+    from models.keymap import from_hf
+    from models.pipeline import SequentialModel
+
+    config = hf.config.to_dict()
+    family = family_for_hf_config(config, "config.json")
+    args = family.Args.from_hf_config(config)
+    weights, keys = hf.state_dict(), family.hf_keys(args)
+    with torch.device("meta"):
+        model = SequentialModel(family, args)
+    shared = {}
+    for i, d in enumerate(model.defs):
+        if d.tie is not None and d.tie in shared:
+            layer = shared[d.tie]
+        else:
+            with torch.device(a.device):
+                layer = d.cls(args, LayerOptions())
+            layer.load_state_dict(from_hf(keys[i], weights.__getitem__))
+            layer.to(DTYPES[a.dtype])
+            if d.tie is not None:
+                shared[d.tie] = layer
+        model._modules[str(i)] = layer
+    model.eval()
+    return OurLM(model, [torch.device(a.device)] * len(model.defs), Path(a.model) if a.model else None, family, args)
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(lm, tokenizer, prompt, n, device):
+    from engine.inference.generate import SamplingConfig, generate
+
+    sync(device)
+    start = time.perf_counter()
+    out = generate(lm, tokenizer, prompt, SamplingConfig(max_new_tokens=n))
+    sync(device)
+    return time.perf_counter() - start, out.ids
+
+
+@torch.no_grad()
+def run_hf(model, prompt, n, device):
+    ids = torch.tensor([prompt], device=device)
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0)
+    sync(device)
+    return time.perf_counter() - start, out[0, len(prompt):].tolist()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m", help="random weights of this shape")
+    p.add_argument("--model", help="a real HF model dir instead (its tokenizer is used for streaming)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    hf = hf_model(a)
+    lm = our_lm(hf, a)
+    if a.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+        tokenizer.eos_token_id  # noqa: B018 (real tokenizers stop at EOS: count the tokens actually written)
+    else:
+        tokenizer = NoEosTokenizer()
+    prompt = torch.randint(3, hf.config.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    run_ours(lm, tokenizer, prompt, 8, a.device)  # warm-up: allocator, kernels, lazy imports
+    run_hf(hf, prompt, 8, a.device)
+    times = {"ours": [], "transformers": []}
+    tokens = {}
+    for _ in range(a.repeats):
+        t, tokens["ours"] = run_ours(lm, tokenizer, prompt, a.new_tokens, a.device)
+        times["ours"].append(t)
+        t, tokens["transformers"] = run_hf(hf, prompt, a.new_tokens, a.device)
+        times["transformers"].append(t)
+    params = sum(p.numel() for p in hf.parameters())
+    same = next((i for i, (x, y) in enumerate(zip(tokens["ours"], tokens["transformers"])) if x != y),
+                min(len(tokens["ours"]), len(tokens["transformers"])))
+    result = {}
+    for name in ("ours", "transformers"):
+        n = len(tokens[name])
+        med = statistics.median(times[name])
+        result[name] = {"backend": name, "shape": a.model or a.shape, "params_m": round(params / 1e6, 1),
+                        "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "prompt": a.prompt_len,
+                        "new_tokens": n, "seconds": [round(t, 3) for t in times[name]],
+                        "tokens_per_s": round(n / med, 2)}
+        print(json.dumps(result[name]))
+    ratio = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    print(json.dumps({"ours_over_transformers": round(ratio, 3), "greedy_tokens_equal_prefix": same}))
+
+
+if __name__ == "__main__":
+    main()
