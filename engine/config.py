@@ -145,9 +145,11 @@ class TrainConfig:
 
     @property
     def zero_stage(self) -> int:
-        """The ZeRO stage DeepSpeed runs: bf16 runs at least ZeRO-1 (engine.training.loop.deepspeed_config says why)."""
+        """The ZeRO stage DeepSpeed runs: bf16 and fp16 run at least ZeRO-1 (bf16: deepspeed_setup.deepspeed_config
+        says why; both: checkpoints read fp32 masters through ZeRO's fragment API, which stage 0's
+        FP16_Optimizer lacks; ZeRO-1 keeps its memory layout)."""
         stage = int(self.ds.get("zero_optimization", {}).get("stage", 0))
-        return max(stage, 1) if self.dtype == "bf16" else stage
+        return max(stage, 1) if self.dtype in ("bf16", "fp16") else stage
 
     @property
     def bf16_grad_accum(self) -> str | None:

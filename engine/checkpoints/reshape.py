@@ -118,7 +118,12 @@ def save(engine, tag_dir: Path) -> dict[str, list]:
     elements]} of the files this rank wrote."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
     zopt, inner, keys = _zero_opt(engine), _inner(engine), _state_keys(engine)
+    if zopt is None and isinstance(engine.optimizer, DeepSpeedOptimizer):  # e.g. stage 0's FP16_Optimizer
+        raise NotImplementedError(f"{type(engine.optimizer).__name__}: no fp32 master access for checkpoints "
+                                  f"(TrainConfig.zero_stage runs bf16/fp16 at ZeRO-1 for this)")
     dp_rank, dp_size = _dp(engine)
     if zopt is not None:
         _link(zopt)
