@@ -292,3 +292,17 @@ def test_resume_refuses_damaged_tags_and_pickles(base, tmp_path):
             assert proc.returncode == 2, (name, proc.stderr[-3000:])
             one_error_line(proc.stderr, *expect)
     assert not marker.exists()  # neither pickle ran
+
+
+def test_hf_to_pp_records_the_source_dtype(tiny_pp, tmp_path):
+    """A config.json that names no dtype gets the source tensors' one at conversion, for pp_to_hg."""
+    from engine.checkpoints.convert import hf_to_pp
+
+    hf = tmp_path / "hf"
+    shutil.copytree(Path(tiny_pp).parent / "hf", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    out = hf_to_pp(hf, tmp_path / "pp")
+    assert json.loads((out / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
