@@ -259,8 +259,8 @@ def _probe_style(tokenizer) -> ChatStyle:
     tool = renders([user, answer, {"role": "tool", "content": _PROBE + "T"}], _PROBE + "T", True)
     prompt = _apply_chat(tokenizer, [user], generation_prompt=True)
     full = _apply_chat(tokenizer, [user, answer], generation_prompt=False)
-    closing = full[len(prompt):].split(_PROBE + "A", 1)[1] if full.startswith(prompt) and _PROBE + "A" in full[
-        len(prompt):] else None
+    turn = full[len(prompt):] if full.startswith(prompt) else ""
+    closing = turn.split(_PROBE + "A", 1)[1] if _PROBE + "A" in turn else None  # None: not prefix-stable
     end_of_turn, eot_token = "", ""
     if closing:
         specials = {str(t) for t in tokenizer.all_special_tokens}
