@@ -43,9 +43,9 @@ def has_checkpoint(save_path: str | Path) -> bool:
 
 
 def layout_of(cfg: TrainConfig, n_layers: int, kind: str = "pipeline") -> dict:
-    """What DeepSpeed's own optimizer files depend on; any change needs the reshape path.
-    `kind` is the training path: DeepSpeed's pipeline and ZeRO engines cannot load each other's
-    files (pipeline layouts keep their old form, so existing checkpoints still match)."""
+    """The layout a tag was saved on (meta.json): informational for our files, which resume on any
+    layout; an older tag without optim/ (DeepSpeed's own files) resumes only on the same one.
+    `kind` is the training path (pipeline layouts keep their old form, so older tags still match)."""
     from models.pipeline import balanced_parts
 
     parts = cfg.model_topo.parts if isinstance(cfg.model_topo.parts, list) else balanced_parts(n_layers, cfg.pipe_dim)
