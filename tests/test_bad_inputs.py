@@ -138,9 +138,9 @@ def build_cases(w: Path, hf: Path, pp: Path, ckpt: Path, exported: Path) -> list
           model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}, "parts": "auto"})
     damaged = w / "ckpt-damaged"
     shutil.copytree(ckpt, damaged)
-    mp = damaged / "global_step2" / "mp_rank_00_model_states.pt"
-    mp.write_bytes(mp.read_bytes()[:1000])
-    train("checkpoint-truncated", ["mp_rank_00_model_states.pt", "1000 bytes", "truncated"], save_path=str(damaged))
+    layer = damaged / "global_step2" / "layer_01-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:1000])
+    train("checkpoint-truncated", ["layer_01-model_states.pt", "1000 bytes", "truncated"], save_path=str(damaged))
     train("nonfinite-loss", ["step 1: loss is nan", "not applied"], env={"PPLLM_TEST_NAN_AT_STEP": "1"}, late=True,
           save_path=str(w / "nan-save"))
     # ---- data files
