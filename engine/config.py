@@ -610,22 +610,25 @@ def _check_values(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: 'router_z_loss_coef' must be a finite number >= 0, got {cfg.router_z_loss_coef}")
 
 
+def owned_fields(cls=None, prefix: str = "") -> list[tuple[str, object, dataclasses.Field]]:
+    """(dotted key, type, field) of every config key we own, nested sections walked."""
+    hints, out = typing.get_type_hints(cls or TrainConfig), []
+    for f in dataclasses.fields(cls or TrainConfig):
+        if f.name in ("ds", "source"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += owned_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, hints[f.name], f))
+    return out
+
+
 def help_text() -> str:
     """Every key we own with its type, default and description."""
     lines = []
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in ("ds", "source"):
-                continue
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-                continue
-            default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
-                else repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            lines.append(f"{prefix}{f.name}: {_type_name(hints[f.name])} = {default}\n    {f.metadata.get('doc', '')}")
-
-    walk(TrainConfig, "")
+    for key, tp, f in owned_fields():
+        default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+            else repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        lines.append(f"{key}: {_type_name(tp)} = {default}\n    {f.metadata.get('doc', '')}")
     lines.append("DeepSpeed keys passed through: " + ", ".join(sorted(DEEPSPEED_KEYS)))
     return "\n".join(lines)

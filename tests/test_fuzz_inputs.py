@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import importlib
 import io
 import json
-import os
 import shutil
 import traceback
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -182,22 +180,10 @@ def _(w):
 
 # ----------------------------------------------------------------------------- config: every key, generated
 def _fields():
-    """(dotted key, type) of every config key we own (nested dataclasses walked)."""
-    from engine.config import TrainConfig
+    """(key with '__' for '.', type) of every config key we own."""
+    from engine.config import owned_fields
 
-    out = []
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in ("ds", "source"):
-                continue
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}__")
-            else:
-                out.append((prefix + f.name, hints[f.name]))
-    walk(TrainConfig, "")
-    return out
+    return [(key.replace(".", "__"), tp) for key, tp, _ in owned_fields()]
 
 
 def _wrong_type(tp):
