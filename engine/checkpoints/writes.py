@@ -10,7 +10,6 @@ caller's clean-up: the partial `.tmp-<tag>` is removed, `latest` and older tags 
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
