@@ -19,6 +19,7 @@ exactly the text layout it was trained on.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +312,9 @@ class HFLM:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, [device]),
                                                           trust_remote_code=True).to(self.device).eval()
         self.past = None
+        # transformers >= 5.2x names the KV cache `cache` (argument and output field) and deprecates
+        # `past_key_values`, which older releases in our range still use
+        self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @property
     def max_len(self) -> int | None:
@@ -321,8 +325,8 @@ class HFLM:
 
     def next_logits(self, new_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.model(input_ids=ids, use_cache=True, **{self.cache_name: self.past})
+        self.past = out["cache" if "cache" in out.keys() else "past_key_values"]
         return out.logits[0, -1].float().cpu()
 
 
