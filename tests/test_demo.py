@@ -3,6 +3,7 @@
 Golden outputs: greedy decoding of a tiny random model (fixed seed) by our loop equals
 transformers' own generate() on the same HF dir token for token, whichever source and backend.
 """
+import contextlib
 import json
 import os
 import pty
@@ -237,24 +238,17 @@ def _read_until(fd, marker: bytes, timeout=90.0) -> bytes:
     return buf
 
 
-def test_interactive_in_a_terminal(tiny, tok):
-    """Drive demo.py through a pseudo-terminal: ask, read the streamed answer, /reset, ask again, quit."""
-    hf, pp = tiny
+@contextlib.contextmanager
+def demo_in_terminal(*args: str):
+    """demo.py with `args` in a pseudo-terminal; yields the terminal's fd. The body ends the
+    session; on leaving, demo.py must have exited 0 (it is killed if the body failed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     pid, fd = pty.fork()
     if pid == 0:  # child: the demo in the terminal
         os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, "demo.py", "--model", str(pp), "--max-new-tokens", str(N_NEW)],
-                  env)
+        os.execve(sys.executable, [sys.executable, "demo.py", *args], env)
     try:
-        _read_until(fd, b">>> ")
-        os.write(fd, b"Hello\n")
-        first = _read_until(fd, b">>> ")
-        os.write(fd, b"/reset\n")
-        assert b"history cleared" in _read_until(fd, b">>> ")
-        os.write(fd, b"Hello\n")
-        second = _read_until(fd, b">>> ")
-        os.write(fd, b"quit\n")
+        yield fd
         _read_until(fd, b"\n", timeout=30)
         _, status = os.waitpid(pid, 0)
         pid = None
@@ -264,6 +258,20 @@ def test_interactive_in_a_terminal(tiny, tok):
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_interactive_in_a_terminal(tiny, tok):
+    """Drive demo.py through a pseudo-terminal: ask, read the streamed answer, /reset, ask again, quit."""
+    hf, pp = tiny
+    with demo_in_terminal("--model", str(pp), "--max-new-tokens", str(N_NEW)) as fd:
+        _read_until(fd, b">>> ")
+        os.write(fd, b"Hello\n")
+        first = _read_until(fd, b">>> ")
+        os.write(fd, b"/reset\n")
+        assert b"history cleared" in _read_until(fd, b">>> ")
+        os.write(fd, b"Hello\n")
+        second = _read_until(fd, b">>> ")
+        os.write(fd, b"quit\n")
     ids = prompt_ids({"type": "conversation", "rounds": [["ask", "Hello"]]}, tok)
     ref = reference_greedy(hf, ids)
     want = tok.decode(ref, skip_special_tokens=True)
@@ -332,12 +340,7 @@ def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tmp_path):
     from models.tiny import make_tiny_hf_model, sample_texts
 
     hf = make_tiny_hf_model(tmp_path / "hf", "llama", sample_texts(DATA), seed=3, max_position_embeddings=8192)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, "demo.py", "--model", str(hf), "--max-new-tokens", "4000"], env)
-    try:
+    with demo_in_terminal("--model", str(hf), "--max-new-tokens", "4000") as fd:
         _read_until(fd, b">>> ")
         os.write(fd, b"Hello\n")
         _read_until(fd, b"Hello\r\n")
@@ -348,15 +351,6 @@ def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tmp_path):
         os.write(fd, b"\x03")
         assert b"/quit leaves" in _read_until(fd, b">>> ", timeout=30)
         os.write(fd, b"/quit\n")
-        _read_until(fd, b"\n", timeout=30)
-        _, status = os.waitpid(pid, 0)
-        pid = None
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        if pid:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- chat templates in the demo
