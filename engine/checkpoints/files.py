@@ -143,10 +143,10 @@ SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the library's own limit
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict:
     """A safetensors file's header against the file (an interrupted download leaves a short or
     garbage file): 8-byte header length, a JSON header, every tensor's byte range inside the data,
-    and the data as long as the header says. Reads only the header."""
+    and the data as long as the header says. Reads only the header, and returns it."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -187,6 +187,7 @@ def check_safetensors(path: Path) -> None:
         end_max = max(end_max, end)
     if end_max != data:
         bad(f"header describes {end_max} bytes of tensor data, the file has {data}")
+    return header
 
 
 def load_layer(path: Path) -> dict[str, torch.Tensor]:

@@ -13,13 +13,13 @@ else zlib's crc32; meta.json names the algorithm, so either reads the other's ch
 from __future__ import annotations
 
 import json
-import struct
 import zlib
 from pathlib import Path
 
 import torch
 
-from engine.checkpoints.files import INDEX_NAMES, LayoutError
+from engine.checkpoints import writes
+from engine.checkpoints.files import INDEX_NAMES, LayoutError, check_safetensors
 
 try:
     import xxhash
@@ -76,7 +76,13 @@ class HashingFile:
 
 def save(obj, path: Path, algo: str = ALGO) -> tuple[int, str]:
     """torch.save `obj` to `path`; returns (size, hash) of the bytes written. A failed write
-    raises (the OSError, e.g. ENOSPC, behind torch's error); the caller discards the staging dir.
+    raises (the OSError, e.g. ENOSPC, behind torch's error), or inside `writes.deferred()` is
+    recorded for every rank to agree on (engine/checkpoints/writes.py)."""
+    return writes.guarded(path, _save, obj, path, algo)
+
+
+def _save(obj, path: Path, algo: str) -> tuple[int, str]:
+    """The write itself.
 
     torch's zip writer computes a CRC-32 of every record (zlib speed, ~5 GB/s) that torch.load
     never checks; the hash here covers every byte of the file at ~5x that speed, so the CRC is
@@ -143,48 +149,12 @@ def verify_weights(tag_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- convert_model.py verify
-def _safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file's size (nothing else is read)."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise LayoutError(f"{path}: {size} bytes, too short for a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 * 2**20):
-            raise LayoutError(f"{path}: header length {n} does not fit the file ({size} bytes): not safetensors, or damaged")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LayoutError(f"{path}: header is not valid JSON (damaged)") from None
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, stop = info["data_offsets"]
-        numel = 1
-        for d in info["shape"]:
-            numel *= d
-        itemsize = _ST_SIZES.get(info["dtype"])
-        if itemsize is not None and stop - begin != numel * itemsize:
-            raise LayoutError(f"{path}: '{key}' {info['dtype']}{info['shape']} should take {numel * itemsize} bytes, "
-                              f"the header says {stop - begin} (damaged)")
-        end = max(end, stop)
-    if 8 + n + end != size:
-        raise LayoutError(f"{path}: {size} bytes, its header describes {8 + n + end} (truncated or damaged)")
-    return header
-
-
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
 def check_hf_dir(hf_dir: Path) -> str:
     """Every safetensors shard's header against its size, and the index against the shards."""
     shards = sorted(hf_dir.glob("*.safetensors"))
     tensors, total = {}, 0
     for f in shards:
-        for key, info in _safetensors_header(f).items():
+        for key, info in check_safetensors(f).items():
             if key != "__metadata__":
                 tensors[key] = f.name
                 total += info["data_offsets"][1] - info["data_offsets"][0]

@@ -1,6 +1,6 @@
 """A checkpoint write that fails (disk full, quota, I/O error): one line on every rank, nothing published.
 
-Every file of a tag is written by `integrity.save`, some between collectives (ZeRO gathers the
+Every file of a tag is written by `integrity.save` (through `guarded`), some between collectives (ZeRO gathers the
 next layer while this one is written). A rank that raised there would leave the collectives and
 the other ranks would wait in them for ever; so inside `deferred()` the writer records the first
 failure instead of raising and skips this rank's later writes, and `agree()`, a collective
@@ -25,6 +25,7 @@ class SaveFailed(Exception):
 
 
 _error: list[str | None] = [None]  # the first failed write of the save in progress, on this rank
+_deferring = [False]  # inside deferred()
 
 
 def _os_error(e: BaseException) -> OSError | None:
@@ -54,31 +55,31 @@ def describe(path, e: OSError) -> str:
 
 @contextmanager
 def deferred():
-    """While active, a failed `integrity.save` is recorded (first one) instead of raised and
-    returns (0, ""); later writes of this rank are skipped. `agree()` reports it."""
-    from engine.checkpoints import integrity
-
-    inner = integrity.save
-    _error[0] = None
-
-    def save(obj, path, *args, **kwargs):
-        if _error[0] is not None:
-            return 0, ""  # this rank's save has failed already: the tag is discarded anyway
-        try:
-            fault_hooks.write_error(path)
-            return inner(obj, path, *args, **kwargs)
-        except (OSError, RuntimeError) as e:
-            os_error = _os_error(e)
-            if os_error is None:  # not a failed write: a bug keeps its traceback
-                raise
-            _error[0] = describe(path, os_error)
-            return 0, ""
-
-    integrity.save = save
+    """While active, a failed checkpoint write (`guarded`) is recorded (first one) instead of
+    raised; later writes of this rank are skipped. `agree()` reports it."""
+    _error[0], _deferring[0] = None, True
     try:
         yield
     finally:
-        integrity.save = inner
+        _deferring[0] = False
+
+
+def guarded(path, write, *args):
+    """`write(*args)`, which writes the checkpoint file `path` and returns (size, hash). Inside
+    `deferred()`, a failed write is recorded and returns (0, "") instead of raising."""
+    if not _deferring[0]:
+        return write(*args)
+    if _error[0] is not None:
+        return 0, ""  # this rank's save has failed already: the tag is discarded anyway
+    try:
+        fault_hooks.write_error(path)
+        return write(*args)
+    except (OSError, RuntimeError) as e:
+        os_error = _os_error(e)
+        if os_error is None:  # not a failed write: a bug keeps its traceback
+            raise
+        _error[0] = describe(path, os_error)
+        return 0, ""
 
 
 @contextmanager
