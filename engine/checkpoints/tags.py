@@ -22,8 +22,8 @@ from engine import distributed as D
 from engine import fault_hooks
 from engine.checkpoints import integrity, reshape, writes
 from engine.config import TrainConfig, save_config
-from engine.checkpoints.files import (LayoutError, copy_hf_side_files, fsync_tree, is_pipeline_dir, resolve_tag,
-                                      write_text_atomic)
+from engine.checkpoints.files import (LayoutError, copy_hf_side_files, fsync_dir, fsync_tree, is_pipeline_dir,
+                                      resolve_tag, write_text_atomic)
 
 META = "meta.json"  # {"format", "family", "n_layers", "step", "layout", "n_params", "files": {file: size},
 #                     "hash": algorithm, "hashes": {file: hash}}: refuse another model's or a damaged checkpoint
@@ -74,14 +74,6 @@ def _shared_storage(root: Path, tmp: Path) -> bool:
     if D.rank() == 0:
         (tmp / nonce[0]).unlink()
     return bool(seen.item())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest(tag_dir: Path, written: dict[str, list]) -> tuple[dict[str, int], dict[str, str]]:
