@@ -6,6 +6,17 @@ import pytest
 EXAMPLE_DATA = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "examples" / "data").glob("*.json*"))
 
 
+def run_main(main, argv, capsys) -> tuple[int, str, str]:
+    """A CLI's `main(argv)` in this process, as the command line runs it: (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A tiny sentencepiece llama tokenizer trained on examples/data (ids: pad 0, bos 1, eos 2, unk 3)."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import EXAMPLE_DATA
+from tests.conftest import EXAMPLE_DATA, run_main
 from tests.dist import free_port, run_ranks
 from tests.test_train import config
 
@@ -113,16 +113,6 @@ def plant_pickle(tag: Path, rel: str, marker: Path) -> None:
     if "hashes" in meta:
         meta["hashes"][rel] = integrity.hash_file(tag / rel, meta["hash"])
     (tag / "meta.json").write_text(json.dumps(meta))
-
-
-def run_main(main, argv, capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err: str, *expect: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, from_dict, load_config
+from tests.conftest import run_main
 from tests.dist import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,14 +39,7 @@ def paths(model, save) -> list[str]:
 def cli(script, argv, capsys) -> tuple[int, str, str]:
     import importlib
 
-    main = importlib.import_module(script).main
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(importlib.import_module(script).main, argv, capsys)
 
 
 @pytest.mark.parametrize("path", PIPE_CONFIGS + ZERO_CONFIGS, ids=lambda p: p.name)
