@@ -4,7 +4,9 @@ Same weights in both (a random model of a named shape, or a real HF dir), greedy
 `--new-tokens` tokens after a `--prompt-len`-token prompt, EOS suppressed so both write exactly
 that many. Ours runs the product path (engine.inference.generate.generate: logits processing,
 streaming detokenization) on an OurLM; transformers runs model.generate with its own cache.
-Prints one JSON line per backend and the ratio.
+Prints one JSON line per backend and the ratio. On one CUDA device our default replays a CUDA
+graph per token (static KV cache); `ours_eager` (the eager reference path, PPLLM_CUDA_GRAPHS=0)
+is then timed too, on the same modules, and its greedy tokens are compared with the graphs'.
 
     python bench/bench_generate.py                                        # SmolLM2-135M shape, CPU, fp32
     python bench/bench_generate.py --shape llama-7b --device cuda:0 --dtype bf16
@@ -97,6 +99,17 @@ def our_lm(hf, a):
     return OurLM(model, [torch.device(a.device)] * len(model.defs), Path(a.model) if a.model else None, family, args)
 
 
+def eager_twin(lm):
+    """The same modules through the eager KV-cache path (the reference)."""
+    from engine.inference.generate import OurLM
+
+    return OurLM(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, static=False, graphs=False)
+
+
+def path_of(lm) -> str:
+    return "graphs" if lm.graphs else "static" if lm.static else "eager"
+
+
 def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -146,30 +159,47 @@ def main(argv=None):
     else:
         tokenizer = NoEosTokenizer()
     prompt = torch.randint(3, hf.config.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    run_ours(lm, tokenizer, prompt, 8, a.device)  # warm-up: allocator, kernels, lazy imports
+    lms = {"ours": lm}
+    if lm.static:
+        lms["ours_eager"] = eager_twin(lm)
+    first = {}
+    for name, model in lms.items():  # warm-up: allocator, kernels, lazy imports; graphs: the capture
+        # (a full-length warm-up, so that the capacity bucket of the timed runs is the one captured)
+        first[name] = run_ours(model, tokenizer, prompt, a.new_tokens if model.graphs else 8, a.device)[0]
     run_hf(hf, prompt, 8, a.device)
-    times = {"ours": [], "transformers": []}
+    times = {name: [] for name in [*lms, "transformers"]}
     tokens = {}
     for _ in range(a.repeats):
-        t, tokens["ours"] = run_ours(lm, tokenizer, prompt, a.new_tokens, a.device)
-        times["ours"].append(t)
+        for name, model in lms.items():
+            t, tokens[name] = run_ours(model, tokenizer, prompt, a.new_tokens, a.device)
+            times[name].append(t)
         t, tokens["transformers"] = run_hf(hf, prompt, a.new_tokens, a.device)
         times["transformers"].append(t)
     params = sum(p.numel() for p in hf.parameters())
-    same = next((i for i, (x, y) in enumerate(zip(tokens["ours"], tokens["transformers"])) if x != y),
-                min(len(tokens["ours"]), len(tokens["transformers"])))
+
+    def same_prefix(x, y):
+        return next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+
     result = {}
-    for name in ("ours", "transformers"):
+    for name in times:
         n = len(tokens[name])
         med = statistics.median(times[name])
         result[name] = {"backend": name, "shape": a.model or a.shape, "params_m": round(params / 1e6, 1),
                         "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "prompt": a.prompt_len,
                         "new_tokens": n, "seconds": [round(t, 3) for t in times[name]],
-                        "tokens_per_s": round(n / med, 2)}
+                        "tokens_per_s": round(n / med, 2), "ms_per_token": round(1000 * med / n, 2)}
+        if name in lms:
+            result[name] |= {"path": path_of(lms[name]), "warmup_s": round(first[name], 3)}
         print(json.dumps(result[name]))
-    ratio = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
-    print(json.dumps({"ours_over_transformers": round(ratio, 3), "greedy_tokens_equal_prefix": same}))
-
+    summary = {"ours_over_transformers": round(result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3),
+               "greedy_tokens_equal_prefix": same_prefix(tokens["ours"], tokens["transformers"])}
+    if "ours_eager" in lms:
+        agree = same_prefix(tokens["ours"], tokens["ours_eager"])
+        summary |= {"ours_eager_over_transformers":
+                    round(result["ours_eager"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3),
+                    f"{path_of(lm)}_equal_eager_prefix": agree,
+                    f"{path_of(lm)}_equal_eager_first_32": agree >= min(32, len(tokens["ours"]))}
+    print(json.dumps(summary))
 
 if __name__ == "__main__":
     main()

@@ -178,7 +178,20 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Additive ALiBi bias [B, H, 1, S]: slope * key position. Softmax is shift-invariant per query
     row, so this equals -slope * (query - key) on every causal (and same-document) pair."""
-    return slopes.to(position_ids.device)[None, :, None, None] * position_ids[:, None, None, :].float()
+    return _slopes_on(slopes, position_ids.device)[None, :, None, None] * position_ids[:, None, None, :].float()
+
+
+def _slopes_on(slopes: torch.Tensor, device) -> torch.Tensor:
+    """The (CPU) slopes on `device`, copied once per device: a host-to-device copy inside a captured
+    CUDA graph (generation's decode step) would record a pointer to host memory freed afterwards."""
+    if slopes.device == torch.device(device):
+        return slopes
+    return _device_slopes(tuple(slopes.tolist()), torch.device(device))  # tolist: a CPU tensor, no GPU sync
+
+
+@functools.lru_cache(maxsize=None)
+def _device_slopes(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)  # float32 -> float -> float32 is exact
 
 
 # ----------------------------------------------------------------------------- attention
@@ -346,15 +359,7 @@ class KVCache:
     def mask(self, s: int, window: int | None, device) -> torch.Tensor | None:
         """Mask of S new queries over all T = length + S keys: causal at the offset, and within the
         sliding window; None when a single query may see every key."""
-        t = self.length + s
-        if s == 1 and (window is None or t <= window):
-            return None
-        q = torch.arange(self.length, t, device=device)[:, None]
-        keys = torch.arange(t, device=device)[None]
-        keep = keys <= q
-        if window is not None:
-            keep = keep & (q - keys < window)
-        return keep[None, None]
+        return _offset_mask(self.length, s, window, device)
 
     @staticmethod
     def _append(buf, new, at: int, dim: int):
@@ -376,6 +381,111 @@ class KVCache:
         if bias is not None:  # [B, H, 1, S]: one value per key
             self.bias, bias = self._append(self.bias, bias, at, 3)
         self.length = k.shape[2]  # k is now every key so far
+        return k, v, bias
+
+
+def _offset_mask(length: int, s: int, window: int | None, device) -> torch.Tensor | None:
+    """[1, 1, S, length + S] bool: S new queries after `length` cached keys, causal at the offset
+    and within the sliding window; None when a single query may see every key."""
+    t = length + s
+    if s == 1 and (window is None or t <= window):
+        return None
+    q = torch.arange(length, t, device=device)[:, None]
+    keys = torch.arange(t, device=device)[None]
+    keep = keys <= q
+    if window is not None:
+        keep = keep & (q - keys < window)
+    return keep[None, None]
+
+
+class DecodeCursor:
+    """Where a generation stands, shared by all StaticKVCaches of one model.
+
+    `length`: tokens already cached (host int, what prefill and buffer sizing read). In a decode
+    step (`decoding`) the position lives on each device as a [1, 1] int64 tensor (`pos(device)`,
+    also the step's position_ids), set with fill_ before the step runs or a captured graph of it
+    replays, so the step itself has static shapes and never reads a value back to the host.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length, self.decoding = capacity, 0, False
+        self._pos: dict[torch.device, torch.Tensor] = {}
+        self._keys: dict[torch.device, torch.Tensor] = {}
+        self._masks: dict = {}
+
+    def pos(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._pos:
+            self._pos[device] = torch.full((1, 1), self.length, dtype=torch.long, device=device)
+        return self._pos[device]
+
+    def set_position(self, length: int) -> None:
+        """Before a decode step: the new token goes to position `length` (one small kernel per device)."""
+        self.length = length
+        for t in self._pos.values():
+            t.fill_(length)
+
+    def new_step(self) -> None:
+        self._masks.clear()  # masks of the previous step hold its position
+
+    def decode_mask(self, window: int | None, device) -> torch.Tensor:
+        """[1, 1, 1, capacity] bool: keys at or before the position (and within the window), built
+        on the device from the position tensor; once per step, device and window."""
+        device = torch.device(device)
+        key = (window, device)
+        if key not in self._masks:
+            if self._keys.get(device) is None or self._keys[device].numel() != self.capacity:
+                self._keys[device] = torch.arange(self.capacity, device=device)
+            keys, pos = self._keys[device], self.pos(device).view(1)
+            keep = keys <= pos
+            if window is not None:
+                keep = keep & (pos - keys < window)
+            self._masks[key] = keep[None, None, None]
+        return self._masks[key]
+
+
+class StaticKVCache:
+    """A KVCache whose buffers hold the whole generation (`cursor.capacity` positions), allocated
+    once: a decode step writes its key/value at the device position (index_copy_) and attends over
+    every slot, those past the position masked out, so its shapes never change and it can be
+    captured as a CUDA graph. Prefill (S > 1 tokens) writes at the host offset and attends over
+    the filled prefix, as KVCache does. Buffers start zeroed: a masked slot gets probability 0,
+    and 0 * garbage could be NaN."""
+
+    def __init__(self, cursor: DecodeCursor):
+        self.cursor = cursor
+        self.k = self.v = self.bias = None
+
+    def mask(self, s: int, window: int | None, device) -> torch.Tensor | None:
+        if self.cursor.decoding:
+            return self.cursor.decode_mask(window, device)
+        return _offset_mask(self.cursor.length, s, window, device)
+
+    def _buffer(self, buf, new, dim: int):
+        """`buf` sized to the capacity (a larger capacity copies the filled prefix over)."""
+        if buf is not None and buf.shape[dim] == self.cursor.capacity:
+            return buf
+        shape = list(new.shape)
+        shape[dim] = self.cursor.capacity
+        grown = new.new_zeros(shape)
+        if buf is not None:
+            n = min(self.cursor.length, buf.shape[dim], self.cursor.capacity)
+            grown.narrow(dim, 0, n).copy_(buf.narrow(dim, 0, n))
+        return grown
+
+    def _write(self, buf, new, dim: int):
+        buf = self._buffer(buf, new, dim)
+        if self.cursor.decoding:  # whole buffer; the mask hides the slots past the position
+            return buf, buf.index_copy_(dim, self.cursor.pos(buf.device).view(1), new)
+        at = self.cursor.length
+        buf.narrow(dim, at, new.shape[dim]).copy_(new)
+        return buf, buf.narrow(dim, 0, at + new.shape[dim])
+
+    def update(self, k, v, bias=None):
+        self.k, k = self._write(self.k, k, 2)
+        self.v, v = self._write(self.v, v, 2)
+        if bias is not None:  # [B, H, 1, S]: one value per key
+            self.bias, bias = self._write(self.bias, bias, 3)
         return k, v, bias
 
 

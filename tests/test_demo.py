@@ -332,6 +332,70 @@ def test_kv_cache_greedy_equals_transformers_every_family(family_model):
     torch.testing.assert_close(lm.next_logits(want[:10]), whole, rtol=1e-4, atol=1e-4)
     no_cache = lm.forward(torch.tensor([prompt + want[:10]]))[0, -1]
     torch.testing.assert_close(whole, no_cache.float(), rtol=1e-4, atol=1e-4)
+    # the static cache's decode step (what a CUDA graph captures), run eagerly; capacity in steps
+    # of 16 so the buffers outgrow it several times within the generation
+    static = load_ours(hf, ["cpu"], static=True)
+    static.CAPACITY_STEP = 16
+    assert not static.graphs and greedy_no_eos(static, prompt, LONG, eos=2) == want
+    assert static.cursor.capacity == 16 * -(-(len(prompt) + LONG) // 16)
+
+
+def test_static_cache_chat_equals_eager_and_transformers(family_model):
+    """A two-turn chat (the second prompt holds the first exchange) through the static cache (decode
+    step run eagerly, buffers kept across generations and grown by the longer second prompt) answers
+    what the eager cache and transformers' model answer, every family; CUDA graphs are off on CPU."""
+    from transformers import AutoTokenizer
+
+    name, hf = family_model
+    tok = AutoTokenizer.from_pretrained(hf)
+    static = load_ours(hf, ["cpu"], static=True)
+    static.CAPACITY_STEP = 16
+    lms = {"static": static, "eager": load_ours(hf, ["cpu"]), "hf": load_lm(hf, "hf")}
+    assert lms["eager"].static is False and lms["eager"].graphs is False  # CPU default: the eager path
+    answers = {}
+    for key, lm in lms.items():
+        chat = Chat(lm, tok, "conversation", SamplingConfig(max_new_tokens=24))
+        answers[key] = [chat.ask("Hello").ids, chat.ask("Tell me more.").ids]
+    assert answers["static"] == answers["eager"] == answers["hf"], name
+    assert sum(map(len, answers["static"][1:])) > 0
+    with pytest.raises(ValueError, match="one CUDA device"):
+        load_ours(hf, ["cpu"], graphs=True)
+
+
+def test_static_cache_sliding_window_equals_eager(family_model):
+    """The sliding-window mask of the static decode step (built on the device from the position)
+    equals the eager cache's, past the window."""
+    name, hf = family_model
+    if name != "mixtral":
+        pytest.skip("mixtral has the sliding window")
+    prompt = [1, 17, 43, 99, 5, 250, 11, 80, 33]
+    runs = []
+    for static in (False, True):
+        lm = load_ours(hf, ["cpu"], static=static)
+        for layer in lm.model.children():
+            if hasattr(layer, "window"):
+                layer.window = 8
+        runs.append(greedy_no_eos(lm, prompt, 40, eos=2))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_equal_eager_every_family(family_model, dtype):
+    """On a GPU: greedy tokens of the captured decode step (re-captured as the capacity grows in
+    steps of 16, and across two generations) equal the eager cache's; mixtral (MoE) falls back to
+    the static step run eagerly. bf16: the first 16 tokens (reduction order may flip a late argmax
+    of a random model)."""
+    name, hf = family_model
+    prompt = [1, 17, 43, 99, 5, 250, 11, 80, 33]
+    eager = load_ours(hf, ["cuda:0"], dtype, static=False, graphs=False)
+    fast = load_ours(hf, ["cuda:0"], dtype)
+    fast.CAPACITY_STEP = 16
+    assert fast.graphs == (name != "mixtral") and fast.static
+    n = 60 if dtype == "float32" else 16
+    assert greedy_no_eos(fast, prompt, n, eos=2) == greedy_no_eos(eager, prompt, n, eos=2), name
+    longer = prompt + greedy_no_eos(eager, prompt, 30, eos=2)
+    assert greedy_no_eos(fast, longer, n, eos=2) == greedy_no_eos(eager, longer, n, eos=2), name
 
 
 def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tmp_path):

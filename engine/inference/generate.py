@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -120,6 +121,8 @@ def generate(lm, tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
         generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     eos = ({tokenizer.eos_token_id} | set(cfg.stop_ids)) - {None}
     lm.reset()
+    if hasattr(lm, "reserve"):  # OurLM's static cache: room for the whole generation up front
+        lm.reserve(len(prompt_ids) + cfg.max_new_tokens)
     logits = lm.next_logits(list(prompt_ids))
     seen, out, stream = list(prompt_ids), Generation(), TextStream(tokenizer)
     emit = on_text or (lambda _: None)
@@ -205,9 +208,23 @@ def resolve_dtype(name: str, devices: list[str]) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- our model
 class OurLM:
-    """models.pipeline.SequentialModel with its layers placed on `devices`, with a KV cache."""
+    """models.pipeline.SequentialModel with its layers placed on `devices`, with a KV cache.
 
-    def __init__(self, model, layer_devices: list[torch.device], hf_dir: Path, family, args):
+    Two cache paths. Eager (the reference; CPU default): KVCache buffers grow as tokens come,
+    every step runs the layers from Python. Static (`static=True`): StaticKVCache buffers sized
+    for the whole generation (capacity rounded up to CAPACITY_STEP, capped by the model's
+    positions) and a decode step with static shapes (models.blocks.DecodeCursor); with `graphs`
+    that step is captured once per capacity as a CUDA graph and each token is one replay.
+    graphs=None: on when the layers sit on one CUDA device, the model has no MoE routing (its
+    expert dispatch has data-dependent shapes) and PPLLM_CUDA_GRAPHS is not 0; layers split over
+    several devices run the static step eagerly (a graph captures one device's stream).
+    Greedy tokens are the same on every path (reduction order aside).
+    """
+
+    CAPACITY_STEP = 256  # a chat whose history grows re-captures once per 256 tokens at most
+
+    def __init__(self, model, layer_devices: list[torch.device], hf_dir: Path, family, args,
+                 static: bool | None = None, graphs: bool | None = None):
         from models.pipeline import layer_groups
 
         self.model, self.layer_devices = model, layer_devices
@@ -215,6 +232,23 @@ class OurLM:
         self.head_start = len(model.defs) - len(layer_groups(family, args)[-1])  # final norm + head from here
         self.ids: list[int] = []
         self.caches: list = []
+        if graphs is None:
+            graphs = self.graphs_possible() and os.environ.get("PPLLM_CUDA_GRAPHS", "1") != "0"
+        elif graphs and not self.graphs_possible():
+            raise ValueError("CUDA graphs need every layer on one CUDA device and no MoE routing")
+        self.graphs = graphs
+        self.static = graphs if static is None else static
+        if graphs and not self.static:
+            raise ValueError("CUDA graphs replay the static-cache decode step (static=True)")
+        self.cursor = None  # models.blocks.DecodeCursor of the static caches
+        self.graph = None  # (CUDAGraph, its static logits) for the cursor's capacity
+        self.reserved = 0
+        self._token = None  # [1, 1] int64 on the first device: the decode step's input token
+
+    def graphs_possible(self) -> bool:
+        devices = set(self.layer_devices)
+        return (len(devices) == 1 and next(iter(devices)).type == "cuda"
+                and not self.family.dims(self.args).experts)
 
     @property
     def first_device(self) -> torch.device:
@@ -235,11 +269,36 @@ class OurLM:
         return self.family.dims(self.args).max_positions
 
     def reset(self) -> None:
-        from models.blocks import BlockBase, KVCache
+        """Forget the tokens fed so far. Static buffers (and the captured graph) are kept for the
+        next generation: only the cursor goes back to 0."""
+        from models.blocks import BlockBase, KVCache, StaticKVCache
 
-        self.ids = []
-        self.caches = [KVCache() if isinstance(self.model._modules[str(i)], BlockBase) else None
-                       for i in range(len(self.model.defs))]
+        self.ids, self.reserved = [], 0
+        if self.static and self.cursor is not None:
+            self.cursor.length = 0
+            return
+        if self.static:
+            from models.blocks import DecodeCursor
+
+            self.cursor = DecodeCursor(0)  # sized by the first next_logits
+        blocks = [isinstance(self.model._modules[str(i)], BlockBase) for i in range(len(self.model.defs))]
+        self.caches = [(StaticKVCache(self.cursor) if self.static else KVCache()) if b else None for b in blocks]
+
+    def reserve(self, n_tokens: int) -> None:
+        """This generation will hold up to n_tokens (prompt + new tokens): size the static buffers
+        for it up front rather than grow them (and re-capture) halfway."""
+        self.reserved = n_tokens
+
+    def _ensure_capacity(self, need: int) -> None:
+        cursor = self.cursor
+        need = max(need, self.reserved)
+        if need <= cursor.capacity:
+            return
+        want = -(-need // self.CAPACITY_STEP) * self.CAPACITY_STEP
+        if self.max_len:
+            want = min(want, max(self.max_len, need))
+        cursor.capacity = want  # the caches grow their buffers at their next write
+        self.graph = None  # captured for the old buffers; dropped before the new ones exist
 
     def next_logits(self, new_ids: list[int]) -> torch.Tensor:
         """Logits after `new_ids`, which follow the tokens fed since reset() (whose keys and
@@ -248,7 +307,16 @@ class OurLM:
             self.reset()
         start = len(self.ids)
         self.ids += new_ids
+        if self.static:
+            self._ensure_capacity(len(self.ids))
+            if len(new_ids) == 1 and start > 0:
+                return self._decode(new_ids[0], start)
+            self.cursor.length, self.cursor.decoding = start, False
         x = (torch.tensor([new_ids], dtype=torch.long), torch.arange(start, len(self.ids))[None])
+        return self._layers(x)[0, -1].float().cpu()
+
+    def _layers(self, x) -> torch.Tensor:
+        """Every layer with its cache; logits [B, 1, V] of the last position."""
         for i, d in enumerate(self.model.defs):
             layer = self.model._modules[str(i)]
             x = move(x, self.layer_devices[i])
@@ -258,13 +326,53 @@ class OurLM:
                 x = layer(x, cache=self.caches[i])
             else:
                 x = d.forward_fn(layer, x) if d.forward_fn is not None else layer(x)
-        logits = x[0] if isinstance(x, tuple) else x
-        return logits[0, -1].float().cpu()
+        return x[0] if isinstance(x, tuple) else x
+
+    def _decode(self, token: int, position: int) -> torch.Tensor:
+        """One token at `position` through the static step: eager, or a replay of its graph."""
+        cursor, device = self.cursor, self.first_device
+        cursor.decoding = True
+        cursor.pos(device)  # created before set_position fills it, so never created inside a capture
+        if self._token is None:
+            self._token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        cursor.set_position(position)
+        self._token.fill_(token)
+        if not self.graphs:
+            return self._step()[0, -1].float().cpu()
+        if self.graph is None:
+            self.graph = self._capture()
+        graph, logits = self.graph
+        graph.replay()
+        return logits[0, -1].float().cpu()  # the one host sync per token
+
+    def _step(self) -> torch.Tensor:
+        """The decode step (what the graph captures): static inputs self._token and the cursor's
+        position, static buffers, no host reads."""
+        self.cursor.new_step()
+        return self._layers((self._token, self.cursor.pos(self.first_device)))
+
+    def _capture(self):
+        """One eager step on the current stream (buffers grown to a new capacity are allocated on
+        the stream that uses them), warm-up on a side stream (lazy inits; as PyTorch's CUDA-graph
+        docs say), then capture. Each run writes the same key/value at the same position, so these
+        runs change nothing the replay would not write again."""
+        self._step()
+        stream = torch.cuda.Stream(self.first_device)
+        stream.wait_stream(torch.cuda.current_stream(self.first_device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.first_device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step()
+        return graph, logits
 
 
 def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "auto",
-              tag: str | None = None) -> OurLM:
-    """Our SequentialModel from a pipeline checkpoint dir or an HF dir, split over `devices`.
+              tag: str | None = None, static: bool | None = None, graphs: bool | None = None) -> OurLM:
+    """Our SequentialModel from a pipeline checkpoint dir or an HF dir, split over `devices`
+    (static, graphs: OurLM's cache paths).
 
     Layers are built one at a time directly on their device and loaded from their own layer
     file (memory-mapped), so no process ever holds the whole model on one device or in RAM.
@@ -297,7 +405,7 @@ def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "
         model._modules[str(i)] = layer
         layer_devices.append(next(layer.parameters()).device)
     model.eval()
-    return OurLM(model, layer_devices, hf_dir, family, args)
+    return OurLM(model, layer_devices, hf_dir, family, args, static, graphs)
 
 
 # ----------------------------------------------------------------------------- transformers
