@@ -110,6 +110,26 @@ def path_of(lm) -> str:
     return "graphs" if lm.graphs else "static" if lm.static else "eager"
 
 
+@torch.no_grad()
+def teacher_forced(lms, prompt, tokens):
+    """Both paths fed the same tokens (the eager path's greedy ones): per step, whether their argmax
+    agrees, and the largest logit difference. Free-running tokens part at the first near-tie the
+    two reduction orders break differently; this shows whether they differ by more than that."""
+    logits = {}
+    for name, lm in lms.items():
+        lm.reset()
+        lm.reserve(len(prompt) + len(tokens))
+        steps = [lm.next_logits(list(prompt))]
+        steps += [lm.next_logits([t]) for t in tokens[:-1]]
+        logits[name] = torch.stack(steps)
+    a, b = logits.values()
+    top2 = b.topk(2, dim=-1).values
+    differ = a.argmax(-1) != b.argmax(-1)
+    return {"argmax_equal": int((~differ).sum()), "of": len(tokens),
+            "max_abs_logit_diff": round(float((a - b).abs().max()), 4),
+            "eager_top2_margin_where_differ": [round(float(m), 4) for m in (top2[:, 0] - top2[:, 1])[differ]]}
+
+
 def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -146,11 +166,15 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--static", action="store_true",
+                   help="our static-cache decode step even where no CUDA graph is captured (CPU, several devices)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     hf = hf_model(a)
     lm = our_lm(hf, a)
+    if a.static and not lm.static:
+        lm = type(lm)(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, static=True)
     if a.model:
         from transformers import AutoTokenizer
 
@@ -198,7 +222,9 @@ def main(argv=None):
         summary |= {"ours_eager_over_transformers":
                     round(result["ours_eager"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3),
                     f"{path_of(lm)}_equal_eager_prefix": agree,
-                    f"{path_of(lm)}_equal_eager_first_32": agree >= min(32, len(tokens["ours"]))}
+                    f"{path_of(lm)}_equal_eager_first_32": agree >= min(32, len(tokens["ours"])),
+                    "teacher_forced_first_32": teacher_forced({"ours_eager": lms["ours_eager"], "ours": lm},
+                                                              prompt, tokens["ours_eager"][:32])}
     print(json.dumps(summary))
 
 if __name__ == "__main__":

@@ -184,8 +184,8 @@ def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor
 def _slopes_on(slopes: torch.Tensor, device) -> torch.Tensor:
     """The (CPU) slopes on `device`, copied once per device: a host-to-device copy inside a captured
     CUDA graph (generation's decode step) would record a pointer to host memory freed afterwards."""
-    if slopes.device == torch.device(device):
-        return slopes
+    if slopes.device == torch.device(device) or torch.compiler.is_compiling():
+        return slopes.to(device)  # a compiled block (training) traces the copy as a constant
     return _device_slopes(tuple(slopes.tolist()), torch.device(device))  # tolist: a CPU tensor, no GPU sync
 
 

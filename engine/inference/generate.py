@@ -300,6 +300,7 @@ class OurLM:
         cursor.capacity = want  # the caches grow their buffers at their next write
         self.graph = None  # captured for the old buffers; dropped before the new ones exist
 
+    @torch.no_grad()  # also when called outside generate(): nothing to record for autograd in a capture
     def next_logits(self, new_ids: list[int]) -> torch.Tensor:
         """Logits after `new_ids`, which follow the tokens fed since reset() (whose keys and
         values the caches hold)."""
