@@ -9,7 +9,8 @@ at a time):
           its contiguous layers placed on one or several devices (activations move between
           them). KV cache: each block's attention keeps its keys/values (models.blocks.KVCache,
           on that block's device), so a step runs only the new token through the layers, and
-          only the last position through the head.
+          only the last position through the head. On one CUDA device the cache is static
+          (StaticKVCache) and a token is one replay of a captured CUDA graph (OurLM).
   HFLM    transformers' AutoModelForCausalLM on an HF dir (our pp_to_hg output), with its KV
           cache; one device.
 
@@ -216,8 +217,9 @@ class OurLM:
     positions) and a decode step with static shapes (models.blocks.DecodeCursor); with `graphs`
     that step is captured once per capacity as a CUDA graph and each token is one replay.
     graphs=None: on when the layers sit on one CUDA device, the model has no MoE routing (its
-    expert dispatch has data-dependent shapes) and PPLLM_CUDA_GRAPHS is not 0; layers split over
-    several devices run the static step eagerly (a graph captures one device's stream).
+    expert dispatch has data-dependent shapes) and PPLLM_CUDA_GRAPHS is not 0. Layers split over
+    several devices keep the eager path (no graph per device segment is built; static=True runs
+    the static step there eagerly).
     Greedy tokens are the same on every path (reduction order aside).
     """
 
