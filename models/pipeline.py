@@ -66,8 +66,10 @@ def training_loss(family: ModuleType, args, opts: LayerOptions):
     return MaxZLoss(loss, opts.max_z_loss) if opts.max_z_loss > 0 else loss
 
 
-def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int):
-    """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily)."""
+def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int,
+                   wgrad_fusion: bool = False):
+    """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily).
+    wgrad_fusion: the blocks' linears accumulate weight gradients into `main_grad` (wgrad_fused_blocks)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     class _Pipeline(PipelineModule):
@@ -86,7 +88,20 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
                        loss_fn=training_loss(family, args, opts), seed_layers=True, base_seed=int(seed),
                        partition_method="manual")
     float8_blocks(module.forward_funcs, opts.fp8)
+    if wgrad_fusion:
+        wgrad_fused_blocks(module.forward_funcs)
     return module
+
+
+def wgrad_fused_blocks(layers) -> list[nn.Parameter]:
+    """fp32 gradient accumulation fused into the weight-gradient GEMM: each transformer block's
+    nn.Linear becomes a models.fused_linear.WgradFusedLinear (same parameters). Returns their
+    weights; each behaves as a plain linear until its `main_grad` is attached (the engine points it
+    at the optimizer's fp32 gradient buffer). Embedding, norms and head keep the normal path.
+    Call before the blocks first run (compile traces the swap)."""
+    from .fused_linear import fuse_wgrad
+
+    return [w for layer in layers if isinstance(layer, BlockBase) for w in fuse_wgrad(layer)]
 
 
 def float8_blocks(layers, mode: str) -> None:

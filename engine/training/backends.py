@@ -33,6 +33,7 @@ from engine.training.optim import GlobalGradClip, build_optimizer, uses_ds_cpu_o
 from engine.plan import resolve_auto_parts
 from engine.model import Model
 from engine.training.deepspeed_setup import deepspeed_config, layer_options, wrapped_optimizer
+from engine.training import grad_accum
 
 
 class PipelineBackend:
@@ -49,16 +50,18 @@ class PipelineBackend:
         topo = cfg.model_topo.process_topology
         self.topology = ProcessTopology(axes=topo.axes, dims=topo.dims)
         self.dp_rank, self.dp_size = self.topology.get_coord(D.rank()).data, cfg.data_dim
+        self.wgrad_fusion = grad_accum.wgrad_fusion(cfg)
 
     def describe(self) -> str:
-        return f"parts {self.parts}"
+        return f"parts {self.parts}" + (", fp32 grad accumulation fused into the wgrad GEMM" if self.wgrad_fusion else "")
 
     def build(self, weights: str | None):
         """`weights`: a checkpoint/HF dir to load, "scratch" for random init, None (resume fills them)."""
         import deepspeed
 
         cfg, model = self.cfg, self.model
-        module = build_pipeline(model.family, model.args, layer_options(cfg), self.topology, self.parts, cfg.seed)
+        module = build_pipeline(model.family, model.args, layer_options(cfg), self.topology, self.parts, cfg.seed,
+                                wgrad_fusion=self.wgrad_fusion)
         if weights == "scratch":
             init_weights(module, cfg.seed)
         elif weights:
@@ -66,6 +69,8 @@ class PipelineBackend:
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+        if self.wgrad_fusion:
+            grad_accum.link(self.engine)
         self.clip = None if wrapped_optimizer(cfg) else GlobalGradClip(
             optimizer, module, float(cfg.ds.get("gradient_clipping", 0.0)), self.engine.grid.get_model_parallel_group())
         self.loss_owner = module
