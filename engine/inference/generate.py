@@ -342,10 +342,11 @@ class OurLM:
         self._token.fill_(token)
         if not self.graphs:
             return self._step()[0, -1].float().cpu()
-        if self.graph is None:
-            self.graph = self._capture()
-        graph, logits = self.graph
-        graph.replay()
+        with torch.cuda.device(device):  # capture and replay on the layers' device, not cuda:0's
+            if self.graph is None:
+                self.graph = self._capture()
+            graph, logits = self.graph
+            graph.replay()
         return logits[0, -1].float().cpu()  # the one host sync per token
 
     def _step(self) -> torch.Tensor:
