@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, check the fast path's numerics, then time the cases
-# given as arguments ("name seq [--set k=v ...]" per case, ';'-separated) and print the table.
+# given as arguments ("[VAR=value ...] name seq [--set k=v ...]" per case, ';'-separated; the
+# variables are set for that case only) and print the table.
 # Example (2 GPUs): bash bench/run_gpu.sh "pp2_s2048 2048 --set model_topo.process_topology.dims=[2,1]"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +20,11 @@ python3 -c "import torch, deepspeed, transformers; print('torch', torch.__versio
 IFS=';' read -ra CASES <<< "$1"
 for case in "${CASES[@]}"; do
   read -ra parts <<< "$case"
+  envs=(); while [[ ${#parts[@]} -gt 0 && ${parts[0]} =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do envs+=("${parts[0]}"); parts=("${parts[@]:1}"); done
   [ ${#parts[@]} -gt 0 ] || continue
   name=${parts[0]}; seq=${parts[1]}; rest=("${parts[@]:2}")
-  echo "=== $name (seq $seq) $(date +%T)"
-  timeout ${CASE_TIMEOUT:-400} torchrun --nproc_per_node "$NGPU" bench/bench_train.py run --out $BENCH --name "$name" \
+  echo "=== $name (seq $seq) ${envs[*]} $(date +%T)"
+  env "${envs[@]}" timeout ${CASE_TIMEOUT:-400} torchrun --nproc_per_node "$NGPU" bench/bench_train.py run --out $BENCH --name "$name" \
     --seq "$seq" "${rest[@]}" > "$OUTDIR/$name.log" 2>&1
   echo "exit $? $(date +%T)"; grep -E "Error|error:|Traceback|OutOfMemory" "$OUTDIR/$name.log" | grep -v Warning | tail -3
 done
