@@ -379,23 +379,34 @@ def test_static_cache_sliding_window_equals_eager(family_model):
     assert runs[0] == runs[1]
 
 
+def forced_logits(lm, prompt, tokens):
+    """Logits of every step with `tokens` fed after the prompt (the same inputs for any path)."""
+    lm.reset()
+    return torch.stack([lm.next_logits(list(prompt))] + [lm.next_logits([t]) for t in tokens[:-1]])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graphs_equal_eager_every_family(family_model, dtype):
-    """On a GPU: greedy tokens of the captured decode step (re-captured as the capacity grows in
-    steps of 16, and across two generations) equal the eager cache's; mixtral (MoE) falls back to
-    the static step run eagerly. bf16: the first 16 tokens (reduction order may flip a late argmax
-    of a random model)."""
+    """On a GPU, the captured decode step (re-captured as the capacity grows in steps of 16, and
+    across generations) against the eager cache, every family (mixtral, MoE: the static step run
+    eagerly): fp32 greedy tokens equal; bf16 logits close along the same tokens (free-running
+    bf16 tokens of a random model part at the first near-tie the two reduction orders break
+    differently)."""
     name, hf = family_model
     prompt = [1, 17, 43, 99, 5, 250, 11, 80, 33]
     eager = load_ours(hf, ["cuda:0"], dtype, static=False, graphs=False)
     fast = load_ours(hf, ["cuda:0"], dtype)
     fast.CAPACITY_STEP = 16
     assert fast.graphs == (name != "mixtral") and fast.static
-    n = 60 if dtype == "float32" else 16
-    assert greedy_no_eos(fast, prompt, n, eos=2) == greedy_no_eos(eager, prompt, n, eos=2), name
-    longer = prompt + greedy_no_eos(eager, prompt, 30, eos=2)
-    assert greedy_no_eos(fast, longer, n, eos=2) == greedy_no_eos(eager, longer, n, eos=2), name
+    want = greedy_no_eos(eager, prompt, 60, eos=2)
+    if dtype == "float32":
+        assert greedy_no_eos(fast, prompt, 60, eos=2) == want, name
+        longer = prompt + want[:30]  # a second generation: longer prompt, buffers grow, graph re-captured
+        assert greedy_no_eos(fast, longer, 40, eos=2) == greedy_no_eos(eager, longer, 40, eos=2), name
+    else:
+        ref, got = forced_logits(eager, prompt, want), forced_logits(fast, prompt, want)
+        assert (got - ref).abs().max() <= 0.05 * ref.abs().max(), name
 
 
 def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tmp_path):
