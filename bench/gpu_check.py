@@ -128,7 +128,9 @@ def grad_check(args, state, ids, pos) -> None:
         weights = wgrad_fused_blocks(model.children()) if fused else [
             m.weight for layer in model.children() for m in layer.modules()
             if type(m) is torch.nn.Linear and isinstance(layer, BlockBase)]
-        acc = [torch.zeros(w.shape, device=device) for w in weights]
+        flat = torch.zeros(16 + sum(w.numel() for w in weights), device=device)  # views of one buffer, as DeepSpeed's
+        ends = torch.tensor([w.numel() for w in weights]).cumsum(0).tolist()
+        acc = [flat[16 + e - w.numel():16 + e].view(w.shape) for w, e in zip(weights, ends)]
         if fused:
             for w, buf in zip(weights, acc):
                 w.main_grad = buf
