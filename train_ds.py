@@ -3,7 +3,7 @@
 `--dry-run --world-size N` prints per-stage memory/time estimates without a launcher;
 `--export-hf OUT` turns the final checkpoint into an HF model dir (one-command fine-tune).
 """
-from engine.cli import add_plan_args, config_parser, parse_config, run_or_plan, user_errors
+from engine.cli import run_script, add_plan_args, config_parser, parse_config, run_or_plan, user_errors
 from engine.training.loop import train
 
 
@@ -14,4 +14,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

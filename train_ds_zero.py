@@ -4,7 +4,7 @@ config, data, checkpoints and export as train_ds.py:
 
 `--dry-run --world-size N` validates the config and prints the per-rank memory estimate
 without a launcher; `--export-hf OUT` turns the final checkpoint into an HF model dir."""
-from engine.cli import add_plan_args, config_parser, parse_config, run_or_plan, user_errors
+from engine.cli import run_script, add_plan_args, config_parser, parse_config, run_or_plan, user_errors
 from engine.training.loop import train_zero
 
 
@@ -15,4 +15,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -97,6 +97,19 @@ def parse_config(p: argparse.ArgumentParser, argv=None):
     return a, cfg
 
 
+def run_script(main) -> None:
+    """`main()` as a script's whole process (`if __name__ == "__main__"`); in-process callers
+    (tests) call main(argv) directly and keep their interpreter."""
+    from engine.distributed import leave
+
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    leave(code)
+
+
 def user_errors(fn):
     """Run `fn`; a bad input becomes one line on stderr (rank 0 only) and exit status 2."""
     def wrapped(*args, **kwargs):

@@ -71,6 +71,12 @@ def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> Path:
     return tag_dir
 
 
+def current_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag `latest` names (checked as resolve_tag checks it), None when there is no `latest`."""
+    latest = Path(ckpt_dir) / "latest"
+    return _read_latest(latest) if latest.is_file() else None
+
+
 def _read_latest(latest: Path) -> str:
     """The tag in a `latest` file: one short line of text (DeepSpeed writes it without a newline)."""
     data = latest.read_bytes()[:4097]

@@ -22,8 +22,8 @@ from engine import distributed as D
 from engine import fault_hooks
 from engine.checkpoints import integrity, reshape, writes
 from engine.config import TrainConfig, save_config
-from engine.checkpoints.files import (LayoutError, copy_hf_side_files, fsync_dir, fsync_tree, is_pipeline_dir,
-                                      resolve_tag, write_text_atomic)
+from engine.checkpoints.files import (LayoutError, copy_hf_side_files, current_tag, fsync_dir, fsync_tree,
+                                      is_pipeline_dir, resolve_tag, write_text_atomic)
 
 META = "meta.json"  # {"format", "family", "n_layers", "step", "layout", "n_params", "files": {file: size},
 #                     "hash": algorithm, "hashes": {file: hash}}: refuse another model's or a damaged checkpoint
@@ -149,7 +149,7 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
                 copy_hf_side_files(hf_dir, root / "hf")
             fsync_tree(tmp)
             stale = root / tag  # a tag `latest` never pointed at (crash between rename and `latest`)
-            if stale.is_dir() and _latest(root) != tag:
+            if stale.is_dir() and current_tag(root) != tag:
                 shutil.rmtree(stale)
             os.replace(tmp, root / tag)
             fsync_dir(root)
@@ -163,18 +163,11 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
     return root / tag
 
 
-def _latest(root: Path) -> str | None:
-    try:
-        return (root / "latest").read_text().strip()
-    except FileNotFoundError:
-        return None
-
-
 def rotate(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` tags; never the one `latest` names."""
     if keep_last <= 0:
         return
-    current = _latest(root)
+    current = current_tag(root)
     newest = tag_step(current) if current else 10**18  # tags past `latest` are not ours to count or delete
     tags = sorted((p for p in root.iterdir() if p.is_dir() and 0 <= tag_step(p.name) <= newest),
                   key=lambda p: tag_step(p.name))

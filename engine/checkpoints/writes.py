@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine import distributed as D
 from engine import fault_hooks
+from engine.checkpoints.files import LayoutError, current_tag
 
 
 class SaveFailed(Exception):
@@ -93,9 +94,11 @@ def recorded(where: Path):
 
 
 def _latest(root: Path) -> str | None:
+    """files.current_tag, for the paths that run after a write failed: a `latest` that cannot be
+    read then must not replace the error being reported."""
     try:
-        return (root / "latest").read_text().strip() or None
-    except OSError:
+        return current_tag(root)
+    except (OSError, LayoutError):
         return None
 
 

@@ -9,7 +9,9 @@ fp32 view, so the GEMM adds into it directly (2.9% of an H200 step was the separ
 bench/README.md). Everything downstream (data-parallel all-reduce, norm, clipping, step,
 checkpoints) reads the fp32 buffers as before; norms, embeddings and head keep DeepSpeed's hook.
 
-PPLLM_WGRAD_FUSION=0 turns it off (for comparison), =1 forces it on (CPU tests); unset: on GPU.
+PPLLM_WGRAD_FUSION=1 turns it on, =0 or unset leaves it off: it is tested on CPU (bitwise resume,
+pp/dp reshape, compiled == eager) but has not yet run on a GPU, so it stays opt-in until a device
+call has measured it (bench/README.md has the command).
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import os
 
 import torch
 
-from engine import distributed as D
 from engine.config import ConfigError, TrainConfig
 
 ENV = "PPLLM_WGRAD_FUSION"
@@ -25,14 +26,14 @@ ENV = "PPLLM_WGRAD_FUSION"
 
 def wgrad_fusion(cfg: TrainConfig) -> bool:
     """Whether a pipeline run fuses: bf16 with fp32 accumulation (the default), fp8 off (torchao's
-    Float8Linear owns those linears), and the switch not off; by default on GPU only (on CPU the
-    accumulate is an upcast fp32 matmul, slower than the plain path)."""
+    Float8Linear owns those linears), and the switch on (opt-in; on CPU the accumulate is an
+    upcast fp32 matmul, slower than the plain path)."""
     env = os.environ.get(ENV, "")
     if env not in ("", "0", "1"):
         raise ConfigError(f"environment: {ENV}={env!r}: expected 0 (off) or 1 (on)")
     if env == "0" or cfg.dtype != "bf16" or cfg.bf16_grad_accum != "fp32" or cfg.fp8 != "off":
         return False
-    return env == "1" or D.on_gpu()
+    return env == "1"
 
 
 def link(engine) -> int:
