@@ -4,9 +4,10 @@ Same weights in both (a random model of a named shape, or a real HF dir), greedy
 `--new-tokens` tokens after a `--prompt-len`-token prompt, EOS suppressed so both write exactly
 that many. Ours runs the product path (engine.inference.generate.generate: logits processing,
 streaming detokenization) on an OurLM; transformers runs model.generate with its own cache.
-Prints one JSON line per backend and the ratio. On one CUDA device our default replays a CUDA
-graph per token (static KV cache); `ours_eager` (the eager reference path, PPLLM_CUDA_GRAPHS=0)
-is then timed too, on the same modules, and its greedy tokens are compared with the graphs'.
+Prints one JSON line per backend and the ratio. On one CUDA device `ours` replays a CUDA graph
+per token (static KV cache; what PPLLM_CUDA_GRAPHS=1 turns on in demo.py); `ours_eager` (the
+eager reference path, demo.py's default) is then timed too, on the same modules, and its greedy
+tokens are compared with the graphs'.
 
     python bench/bench_generate.py                                        # SmolLM2-135M shape, CPU, fp32
     python bench/bench_generate.py --shape llama-7b --device cuda:0 --dtype bf16
@@ -173,6 +174,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     hf = hf_model(a)
     lm = our_lm(hf, a)
+    if lm.graphs_possible() and not lm.graphs:  # the path under test here (opt-in in demo.py)
+        lm = type(lm)(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, graphs=True)
     if a.static and not lm.static:
         lm = type(lm)(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, static=True)
     if a.model:

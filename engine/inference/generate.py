@@ -216,8 +216,10 @@ class OurLM:
     for the whole generation (capacity rounded up to CAPACITY_STEP, capped by the model's
     positions) and a decode step with static shapes (models.blocks.DecodeCursor); with `graphs`
     that step is captured once per capacity as a CUDA graph and each token is one replay.
-    graphs=None: on when the layers sit on one CUDA device, the model has no MoE routing (its
-    expert dispatch has data-dependent shapes) and PPLLM_CUDA_GRAPHS is not 0. Layers split over
+    graphs=None: on when PPLLM_CUDA_GRAPHS=1, the layers sit on one CUDA device and the model has
+    no MoE routing (its expert dispatch has data-dependent shapes). Opt-in: the graph path is
+    tested on CPU (the static step run eagerly, every family) but has not yet run on a GPU; a
+    device call with bench/bench_generate.py measures it and checks it against eager. Layers split over
     several devices keep the eager path (no graph per device segment is built; static=True runs
     the static step there eagerly).
     Greedy tokens are the same on every path (reduction order aside).
@@ -235,7 +237,7 @@ class OurLM:
         self.ids: list[int] = []
         self.caches: list = []
         if graphs is None:
-            graphs = self.graphs_possible() and os.environ.get("PPLLM_CUDA_GRAPHS", "1") != "0"
+            graphs = self.graphs_possible() and os.environ.get("PPLLM_CUDA_GRAPHS", "0") == "1"
         elif graphs and not self.graphs_possible():
             raise ValueError("CUDA graphs need every layer on one CUDA device and no MoE routing")
         self.graphs = graphs
