@@ -9,10 +9,13 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from models.keymap import to_hf
@@ -46,7 +49,8 @@ def hf_to_pp(hf_dir: str | Path, out_dir: str | Path) -> Path:
     with StagingDir(out_dir) as tmp:
         (tmp / INIT_TAG).mkdir()
         for idx in range(len(source)):  # HF's separate q/k/v, gate/up joined into our fused tensors
-            torch.save({ours: t.contiguous() for ours, t in source.layer(idx).items()}, layer_file(tmp / INIT_TAG, idx))
+            with open(layer_file(tmp / INIT_TAG, idx), "wb") as fh:  # a Python file: a failed write is an OSError
+                torch.save({ours: t.contiguous() for ours, t in source.layer(idx).items()}, fh)
         copy_hf_side_files(source.where.hf_dir, tmp / "hf")
         _record_dtype(tmp / "hf" / "config.json", source)
         write_text_atomic(tmp / "latest", INIT_TAG)
@@ -82,7 +86,13 @@ class ShardWriter:
     def flush(self) -> None:
         if self.pending:
             name = f"part-{len(self.shards):05d}.safetensors"
-            save_file(self.pending, self.out / name, metadata={"format": "pt"})
+            try:
+                save_file(self.pending, self.out / name, metadata={"format": "pt"})
+            except SafetensorError as e:  # the library's I/O errors carry the errno only in their text
+                code = re.search(r"\(os error (\d+)\)", str(e))
+                if code is None:
+                    raise
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(self.out / name)) from None
             self.shards.append((name, list(self.pending)))
             self.pending, self.pending_bytes = {}, 0
 

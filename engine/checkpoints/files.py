@@ -8,6 +8,7 @@ Training adds engine/optimizer states and config.yml inside each tag.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +28,22 @@ class LayoutError(ValueError):
 
 def layer_file(tag_dir: str | Path, idx: int) -> Path:
     return Path(tag_dir) / f"layer_{idx:02d}-model_states.pt"
+
+
+def find_layer_file(tag_dir: str | Path, idx: int) -> Path:
+    """Layer idx's file as a reader finds it: ours, or DeepSpeed's name under a topology with a
+    model (tensor-parallel) axis (Megatron-DeepSpeed: layer_XX-model_00-model_states.pt), which
+    holds the whole layer only when that axis has one rank."""
+    ours = layer_file(tag_dir, idx)
+    if ours.exists() or ours.is_symlink():
+        return ours
+    tp = Path(tag_dir) / f"layer_{idx:02d}-model_00-model_states.pt"
+    if tp.exists():
+        if (Path(tag_dir) / f"layer_{idx:02d}-model_01-model_states.pt").exists():
+            raise LayoutError(f"{tp.parent}: a tensor-parallel checkpoint (layer_{idx:02d}-model_00/-model_01 "
+                              "files hold slices of one layer); merge it to one model-parallel rank first")
+        return tp
+    return ours
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -57,7 +74,7 @@ def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> Path:
     ckpt_dir = Path(ckpt_dir)
     if tag is None:
         latest = ckpt_dir / "latest"
-        if not latest.is_file():
+        if not latest.exists():
             raise LayoutError(f"{ckpt_dir}: not a pipeline checkpoint dir (no 'latest' file)")
         tag, named_by = _read_latest(latest), "'latest'"
     else:
@@ -67,21 +84,31 @@ def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> Path:
                           "not a checkpoint tag (a directory name such as global_step100)")
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
-        raise LayoutError(f"{tag_dir}: checkpoint tag named by {named_by} does not exist")
+        found = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name != "hf"
+                       and not p.name.startswith(".") and any(p.glob("layer_*model_states.pt")))
+        have = f"; tags here: {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
+        raise LayoutError(f"{tag_dir}: checkpoint tag named by {named_by} does not exist{have}")
     return tag_dir
 
 
 def current_tag(ckpt_dir: str | Path) -> str | None:
     """The tag `latest` names (checked as resolve_tag checks it), None when there is no `latest`."""
     latest = Path(ckpt_dir) / "latest"
-    return _read_latest(latest) if latest.is_file() else None
+    return _read_latest(latest) if latest.exists() else None
 
 
 def _read_latest(latest: Path) -> str:
-    """The tag in a `latest` file: one short line of text (DeepSpeed writes it without a newline)."""
-    data = latest.read_bytes()[:4097]
+    """The tag in a `latest` file: one short line of text (DeepSpeed writes it without a newline;
+    an editor may add CRLF, spaces or a BOM)."""
+    if not latest.is_file():
+        raise LayoutError(f"{latest}: should be a file holding the checkpoint tag, is a directory or special file")
     try:
-        text = data.decode("utf-8").strip()
+        with open(latest, "rb") as fh:
+            data = fh.read(4097)
+    except OSError as e:
+        raise LayoutError(f"{latest}: cannot be read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
         raise LayoutError(f"{latest}: not a text file naming a checkpoint tag (damaged?); write the tag to "
                           "resume from into it, e.g. global_step100") from None
@@ -91,8 +118,9 @@ def _read_latest(latest: Path) -> str:
 
 
 def is_pipeline_dir(model_dir: str | Path) -> bool:
-    """A dir of layer files under tags (ours, DeepSpeed's, gdGPT's training output): it has `latest`."""
-    return (Path(model_dir) / "latest").is_file()
+    """A dir of layer files under tags (ours, DeepSpeed's, gdGPT's training output): it has `latest`
+    (anything by that name: a `latest` that is not a readable file is reported when it is read)."""
+    return os.path.lexists(Path(model_dir) / "latest")
 
 
 @dataclass(frozen=True)
@@ -199,7 +227,9 @@ def check_safetensors(path: Path) -> dict:
 def load_layer(path: Path) -> dict[str, torch.Tensor]:
     """One layer file, memory-mapped (nothing is read until a tensor is used)."""
     if not path.is_file():
-        raise LayoutError(f"{path}: layer file missing")
+        what = ("is a broken symlink" if path.is_symlink() and not path.exists() else "is not a file"
+                if path.exists() else "missing")
+        raise LayoutError(f"{path}: layer file {what}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated / corrupt / not a torch file
@@ -254,11 +284,29 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def os_error_of(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: torch.save reports a failed write to a file object as a
+    RuntimeError ('unexpected pos ...') whose context is the OSError the file raised."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _errno_text(e: OSError) -> str:
+    return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e)).lower()
+
+
 class StagingDir:
     """Write a directory under a temporary name and publish it by rename only on success.
 
     `with StagingDir(out) as tmp:` — on any exception the temporary dir is removed and `out`
-    is untouched; an existing `out` is refused rather than overwritten.
+    is untouched; an existing `out` is refused rather than overwritten. The output disk refusing
+    (full, read-only, I/O error, permissions) is one LayoutError line naming the file; any other
+    exception passes through unchanged.
     """
 
     def __init__(self, final: str | Path):
@@ -271,17 +319,35 @@ class StagingDir:
         blocked = next((p for p in self.final.absolute().parents if p.exists() and not p.is_dir()), None)
         if blocked is not None:
             raise LayoutError(f"{self.final}: {blocked} is a file, not a directory; choose another output path")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise LayoutError(f"{self.final}: cannot create the output ({_errno_text(e)})") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc_type is None:
+            try:
+                fsync_tree(self.tmp)
+                if self.final.is_dir():
+                    self.final.rmdir()  # empty (checked on entry)
+                os.replace(self.tmp, self.final)
+                return False
+            except OSError as e:
+                exc = e
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        failed = os_error_of(exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        if failed is None or isinstance(exc, LayoutError):
             return False
-        fsync_tree(self.tmp)
-        if self.final.is_dir():
-            self.final.rmdir()  # empty (checked on entry)
-        os.replace(self.tmp, self.final)
-        return False
+        try:
+            free = f", {shutil.disk_usage(self.final.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = ""
+        path = Path(os.fsdecode(failed.filename)) if failed.filename else None
+        if path is not None and self.tmp not in path.parents and path != self.tmp:  # reading an input failed
+            raise LayoutError(f"{path}: cannot be read ({_errno_text(failed)}); nothing was written to "
+                              f"{self.final}") from None
+        while_ = f" while writing {path.name}" if path is not None and path != self.tmp else ""
+        raise LayoutError(f"{self.final}: {_errno_text(failed)}{while_}{free}; nothing was written there") from None

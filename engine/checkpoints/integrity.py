@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoints import writes
-from engine.checkpoints.files import INDEX_NAMES, LayoutError, check_safetensors
+from engine.checkpoints.files import INDEX_NAMES, LayoutError, check_safetensors, read_json
 
 try:
     import xxhash
@@ -120,7 +120,10 @@ def verify(tag_dir: Path, meta: dict, rels=None) -> None:
         if rel in sizes and size != sizes[rel]:
             raise LayoutError(f"{path}: {size} bytes, the checkpoint recorded {sizes[rel]} (truncated or damaged)")
         if rel in hashes and available(algo):
-            got = hash_file(path, algo)
+            try:
+                got = hash_file(path, algo)
+            except OSError as e:  # permissions, an I/O error of the disk
+                raise LayoutError(f"{path}: cannot be read ({e.strerror})") from None
             if got != hashes[rel]:
                 raise LayoutError(f"{path}: checksum mismatch ({algo} {got}, meta.json recorded {hashes[rel]}): the "
                                   f"file is damaged; remove the tag and point 'latest' at an older one")
@@ -138,10 +141,7 @@ def verify_weights(tag_dir: Path) -> None:
     meta_path = tag_dir / "meta.json"
     if not meta_path.is_file():
         return
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        raise LayoutError(f"{meta_path}: not valid JSON (damaged checkpoint)") from None
+    meta = read_json(meta_path, "checkpoint meta.json")
     verify(tag_dir, meta, [rel for rel in meta.get("files", {}) if rel.startswith("layer_")])
     if not has_hashes(meta):
         print(f"note: {tag_dir}: saved without checksums (by an older version): checked file sizes only",
@@ -152,26 +152,48 @@ def verify_weights(tag_dir: Path) -> None:
 def check_hf_dir(hf_dir: Path) -> str:
     """Every safetensors shard's header against its size, and the index against the shards."""
     shards = sorted(hf_dir.glob("*.safetensors"))
-    tensors, total = {}, 0
+    tensors, holders, nbytes = {}, {}, {}  # tensor -> the shards holding it; shard -> its tensors, its bytes
     for f in shards:
+        holders[f.name], nbytes[f.name] = set(), 0
         for key, info in check_safetensors(f).items():
             if key != "__metadata__":
-                tensors[key] = f.name
-                total += info["data_offsets"][1] - info["data_offsets"][0]
+                tensors.setdefault(key, []).append(f.name)
+                holders[f.name].add(key)
+                nbytes[f.name] += info["data_offsets"][1] - info["data_offsets"][0]
+    total = sum(nbytes.values())
     index_path = next((hf_dir / n for n in INDEX_NAMES if (hf_dir / n).is_file()), None)
     if index_path is not None and index_path.name.endswith("safetensors.index.json"):
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError:
-            raise LayoutError(f"{index_path}: not valid JSON (damaged)") from None
-        for key, fname in index.get("weight_map", {}).items():
+        index = read_json(index_path, "weight index")
+        weight_map, metadata = index.get("weight_map"), index.get("metadata") or {}
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise LayoutError(f"{index_path}: 'weight_map' must map tensor names to shard files")
+        if not isinstance(metadata, dict):
+            raise LayoutError(f"{index_path}: 'metadata' must be a JSON object, got {json.dumps(metadata)[:60]}")
+        for key, fname in weight_map.items():
             if not (hf_dir / fname).is_file():
                 raise LayoutError(f"{hf_dir / fname}: shard named by the index is missing")
-            if tensors.get(key) != fname:
+            if key not in holders.get(fname, ()):
                 raise LayoutError(f"{hf_dir / fname}: has no tensor '{key}' (the index says it does)")
-        want = index.get("metadata", {}).get("total_size")
-        if want is not None and int(want) != total:
+        named = set(weight_map.values())  # other *.safetensors in the dir are not part of this model
+        total = sum(nbytes.get(f, 0) for f in named)
+        for fname in sorted(named):
+            stray = next((k for k in sorted(holders.get(fname, ())) if weight_map.get(k) != fname), None)
+            if stray is not None:
+                where = f"lists it in {weight_map[stray]}" if stray in weight_map else "does not list it"
+                raise LayoutError(f"{hf_dir / fname}: holds tensor '{stray}', the index {where} — the index and "
+                                  "the shards are from different saves")
+        want = metadata.get("total_size")
+        try:
+            want = None if want is None else int(want)
+        except (TypeError, ValueError):
+            raise LayoutError(f"{index_path}: metadata.total_size is {json.dumps(want)[:60]}, not a number") from None
+        if want is not None and want != total:
             raise LayoutError(f"{index_path}: total_size {want}, the shards hold {total} bytes")
+    elif index_path is None:
+        dup = next(((k, fs) for k, fs in tensors.items() if len(fs) > 1), None)
+        if dup is not None:
+            raise LayoutError(f"{hf_dir / dup[1][1]}: tensor '{dup[0]}' is also in {dup[1][0]}, and no index says "
+                              "which to use — remove the stray weight file")
     if not shards:
         bins = sorted(hf_dir.glob("pytorch_model*.bin"))
         if not bins:
@@ -215,10 +237,7 @@ def check_tag(tag_dir: Path) -> str:
         for f in files:
             _zip_crcs(f)
         return f"ok: {tag_dir}: {len(files)} files, no meta.json (zip CRCs checked)"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        raise LayoutError(f"{meta_path}: not valid JSON (damaged checkpoint)") from None
+    meta = read_json(meta_path, "checkpoint meta.json")
     verify(tag_dir, meta)
     extra = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
                    if p.is_file() and p.name != "meta.json" and str(p.relative_to(tag_dir)) not in meta.get("files", {}))

@@ -17,8 +17,8 @@ from safetensors import SafetensorError, safe_open
 from models.keymap import from_hf, hf_shapes, upgrade_layer
 from models.pipeline import flat_layers
 
-from engine.checkpoints.files import (INDEX_NAMES, LayoutError, ModelDir, check_layer, check_safetensors, layer_file,
-                                      load_layer, locate, read_json)
+from engine.checkpoints.files import (INDEX_NAMES, LayoutError, ModelDir, check_layer, check_safetensors,
+                                      find_layer_file, load_layer, locate, read_json)
 from engine.checkpoints.gdgpt import GdgptWeights
 from engine.model import Model, expected_shapes
 
@@ -38,11 +38,16 @@ class HFWeights:
                 if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                     raise LayoutError(f"{hf_dir / index_name}: 'weight_map' must map tensor names to shard files")
                 self.where = {k: hf_dir / f for k, f in weight_map.items()}
+                self.index = hf_dir / index_name
                 break
         else:
+            self.index = None
             files = sorted(hf_dir.glob("*.safetensors")) or sorted(hf_dir.glob("pytorch_model*.bin"))
             for f in files:
                 for key in self._keys(f):
+                    if key in self.where:  # which copy wins would be a guess: the file order
+                        raise LayoutError(f"{f}: tensor '{key}' is also in {self.where[key].name}, and no "
+                                          f"index says which to use — remove the stray weight file")
                     self.where[key] = f
         if not self.where:
             raise LayoutError(f"{hf_dir}: no weights found (*.safetensors or pytorch_model*.bin)")
@@ -86,11 +91,24 @@ class HFWeights:
                 self.where[key] = self.where[bare]
                 self._alias[key] = bare
         if key not in self.where:
+            stray = self._unlisted(key)
+            if stray is not None:
+                raise LayoutError(f"{self.index}: does not list tensor '{key}', which {stray.name} holds — the index "
+                                  "is incomplete (an interrupted or mixed download?)")
             raise LayoutError(f"{self.dir}: tensor '{key}' missing — not a checkpoint of this model family/size")
         f = self.where[key]
         if not f.is_file():
             raise LayoutError(f"{f}: weight shard listed in the index is missing")
         return f
+
+    def _unlisted(self, key: str) -> Path | None:
+        """A shard the index names that holds `key` although the index does not list it."""
+        if self.index is None:
+            return None
+        for f in sorted(set(self.where.values())):
+            if f.is_file() and f.suffix == ".safetensors" and key in check_safetensors(f):
+                return f
+        return None
 
     def _bin(self, f: Path) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != f:  # one shard mapped at a time
@@ -126,12 +144,12 @@ class LayerSource:
 
     def origin(self, idx: int) -> Path:
         """The file (layer file) or dir (HF) layer idx comes from, for messages."""
-        return layer_file(self.layer_dir, idx) if self.layer_dir is not None else self.where.hf_dir
+        return find_layer_file(self.layer_dir, idx) if self.layer_dir is not None else self.where.hf_dir
 
     def layer(self, idx: int) -> dict[str, torch.Tensor]:
         """Layer idx's state dict in our layout, its keys and shapes checked."""
         if self.layer_dir is not None:  # a file from before the fused projections is fused here
-            state = upgrade_layer(self.keys[idx], load_layer(layer_file(self.layer_dir, idx)))
+            state = upgrade_layer(self.keys[idx], load_layer(find_layer_file(self.layer_dir, idx)))
         else:  # HF's separate q/k/v, gate/up are joined here
             state = from_hf(self.keys[idx], self.hf.get)
         check_layer(self.origin(idx), state, self.shapes[idx])
@@ -152,9 +170,9 @@ class LayerSource:
                 if self.hf.shape(theirs) != shape:
                     raise LayoutError(f"{self.where.hf_dir}: '{theirs}' has shape {list(self.hf.shape(theirs))}, "
                                       f"config.json implies {list(shape)}")
-        if self.layer_dir is not None and layer_file(self.layer_dir, len(self)).exists():
-            raise LayoutError(f"{layer_file(self.layer_dir, len(self))}: checkpoint has more layers than config.json "
-                              f"describes — another model")
+        beyond = find_layer_file(self.layer_dir, len(self)) if self.layer_dir is not None else None
+        if beyond is not None and beyond.exists():
+            raise LayoutError(f"{beyond}: checkpoint has more layers than config.json describes — another model")
 
 
 def open_weights(path: str | Path, model: Model | None = None, tag: str | None = None) -> LayerSource:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine import distributed as D
 from engine import fault_hooks
-from engine.checkpoints.files import LayoutError, current_tag
+from engine.checkpoints.files import LayoutError, current_tag, os_error_of
 
 
 class SaveFailed(Exception):
@@ -27,18 +27,6 @@ class SaveFailed(Exception):
 
 _error: list[str | None] = [None]  # the first failed write of the save in progress, on this rank
 _deferring = [False]  # inside deferred()
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind a failed write: torch.save reports a failed write to a file object as a
-    RuntimeError ('unexpected pos ...') whose context is the OSError the file raised."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _mib(n: float) -> str:
@@ -76,7 +64,7 @@ def guarded(path, write, *args):
         fault_hooks.write_error(path)
         return write(*args)
     except (OSError, RuntimeError) as e:
-        os_error = _os_error(e)
+        os_error = os_error_of(e)
         if os_error is None:  # not a failed write: a bug keeps its traceback
             raise
         _error[0] = describe(path, os_error)

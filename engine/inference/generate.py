@@ -474,17 +474,19 @@ def stop_token_ids(tokenizer, template: str = "default", hf_dir: str | Path | No
     """Tokens besides the tokenizer's EOS that end an answer: the chat template's end-of-turn
     token when prompts go through it (SmolLM2's <|im_end|>, Llama-3's <|eot_id|>), and the
     model's generation_config.json eos_token_id(s), which transformers' generate stops at too."""
-    import json
-
     from data.templates import chat_style, resolve_template
+    from engine.checkpoints.files import LayoutError, read_json
 
     ids = set()
     if resolve_template(template, tokenizer) == "chat_template" and chat_style(tokenizer).eot_token:
         ids.add(tokenizer.convert_tokens_to_ids(chat_style(tokenizer).eot_token))
     gen_config = Path(hf_dir) / "generation_config.json" if hf_dir else None
-    if gen_config and gen_config.is_file():
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    if gen_config and gen_config.is_file():  # the model dir's file: damaged is one line naming it
+        eos = read_json(gen_config, "generation config").get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos if i is not None):
+            raise LayoutError(f"{gen_config}: eos_token_id must be a token id or a list of them, got {eos}")
+        ids |= set(eos) - {None}
     return tuple(sorted(ids))
 
 
