@@ -38,7 +38,12 @@ class Model:
 
     @classmethod
     def from_dir(cls, model_path: str | Path) -> "Model":
-        hf_dir = locate(model_path).hf_dir
+        where = locate(model_path)
+        hf_dir = where.hf_dir
+        if not where.is_hf and not (hf_dir / "config.json").is_file():
+            raise LayoutError(f"{where.path}: a pipeline checkpoint dir without the model's HF config (hf/config.json);"
+                              f" copy config.json and the tokenizer files of the model it was trained from into "
+                              f"{where.path / 'hf'}")
         hf = read_hf_config(hf_dir)
         family = family_for_hf_config(hf, str(hf_dir / "config.json"))
         args = args_from_hf_config(family, hf, str(hf_dir / "config.json"))  # every field read is checked

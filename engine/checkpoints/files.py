@@ -137,10 +137,23 @@ class ModelDir:
         return self.layers is None
 
 
-def _pipeline_layout(path: Path) -> ModelDir | None:
+def _has_hf_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+
+
+def _tag_has_layers(path: Path) -> bool:
+    try:
+        return any(resolve_tag(path).glob("layer_*model_states.pt"))
+    except LayoutError:
+        return False
+
+
+def pipeline_layout(path: Path) -> ModelDir | None:
     if not is_pipeline_dir(path):
         return None
     hf = path / "hf" if (path / "hf" / "config.json").is_file() else path
+    if hf == path and (path / "config.json").is_file() and _has_hf_weights(path) and not _tag_has_layers(path):
+        return None  # an HF Trainer + DeepSpeed checkpoint-N dir: HF weights, `latest` naming only DeepSpeed's state
     return ModelDir(path, hf, lambda tag: resolve_tag(path, tag))
 
 
@@ -152,7 +165,7 @@ def _hf_layout(path: Path) -> ModelDir | None:
 
 # Detectors tried in order; the first that recognises a dir wins. Another tool's checkpoint tree
 # is supported by adding its detector here (everything that reads weights goes through `locate`).
-LAYOUTS: list[Callable[[Path], ModelDir | None]] = [_pipeline_layout, _hf_layout]
+LAYOUTS: list[Callable[[Path], ModelDir | None]] = [pipeline_layout, _hf_layout]
 
 
 def locate(model_dir: str | Path) -> ModelDir:
@@ -229,6 +242,10 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         what = ("is a broken symlink" if path.is_symlink() and not path.exists() else "is not a file"
                 if path.exists() else "missing")
+        if (path.parent / "mp_rank_00_model_states.pt").is_file() and not any(path.parent.glob("layer_*")):
+            raise LayoutError(f"{path.parent}: a DeepSpeed checkpoint of a model trained without pipeline layers "
+                              "(mp_rank_00_model_states.pt, no layer files); save it as an HF dir (save_pretrained, "
+                              "or DeepSpeed's zero_to_fp32.py) and use that")
         raise LayoutError(f"{path}: layer file {what}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

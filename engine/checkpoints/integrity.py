@@ -256,10 +256,10 @@ def check_tag(tag_dir: Path) -> str:
 
 def check_dir(path: str | Path, tag: str | None = None) -> str:
     """convert_model.py verify: a pipeline checkpoint dir (the tag `latest` names, or `tag`) or an HF dir."""
-    from engine.checkpoints.files import is_pipeline_dir, resolve_tag
+    from engine.checkpoints.files import pipeline_layout, resolve_tag
 
     path = Path(path)
-    if is_pipeline_dir(path) or tag is not None:
+    if pipeline_layout(path) is not None or tag is not None:
         return check_tag(resolve_tag(path, tag))
     if (path / "config.json").is_file():
         return check_hf_dir(path)
