@@ -296,3 +296,115 @@ def test_hf_to_pp_records_the_source_dtype(tiny_pp, tmp_path):
     (hf / "config.json").write_text(json.dumps(cfg))
     out = hf_to_pp(hf, tmp_path / "pp")
     assert json.loads((out / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+# ------------------------------------------------- pipeline dirs as other tools / hands leave them
+def _rename_layers(tag: Path, infix: str) -> None:
+    for f in sorted(tag.glob("layer_*-model_states.pt")):
+        f.rename(f.with_name(f.name.replace("-model_states", f"-{infix}-model_states")))
+
+
+def _replace_by_link(path: Path, target: Path) -> None:
+    shutil.move(path, target)
+    path.symlink_to(target)
+
+
+PP_CASES = {  # name: (damage of a copy of tiny_pp, None: exports the same weights / substrings of the one error line)
+    "latest-crlf": (lambda d: (d / "latest").write_bytes(b"global_step0\r\n"), None),
+    "latest-spaces": (lambda d: (d / "latest").write_bytes(b"  global_step0 \n\n"), None),
+    "latest-bom": (lambda d: (d / "latest").write_bytes(b"\xef\xbb\xbfglobal_step0\r\n"), None),
+    "latest-utf16": (lambda d: (d / "latest").write_text("global_step0", encoding="utf-16"),
+                     ["latest: not a text file naming a checkpoint tag"]),
+    "latest-empty": (lambda d: (d / "latest").write_text(""), ["latest: 'latest' names ''"]),
+    "latest-a-dir": (lambda d: ((d / "latest").unlink(), (d / "latest").mkdir()), ["latest: should be a file"]),
+    "tag-renamed": (lambda d: (d / "global_step0").rename(d / "global_step0.bak"),
+                    ["global_step0: checkpoint tag named by 'latest' does not exist; tags here: global_step0.bak"]),
+    "meta-json-missing": (lambda d: None, None),  # hf_to_pp's tag has none: sizes/hashes are not required
+    "layer-symlink": (lambda d: _replace_by_link(d / "global_step0" / LAYER, d.parent / f"{d.name}-moved.pt"), None),
+    "layer-dangling-symlink": (lambda d: (d / "global_step0" / LAYER).unlink() or
+                               (d / "global_step0" / LAYER).symlink_to(d / "nowhere.pt"),
+                               [LAYER, "layer file is a broken symlink"]),
+    "layer-a-dir": (lambda d: (d / "global_step0" / LAYER).unlink() or (d / "global_step0" / LAYER).mkdir(),
+                    [LAYER, "layer file is not a file"]),
+    # Megatron-DeepSpeed's topology has a model axis: DeepSpeed names the files layer_XX-model_00-...
+    "deepspeed-model-axis": (lambda d: _rename_layers(d / "global_step0", "model_00"), None),
+    "deepspeed-tensor-parallel": (lambda d: (_rename_layers(d / "global_step0", "model_00"), shutil.copy(
+        d / "global_step0" / "layer_00-model_00-model_states.pt", d / "global_step0" / "layer_00-model_01-model_states.pt")),
+        ["a tensor-parallel checkpoint", "merge it to one model-parallel rank"]),
+    "no-hf-dir": (lambda d: shutil.rmtree(d / "hf"), ["without the model's HF config (hf/config.json)"]),
+    "deepspeed-non-pipeline": (lambda d: ([f.unlink() for f in (d / "global_step0").glob("layer_*")], torch.save(
+        {"module": {}}, d / "global_step0" / "mp_rank_00_model_states.pt")),
+        ["global_step0: a DeepSpeed checkpoint of a model trained without pipeline layers"]),
+}
+
+
+def test_pipeline_dirs_from_other_tools_export_or_fail_in_one_line(tiny_pp, tmp_path, capsys):
+    from convert_model import main
+    from engine.checkpoints.weights import open_weights
+
+    want = open_weights(tiny_pp)
+    for name, (damage, expect) in PP_CASES.items():
+        src, out = tmp_path / name, tmp_path / f"{name}-hf"
+        shutil.copytree(tiny_pp, src)
+        damage(src)
+        code, _, err = run_main(main, ["pp_to_hg", "--input-path", str(src), "--save-path", str(out)], capsys)
+        if expect is None:
+            assert code == 0, (name, err)
+            got = open_weights(out)
+            assert all(torch.equal(got.layer(i)[k], want.layer(i)[k]) for i in range(len(want)) for k in
+                       want.layer(i)), name
+            assert run_main(main, ["verify", str(src)], capsys)[0] == 0, name
+        else:
+            assert code == 2 and not out.exists(), (name, err)
+            one_error_line(err, *expect)
+            assert "Traceback" not in err
+
+
+def test_output_disk_refusing_is_one_line_and_leaves_nothing(tiny_pp, tmp_path, capsys, monkeypatch):
+    """pp_to_hg / hg_to_pp onto a full disk, a read-only one, an I/O error; an output that is a
+    file, under a file, or a non-empty dir: one line, exit 2, nothing left behind."""
+    from safetensors import SafetensorError
+
+    from convert_model import main
+    from engine.checkpoints import convert
+
+    hf = Path(tiny_pp).parent / "hf"
+    runs = {"pp_to_hg": ["pp_to_hg", "--input-path", str(tiny_pp)], "hg_to_pp": ["hg_to_pp", "--input-path", str(hf)]}
+
+    def refused(out: Path, *expect: str, where: Path | None = None):
+        where = where or out.parent
+        before = sorted(p.name for p in where.iterdir())
+        for direction, argv in runs.items():
+            code, _, err = run_main(main, [*argv, "--save-path", str(out)], capsys)
+            assert code == 2 and "Traceback" not in err, (direction, err)
+            one_error_line(err, *expect)
+            assert sorted(p.name for p in where.iterdir()) == before, (direction, list(where.iterdir()))
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    refused(tmp_path / "a-file", "a-file: output already exists")
+    refused(tmp_path / "a-file" / "sub", "a-file is a file, not a directory", where=tmp_path)
+    refused(tmp_path / "full", "full: output already exists")
+    assert (tmp_path / "a-file").read_text() == "x" and os.listdir(tmp_path / "full") == ["keep.txt"]
+
+    def io_error(*args, **kwargs):  # what safetensors raises when the disk fails mid-write
+        raise SafetensorError("Error while serializing: I/O error: Input/output error (os error 5)")
+
+    with monkeypatch.context() as m:
+        m.setattr(convert, "save_file", io_error)
+        out = tmp_path / "eio" / "out"
+        code, _, err = run_main(main, [*runs["pp_to_hg"], "--save-path", str(out)], capsys)
+        assert code == 2 and not out.exists() and not list(out.parent.iterdir()), err
+        one_error_line(err, f"{out}: input/output error while writing part-00000.safetensors", "nothing was written")
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full and read-only disk cases are not run")
+    try:
+        refused(disk / "out", "out: no space left on device", "nothing was written there")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        refused(disk / "out", "out: cannot create the output (read-only file system)")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
