@@ -32,11 +32,11 @@ def error_lines(log) -> list[str]:
     return [l for l in log.read_text().splitlines() if l.startswith("error:")]
 
 
-def rank0_pid(launcher: subprocess.Popen) -> int:
+def rank0_pid(launcher: subprocess.Popen, rank: int = 0) -> int:
     for child in psutil.Process(launcher.pid).children(recursive=True):
-        if "--local_rank=0" in child.cmdline():
+        if f"--local_rank={rank}" in child.cmdline():
             return child.pid
-    raise AssertionError("no rank 0 under the launcher")
+    raise AssertionError(f"no rank {rank} under the launcher")
 
 
 def dead_pid() -> int:
@@ -228,3 +228,45 @@ def test_failed_publish_keeps_the_previous_tag(tmp_path):
         writes.agree(lambda: writes.discard(root, "global_step4"), note)
     assert sorted(p.name for p in root.iterdir()) == ["global_step2", "latest"]
     writes.agree()  # the failure was reported once: the next save starts clean
+
+
+def test_hangup_and_slurm_warning_signal_save_and_exit(tiny_pp, tmp_path, launcher_reference):
+    """SIGHUP (the terminal went away) and SIGUSR1 (SLURM's `--signal=USR1@T` warning) used to end
+    the ranks at once (their default action), losing every step since the last checkpoint. Sent to
+    the ranks, not the launcher, two in quick succession on rank 0, while the run is parked after
+    step 3: the ranks agree to stop, save step 3 and exit 0; the same command resumes bitwise."""
+    save, log = tmp_path / "run", tmp_path / "log"
+    cfg = write_config(tiny_pp, save)
+    proc = launch(cfg, log, env={"PPLLM_TEST_HOLD_AFTER_STEP": "3"})
+    wait_for(lambda: (save / ".held-3").exists(), proc, "step 3")
+    os.kill(rank0_pid(proc, 0), signal.SIGHUP)
+    os.kill(rank0_pid(proc, 0), signal.SIGUSR1)
+    os.kill(rank0_pid(proc, 1), signal.SIGUSR1)
+    time.sleep(0.5)  # delivered before the step goes on
+    (save / ".held-3").unlink()
+    assert wait_group(proc) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"SIGHUP received: saved {save / 'global_step3'} at step 3" in text and "Traceback" not in text, text[-3000:]
+    assert (save / "latest").read_text() == "global_step3" and steps_logged(save)[-1] == 3
+    proc = launch(cfg, log)
+    assert wait_group(proc) == 0, log.read_text()[-3000:]
+    assert losses(save) == launcher_reference
+
+
+def test_stop_signals_leave_ignored_ones_alone():
+    """`nohup` ignores SIGHUP so the run outlives its terminal: RunControl must not take it back."""
+    from engine.training.control import RunControl
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        control = RunControl(0, True)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while control.signal is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert control.signal == "SIGUSR1" and control.poll() == (True, False)
+        control.restore()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)

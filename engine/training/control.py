@@ -19,6 +19,13 @@ import time
 from engine import distributed as D
 
 
+# Signals that stop the run after the current step, with a checkpoint: a scheduler's SIGTERM, Ctrl-C,
+# the terminal going away (SIGHUP: without `nohup`, which ignores it and is left so), and SIGUSR1,
+# which SLURM sends ahead of the end of a job's time when asked to (`#SBATCH --signal=USR1@120`).
+# Their default action would end the process at once, losing the steps since the last checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
 class NonFiniteLoss(RuntimeError):
     """on_nonfinite_loss: stop — reported as one line; the update of that step was not applied."""
 
@@ -30,8 +37,10 @@ class RunControl:
         self.last_save = time.monotonic()
         self.signal: str | None = None
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
+                if signal.getsignal(sig) == signal.SIG_IGN:  # `nohup` (SIGHUP), a background job (SIGINT): keep
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. embedded use): no handlers
                 pass

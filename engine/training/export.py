@@ -49,12 +49,19 @@ def export_hf(save_path: str | Path, out: str | Path, log=print) -> Path:
     for stale in out.parent.glob(f".{out.name}.export-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
-    pp_to_hg(save_path, tmp, tag)
-    (tmp / EXPORT_MARKER).write_text(json.dumps(want, indent=2))
+    pp_to_hg(save_path, tmp, tag)  # a disk that refuses is one line there, with nothing left
     old = out.with_name(f".{out.name}.export-old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)  # an earlier tag's export
-    os.replace(tmp, out)
+    try:
+        (tmp / EXPORT_MARKER).write_text(json.dumps(want, indent=2))
+        if out.exists():
+            os.replace(out, old)  # an earlier tag's export
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise LayoutError(f"--export-hf {out}: {e.strerror.lower() if e.strerror else e} while publishing the "
+                          f"export; the checkpoint {tag} is intact: free space and run the same command") from None
     shutil.rmtree(old, ignore_errors=True)
     log(f"export: {tag} of {save_path} -> {out} (HF format)")
     return out
