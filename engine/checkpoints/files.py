@@ -51,7 +51,11 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise LayoutError(f"{path}: {what} not found")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        raw = path.read_bytes()
+    except OSError as e:  # permissions, an I/O error of the disk
+        raise LayoutError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = e.object.count(b"\n", 0, e.start) + 1
         raise LayoutError(f"{path}: line {line}: byte 0x{e.object[e.start]:02x} is not UTF-8 — damaged or "

@@ -23,7 +23,7 @@ from engine import fault_hooks
 from engine.checkpoints import integrity, reshape, writes
 from engine.config import TrainConfig, save_config
 from engine.checkpoints.files import (LayoutError, copy_hf_side_files, current_tag, fsync_dir, fsync_tree,
-                                      is_pipeline_dir, resolve_tag, write_text_atomic)
+                                      is_pipeline_dir, read_json, resolve_tag, write_text_atomic)
 
 META = "meta.json"  # {"format", "family", "n_layers", "step", "layout", "n_params", "files": {file: size},
 #                     "hash": algorithm, "hashes": {file: hash}}: refuse another model's or a damaged checkpoint
@@ -230,11 +230,8 @@ def _checked_meta(cfg: TrainConfig, family_name: str, n_layers: int) -> tuple[Pa
     meta_path = tag_dir / META
     if not meta_path.is_file():
         raise LayoutError(f"{tag_dir}: not a training checkpoint of ours (no {META})")
-    text = meta_path.read_text()
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError:
-        raise LayoutError(f"{meta_path}: not valid JSON (damaged checkpoint)") from None
+    meta = read_json(meta_path, "checkpoint meta.json")  # damaged, not an object, unreadable: one line
+    text = json.dumps(meta, sort_keys=True)
     if meta.get("family") != family_name or meta.get("n_layers") != n_layers:
         raise LayoutError(f"{tag_dir}: checkpoint of a {meta.get('family')} model with {meta.get('n_layers')} layers, "
                           f"but model_path is a {family_name} model with {n_layers}")
