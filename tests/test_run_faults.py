@@ -230,11 +230,11 @@ def test_failed_publish_keeps_the_previous_tag(tmp_path):
     writes.agree()  # the failure was reported once: the next save starts clean
 
 
-def test_hangup_and_slurm_warning_signal_save_and_exit(tiny_pp, tmp_path, launcher_reference):
+def test_hangup_and_slurm_warning_signal_save_and_exit(tiny_pp, tmp_path):
     """SIGHUP (the terminal went away) and SIGUSR1 (SLURM's `--signal=USR1@T` warning) used to end
     the ranks at once (their default action), losing every step since the last checkpoint. Sent to
     the ranks, not the launcher, two in quick succession on rank 0, while the run is parked after
-    step 3: the ranks agree to stop, save step 3 and exit 0; the same command resumes bitwise."""
+    step 3: the ranks agree to stop, save step 3 and exit 0 (resuming from such a tag: the SIGTERM tests)."""
     save, log = tmp_path / "run", tmp_path / "log"
     cfg = write_config(tiny_pp, save)
     proc = launch(cfg, log, env={"PPLLM_TEST_HOLD_AFTER_STEP": "3"})
@@ -248,9 +248,7 @@ def test_hangup_and_slurm_warning_signal_save_and_exit(tiny_pp, tmp_path, launch
     text = log.read_text()
     assert f"SIGHUP received: saved {save / 'global_step3'} at step 3" in text and "Traceback" not in text, text[-3000:]
     assert (save / "latest").read_text() == "global_step3" and steps_logged(save)[-1] == 3
-    proc = launch(cfg, log)
-    assert wait_group(proc) == 0, log.read_text()[-3000:]
-    assert losses(save) == launcher_reference
+    assert (save / "global_step3" / "meta.json").is_file() and not list(save.glob(".tmp-*"))
 
 
 def test_stop_signals_leave_ignored_ones_alone():

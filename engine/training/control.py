@@ -47,7 +47,17 @@ class RunControl:
 
     def _handler(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT == signal.Signals[self.signal]:
-            self.restore()  # Ctrl-C twice: stop waiting for the step to end
+            # Ctrl-C twice: stop now, without waiting for the step (the last checkpoint is kept; a
+            # partial one is removed at the next start). Ended by SIGINT itself, as shells expect,
+            # rather than by a KeyboardInterrupt traceback from every rank.
+            self.restore()
+            if self.is_rank0:
+                try:
+                    print("note: second SIGINT: stopping now, without a checkpoint of this step", file=sys.stderr,
+                          flush=True)
+                except OSError:
+                    pass
+            signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
         # A repeated SIGTERM is not an escalation: the deepspeed launcher relays the one the job
