@@ -252,11 +252,11 @@ def test_read_only_model_dir_is_only_read(hf_layouts, tmp_path, capsys):
     for f in [*src.iterdir(), src]:
         f.chmod(0o555 if f.is_dir() else 0o444)
     mounted = False
-    if os.geteuid() == 0:
-        mounted = subprocess.run(["mount", "--bind", str(src), str(src)], capture_output=True).returncode == 0
-        if mounted:
-            subprocess.run(["mount", "-o", "remount,bind,ro", str(src)], check=True)
     try:
+        if os.geteuid() == 0:
+            mounted = subprocess.run(["mount", "--bind", str(src), str(src)], capture_output=True).returncode == 0
+            if mounted:
+                subprocess.run(["mount", "-o", "remount,bind,ro", str(src)], check=True)
         if os.geteuid() == 0 and not mounted:
             pytest.skip("root without mount: the dir cannot be made read-only")
         with pytest.raises(OSError):
