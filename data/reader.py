@@ -43,29 +43,63 @@ def _records(path: str) -> Iterator[tuple[int, object, int]]:
 
 
 class _Text:
-    """UTF-8 text of a binary file in chunks (a leading BOM dropped); bytes that are not UTF-8
-    raise SampleError with their line."""
+    """Text of a binary file in chunks: UTF-8, or UTF-16/32 when a byte-order mark says so (a
+    leading BOM dropped); CRLF and lone CR (old Mac editors) read as LF. Bytes that cannot be
+    decoded raise SampleError with their line; a compressed or binary container says what it is."""
 
     def __init__(self, path: str, f):
         self.path, self.f = path, f
-        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.decoder = None  # chosen from the first bytes
+        self.encoding = "utf-8-sig"
         self.newlines = 0  # in the text decoded so far
+        self.cr = False  # the last chunk ended in '\r' (its '\n' may start the next)
+
+    def _start(self, data: bytes):
+        for magic, what in _CONTAINERS:
+            if data.startswith(magic):
+                raise SampleError(self.path, None, None, f"is {what}, not JSON/JSONL text: {_UNPACK[what]}", line=1)
+        for bom, name in _BOMS:  # UTF-32 LE's BOM starts with UTF-16 LE's: listed first
+            if data.startswith(bom):
+                self.encoding = name
+                break
+        self.decoder = codecs.getincrementaldecoder(self.encoding)()
 
     def read(self) -> str:
         """The next piece of text; "" only at the end of the file."""
         text = ""
         while not text:
             data = self.f.read(_CHUNK)
+            if self.decoder is None:
+                self._start(data)
             try:
                 text = self.decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
                 line = self.newlines + e.object.count(b"\n", 0, e.start) + 1
-                raise SampleError(self.path, None, None, f"byte 0x{e.object[e.start]:02x} is not UTF-8 "
+                name = "UTF-8" if self.encoding == "utf-8-sig" else self.encoding.upper()
+                raise SampleError(self.path, None, None, f"byte 0x{e.object[e.start]:02x} is not {name} "
                                   f"({e.reason}); save the file as UTF-8", line=line) from None
+            text = ("\r" if self.cr else "") + text
+            self.cr = bool(data) and text.endswith("\r")  # hold it back: a "\r\n" may be split across chunks
+            if self.cr:
+                text = text[:-1]
+            if "\r" in text:  # JSON strings cannot hold a raw CR, so every one ends a line
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
             if not data:
                 break
         self.newlines += text.count("\n")
         return text
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_CONTAINERS = ((b"\x1f\x8b", "gzip-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+               (b"\xfd7zXZ\x00", "xz-compressed"), (b"BZh", "bzip2-compressed"), (b"PK\x03\x04", "a zip archive"),
+               (b"PAR1", "a Parquet file"), (b"\x93NUMPY", "a NumPy array"))
+_UNPACK = {"gzip-compressed": "decompress it first (gunzip -k)", "zstd-compressed": "decompress it first (zstd -d)",
+           "xz-compressed": "decompress it first (unxz -k)", "bzip2-compressed": "decompress it first (bunzip2 -k)",
+           "a zip archive": "unzip it and list the files",
+           "a Parquet file": "convert it to JSONL (e.g. pandas.read_parquet(f).to_json(out, orient='records', lines=True))",
+           "a NumPy array": "give the JSON/JSONL samples it was made from"}
 
 
 def _jsonl(path: str, text: _Text, head: str) -> Iterator[tuple[int, object, int]]:
@@ -88,12 +122,39 @@ def _jsonl(path: str, text: _Text, head: str) -> Iterator[tuple[int, object, int
 
 def _parse_line(path: str, index: int, line: str, line_no: int):
     try:
-        return json.loads(line)
+        value = json.loads(line)
     except json.JSONDecodeError as e:
+        if "\x00" in line:
+            return SampleError(path, index, "json", "holds NUL bytes (a UTF-16 file without a byte-order mark, or "
+                               "binary data?); save the file as UTF-8", line=line_no)
         return SampleError(path, index, "json", f"not valid JSON: {e.msg} (column {e.colno}; one sample per "
                            "line, or one JSON array)", line=line_no)
     except RecursionError:
         return SampleError(path, index, "json", "nested too deeply", line=line_no)
+    return _no_lone_surrogate(path, index, value, line_no, "\\u" in line)
+
+
+def _no_lone_surrogate(path: str, index: int, value, line_no: int, escaped: bool = True):
+    """`value`, or a SampleError when one of its strings holds half of a UTF-16 surrogate pair (a JSON
+    escape like \\ud83d cut from its partner): no UTF-8 text, so no tokenizer takes it. Only escapes
+    produce them, so lines without a \\u skip the walk."""
+    if not escaped:
+        return value
+    stack = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return SampleError(path, index, where.lstrip(".") or None, f"holds a lone UTF-16 surrogate "
+                                   f"(\\u{ord(item[e.start]):04x}, half of an escaped pair); fix or drop the "
+                                   "sample", line=line_no)
+        elif isinstance(item, dict):
+            stack += [(v, f"{where}.{k}") for k, v in item.items()]
+        elif isinstance(item, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+    return value
 
 
 def _json_array(path: str, text: _Text, head: str) -> Iterator[tuple[int, object, int]]:
@@ -152,7 +213,7 @@ def _json_array(path: str, text: _Text, head: str) -> Iterator[tuple[int, object
                 except RecursionError:
                     fail("nested too deeply", pos)
                 more()
-            yield index, value, line_of(pos)
+            yield index, _no_lone_surrogate(path, index, value, line_of(pos)), line_of(pos)
             pos = end
             index += 1
             skip_ws()

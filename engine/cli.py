@@ -57,8 +57,8 @@ def add_plan_args(p: argparse.ArgumentParser, export: bool = True) -> argparse.A
                         "per-stage memory/time estimate and exit (nothing is allocated; no launcher needed)")
     p.add_argument("--world-size", type=number(int, 1), default=None,
                    help="world size for --dry-run (default: the launcher's)")
-    p.add_argument("--gpu-mem-gib", type=number(float, 0, low_open=True), default=80.0,
-                   help="GPU memory for --dry-run's fit check")
+    p.add_argument("--gpu-mem-gib", type=number(float, 0, low_open=True), default=None,
+                   help="GPU memory for --dry-run's fit check (default 80)")
     if export:
         p.add_argument("--export-hf", metavar="OUT", default=None,
                        help="after training, write the final checkpoint as an HF model dir to OUT (rerunning "
@@ -68,12 +68,16 @@ def add_plan_args(p: argparse.ArgumentParser, export: bool = True) -> argparse.A
 
 def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
     """--dry-run: print the plan; otherwise train (and export with --export-hf)."""
+    given = [flag for flag, value in (("--world-size", a.world_size), ("--gpu-mem-gib", a.gpu_mem_gib)) if value is not None]
+    if given and not a.dry_run:  # a launch takes its world size from the launcher: the flag would be ignored
+        raise ConfigError(f"{given[0]} is a --dry-run option; launch with `deepspeed --num_gpus N` (or add --dry-run)")
     if a.dry_run:
         from engine.distributed import world_size
         from engine.plan import dry_run
         from engine.training.deepspeed_setup import check_deepspeed
 
-        text = dry_run(cfg, a.world_size if a.world_size is not None else world_size(), a.gpu_mem_gib,
+        text = dry_run(cfg, a.world_size if a.world_size is not None else world_size(),
+                       80.0 if a.gpu_mem_gib is None else a.gpu_mem_gib,
                        pipeline=pipeline)
         check_deepspeed(cfg, pipeline)  # DeepSpeed's own config classes: what passes here passes at launch
         print(text)

@@ -7,11 +7,15 @@ closest known key as a suggestion. All cross-field checks live in `validate`.
 """
 from __future__ import annotations
 
+import codecs
 import copy
 import dataclasses
 import difflib
+import json
 import math
+import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +49,7 @@ DEEPSPEED_KEYS = {
 }
 ALIASES = {"n_epoches": "n_epochs"}  # gdGPT's spelling
 OPTIMIZERS = ("AdamW", "Adam", "Lion")
+MAX_DATA_WEIGHT = 1000  # an epoch lists every sample `weight` times: more would only fill memory
 
 
 @dataclass
@@ -189,6 +194,20 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+INT64_MAX = 2**63 - 1  # what torch and numpy hold (seeds, counts, sizes)
+PATH_KEYS = ("model_path", "data_path", "save_path", "cache_dir", "eval_data_path")
+
+
+def _show(value) -> str:
+    """repr(value), bounded: a YAML alias bomb expands to a structure whose full repr never ends."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlist = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
 def _type_name(tp) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -206,14 +225,21 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
                               f"{_suggest(key, names | (DEEPSPEED_KEYS if not prefix else set()))}")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, where, f"{prefix}{name}.")
+            if value is not None:  # `model_topo:` left empty: its defaults
+                kwargs[name] = _build(tp, value, where, f"{prefix}{name}.")
             continue
         if name in ("data_path", "eval_data_path") and isinstance(value, str):
             value = [value]
         if tp in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if name == "fp8" and value is False:  # YAML 1.1 reads a bare `off` (or `no`) as false
+            value = "off"
         if not _type_ok(value, tp):
-            raise ConfigError(f"{where}: '{prefix}{key}' must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: '{prefix}{key}' must be {_type_name(tp)}, got {_show(value)}")
+        if any(isinstance(v, int) and abs(v) > INT64_MAX for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{where}: '{prefix}{key}' is out of range (at most {INT64_MAX}), got {_show(value)}")
+        if name in PATH_KEYS and value is not None:  # `~/runs/x` is the user's home, not a dir named '~' here
+            value = [os.path.expanduser(v) for v in value] if isinstance(value, list) else os.path.expanduser(value)
         kwargs[name] = value
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name in names and f.name not in kwargs
@@ -264,9 +290,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key=value")
         path, text = item.split("=", 1)
         node = raw
-        *parents, leaf = path.strip().split(".")
+        *parents, leaf = keys = [k.strip() for k in path.split(".")]
+        if not all(keys):
+            raise ConfigError(f"--set {item!r}: empty key name in {path.strip()!r} (expected e.g. optimizer.params.lr=1e-5)")
         for p in parents:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or a section left empty in the file
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{p}' is not a mapping")
         try:
@@ -280,6 +310,7 @@ def from_dict(raw: dict, where: str = "<dict>") -> TrainConfig:
     raw = copy.deepcopy(dict(raw or {}))
     notes = map_gdgpt_keys(raw)
     ds = {k: raw.pop(k) for k in list(raw) if k in DEEPSPEED_KEYS}
+    ds = {k: v for k, v in ds.items() if v is not None}  # `zero_optimization:` left empty: DeepSpeed's default
     cfg = _build(TrainConfig, raw, where)
     cfg.ds, cfg.source = ds, where
     _check_ds_sections(ds, where)
@@ -294,24 +325,61 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is fine
-    except UnicodeDecodeError as e:
-        line = e.object.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}: line {line}: byte 0x{e.object[e.start]:02x} is not UTF-8 ({e.reason}); "
-                          "save the file as UTF-8") from None
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    encoding = bom_encoding(data) or "utf-8"  # a BOM (Windows editors, PowerShell's UTF-16) says which
     try:
-        raw = yaml.load(text, Loader=_Loader) or {}
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: byte 0x{e.object[e.start]:02x} is not {encoding.upper()} "
+                          f"({e.reason}); save the file as UTF-8") from None
+    raw = _parse_json(text, path) if text.lstrip("\ufeff \t\r\n").startswith("{") else None
+    try:
+        raw = raw if raw is not None else (yaml.load(text, Loader=_Loader) or {})
+    except yaml.reader.ReaderError as e:  # a character YAML never allows (NUL, other C0 controls)
+        line, char = text.count("\n", 0, e.position) + 1, e.character
+        char = chr(char) if isinstance(char, int) else char
+        raise ConfigError(f"{path}: line {line}: character {char!r} is not allowed in YAML (a binary or "
+                          "UTF-16 file?)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}:" if mark else ""
-        raise ConfigError(f"{path}:{at} not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = " (YAML allows no tabs there: use spaces)" if "'\\t'" in problem else ""
+        raise ConfigError(f"{path}:{at} not valid YAML: {problem}{hint}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     return from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def bom_encoding(data: bytes) -> str | None:
+    """The encoding a byte-order mark at the start of `data` names (UTF-8, UTF-16/32 LE/BE); None without one."""
+    for bom, name in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                      (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):  # UTF-32 LE's BOM starts with UTF-16 LE's: checked first
+            return name
+    return None
+
+
+def _parse_json(text: str, path: Path) -> dict | None:
+    """A config written as JSON (gdGPT's early configs, other tools' output): read as JSON, which YAML
+    is not quite a superset of (tab indentation is fine in JSON). None: not JSON, YAML reads it."""
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConfigError(f"{path}: key {key!r} given twice")
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text.lstrip("\ufeff"), object_pairs_hook=no_duplicates)
+    except (json.JSONDecodeError, RecursionError):
+        return None
 
 
 def to_dict(cfg: TrainConfig) -> dict:
@@ -331,8 +399,8 @@ def _resolve_batch(cfg: TrainConfig) -> None:
     """Fill in micro batch / grad accumulation from whichever DeepSpeed batch keys were given."""
     ds, where = cfg.ds, cfg.source
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in ds and (not isinstance(ds[key], int) or isinstance(ds[key], bool) or ds[key] < 1):
-            raise ConfigError(f"{where}: '{key}' must be a positive integer, got {ds[key]!r}")
+        if key in ds and (not isinstance(ds[key], int) or isinstance(ds[key], bool) or not 1 <= ds[key] <= INT64_MAX):
+            raise ConfigError(f"{where}: '{key}' must be a positive integer (at most {INT64_MAX}), got {_show(ds[key])}")
     ds.setdefault("train_micro_batch_size_per_gpu", 1)
     if "gradient_accumulation_steps" not in ds and "train_batch_size" not in ds:
         ds["gradient_accumulation_steps"] = 1
@@ -363,6 +431,7 @@ def resolve_lr(cfg: TrainConfig) -> None:
     for key, block in (("optimizer", opt), ("scheduler", sched)):
         if block is not None and (not isinstance(block, dict) or not isinstance(block.get("params") or {}, dict)):
             raise ConfigError(f"{where}: '{key}' must be a mapping with 'type' and a 'params' mapping")
+    opt.setdefault("type", "AdamW")  # `optimizer: {params: ...}`: the default optimizer's params
     params = opt["params"] = opt.get("params") or {}
     lr = params.get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
@@ -372,9 +441,15 @@ def resolve_lr(cfg: TrainConfig) -> None:
         return
     kind = sched.get("type")
     sp = sched["params"] = sched.get("params") or {}
+    for key, value in sp.items():
+        if key.endswith("_lr") and _is_number(value) and not abs(value) < math.inf:
+            raise ConfigError(f"{where}: scheduler.params.{key} must be a finite number, got {value}")
     peak_key = SCHEDULER_PEAK.get(kind)
     if peak_key:
         peak = None if _unset(sp.get(peak_key)) else sp[peak_key]
+        if peak is not None and not (_finite(peak) and peak > 0):
+            raise ConfigError(f"{where}: scheduler.params.{peak_key} must be a positive number (or left out: "
+                              f"optimizer.params.lr is the peak), got {_show(peak)}")
         if lr is not None and peak is not None and not math.isclose(lr, peak, rel_tol=1e-9):
             raise ConfigError(f"{where}: optimizer.params.lr {lr:g} and scheduler.params.{peak_key} {peak:g} disagree "
                               f"(the optimizer's lr is the peak the scheduler reaches): drop scheduler.params.{peak_key} "
@@ -389,6 +464,9 @@ def resolve_lr(cfg: TrainConfig) -> None:
         total = sp.get("total_num_steps")
         if _unset(total):
             sp.pop("total_num_steps", None)  # the run's step count, at launch
+        elif not isinstance(total, int) or isinstance(total, bool):
+            raise ConfigError(f"{where}: scheduler.params.total_num_steps must be a positive integer (or left out: "
+                              f"the run's step count), got {_show(total)}")
         elif cfg.max_steps and total != cfg.max_steps:
             raise ConfigError(f"{where}: max_steps {cfg.max_steps} and scheduler.params.total_num_steps {total} "
                               "disagree: drop total_num_steps (it defaults to the run's step count) or give both "
@@ -406,11 +484,24 @@ def check_paths(cfg: TrainConfig) -> None:
     for key in ("data_path", "eval_data_path"):
         for i, p in enumerate(getattr(cfg, key) or []):
             if not Path(p).is_file():
-                raise ConfigError(f"{where}: {key}[{i}] {p}: no such file")
+                raise ConfigError(f"{where}: {key}[{i}] {p}: {_not_a_file(p)}")
     for key in ("save_path", "cache_dir"):
         blocked = _file_in_the_way(getattr(cfg, key))
         if blocked:
             raise ConfigError(f"{where}: {key} {getattr(cfg, key)}: {blocked} is a file, not a directory")
+
+
+def _not_a_file(path: str) -> str:
+    """Why a data path that is not a readable regular file is not one."""
+    if os.path.isdir(path):
+        return "is a directory, not a sample file (list its files)"
+    if os.path.lexists(path) and not os.path.exists(path):
+        return "is a broken symbolic link (its target is missing, or links loop)"
+    if os.path.exists(path):
+        return "is not a regular file"
+    if any(c in path for c in "*?["):
+        return "no such file (wildcards are not expanded: list the files)"
+    return "no such file"
 
 
 def _file_in_the_way(path: str | None) -> Path | None:
@@ -444,7 +535,7 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
                           f"{topo.dims[0] * topo.dims[1]} processes but {world_size} were launched")
     parts = cfg.model_topo.parts
     if isinstance(parts, str) and parts != "auto":
-        raise ConfigError(f"{where}: model_topo.parts must be a list of layer counts or 'auto', got {parts!r}")
+        raise ConfigError(f"{where}: model_topo.parts must be a list of layer counts or 'auto', got {_show(parts)}")
     if isinstance(parts, list):
         if len(parts) != cfg.pipe_dim:
             raise ConfigError(f"{where}: model_topo.parts has {len(parts)} stages but dims give pipe={cfg.pipe_dim}")
@@ -477,7 +568,7 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {_show(stage)}")
     if pipeline and stage > 1:
         raise ConfigError(f"{where}: zero_optimization.stage {stage} does not work with pipeline parallelism "
                           "(DeepSpeed allows 0 or 1); use train_ds_zero.py for ZeRO-2/3")
@@ -487,7 +578,7 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     for key, min_stage in (("offload_optimizer", 1), ("offload_param", 3)):
         device = (zero.get(key) or {}).get("device", "none")
         if device not in ("none", "cpu", "nvme"):
-            raise ConfigError(f"{where}: zero_optimization.{key}.device must be none, cpu or nvme, got {device!r}")
+            raise ConfigError(f"{where}: zero_optimization.{key}.device must be none, cpu or nvme, got {_show(device)}")
         if device != "none" and stage < min_stage:
             raise ConfigError(f"{where}: zero_optimization.{key} needs zero_optimization.stage >= {min_stage}, "
                               f"got {stage}")
@@ -525,13 +616,13 @@ def _check_gdgpt_keys(cfg: TrainConfig) -> None:
         if extra:
             raise ConfigError(f"{where}: unknown key 'aux_max_z_loss.{extra[0]}' (it takes only 'weight')")
         w = z.get("weight")
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
-            raise ConfigError(f"{where}: aux_max_z_loss.weight must be a number >= 0, got {w!r}")
+        if not _finite(w):
+            raise ConfigError(f"{where}: aux_max_z_loss.weight must be a finite number >= 0, got {_show(w)}")
     kws = (cfg.ds.get("optimizer") or {}).get("no_wd_kws")
     if kws is None:
         return
     if not isinstance(kws, list) or not all(isinstance(k, str) for k in kws):
-        raise ConfigError(f"{where}: optimizer.no_wd_kws must be a list of strings (regular expressions), got {kws!r}")
+        raise ConfigError(f"{where}: optimizer.no_wd_kws must be a list of strings (regular expressions), got {_show(kws)}")
     for k in kws:
         try:
             re.compile(k)
@@ -550,37 +641,52 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value, low: float = 0.0) -> bool:
+    """A number in [low, inf): YAML's .inf / .nan and 1e400 (= inf) are no learning rate, decay or clip."""
+    return _is_number(value) and low <= value < math.inf
+
+
 def _check_ds_sections(ds: dict, where: str) -> None:
     """The shapes of the DeepSpeed keys we read ourselves (values are DeepSpeed's to check, in validate)."""
     for key in DS_MAPPINGS:
         if key in ds and ds[key] is not None and not isinstance(ds[key], dict):
-            raise ConfigError(f"{where}: '{key}' must be a mapping (e.g. {key}: {{...}}), got {ds[key]!r}")
+            raise ConfigError(f"{where}: '{key}' must be a mapping (e.g. {key}: {{...}}), got {_show(ds[key])}")
     for key in ("bf16", "fp16"):
         enabled = (ds.get(key) or {}).get("enabled", False)
         if not isinstance(enabled, bool) and enabled != "auto":
-            raise ConfigError(f"{where}: '{key}.enabled' must be true or false, got {enabled!r}")
+            raise ConfigError(f"{where}: '{key}.enabled' must be true or false, got {_show(enabled)}")
     zero = ds.get("zero_optimization") or {}
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key) is not None and not isinstance(zero[key], dict):
             raise ConfigError(f"{where}: 'zero_optimization.{key}' must be a mapping (e.g. {{device: cpu}}), "
-                              f"got {zero[key]!r}")
+                              f"got {_show(zero[key])}")
     stage = zero.get("stage", 0)
     if not isinstance(stage, int) or isinstance(stage, bool):
-        raise ConfigError(f"{where}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f"{where}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {_show(stage)}")
     clip = ds.get("gradient_clipping", 0.0)
-    if not _is_number(clip) or not clip >= 0:
-        raise ConfigError(f"{where}: 'gradient_clipping' must be a number >= 0, got {clip!r}")
+    if not _finite(clip):
+        raise ConfigError(f"{where}: 'gradient_clipping' must be a finite number >= 0 (0 = off), got {_show(clip)}")
     accum = (ds.get("data_types") or {}).get("grad_accum_dtype", "fp32")
     if accum not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"{where}: 'data_types.grad_accum_dtype' must be fp32, fp16 or bf16, got {accum!r}")
+        raise ConfigError(f"{where}: 'data_types.grad_accum_dtype' must be fp32, fp16 or bf16, got {_show(accum)}")
+    for key, known in (("optimizer", ("type", "params", "no_wd_kws")), ("scheduler", ("type", "params"))):
+        extra = [k for k in ds.get(key) or {} if k not in known]  # DeepSpeed reads only these: a typo is lost
+        if extra:
+            raise ConfigError(f"{where}: unknown key '{key}.{extra[0]}'{_suggest(extra[0], known)} ({key} takes "
+                              f"{', '.join(known)})")
+        kind = (ds.get(key) or {}).get("type")
+        if kind is not None and not isinstance(kind, str):
+            raise ConfigError(f"{where}: '{key}.type' must be a name, got {_show(kind)}")
     opt = ds.get("optimizer") or {}
+    if isinstance(opt.get("type"), str):  # DeepSpeed matches optimizer names case-insensitively
+        opt["type"] = next((o for o in OPTIMIZERS if o.lower() == opt["type"].lower()), opt["type"])
     for key, value in (opt.get("params") or {}).items() if isinstance(opt.get("params"), dict) else ():
         if key == "betas":
             ok = isinstance(value, list) and len(value) == 2 and all(_is_number(b) and 0 <= b < 1 for b in value)
             if not ok:
-                raise ConfigError(f"{where}: 'optimizer.params.betas' must be two numbers in [0, 1), got {value!r}")
-        elif key in ("lr", "eps", "weight_decay") and (not _is_number(value) or not value >= 0):
-            raise ConfigError(f"{where}: 'optimizer.params.{key}' must be a number >= 0, got {value!r}")
+                raise ConfigError(f"{where}: 'optimizer.params.betas' must be two numbers in [0, 1), got {_show(value)}")
+        elif key in ("lr", "eps", "weight_decay") and not _finite(value):
+            raise ConfigError(f"{where}: 'optimizer.params.{key}' must be a finite number >= 0, got {_show(value)}")
 
 
 def _check_values(cfg: TrainConfig) -> None:
@@ -606,6 +712,13 @@ def _check_values(cfg: TrainConfig) -> None:
     for key in ("seed", "evaluate_every", "eval_batches"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    if not 0 <= cfg.save_every_minutes < math.inf:
+        raise ConfigError(f"{where}: 'save_every_minutes' must be a finite number >= 0 (0 = off), got "
+                          f"{cfg.save_every_minutes}")
+    for i, w in enumerate(weights):
+        if w > MAX_DATA_WEIGHT:
+            raise ConfigError(f"{where}: 'data_weights[{i}]' {w:g} is over {MAX_DATA_WEIGHT} (each sample of the file "
+                              "that many times per epoch; n_epochs repeats the whole mix)")
     if not 0 <= cfg.router_z_loss_coef < math.inf:
         raise ConfigError(f"{where}: 'router_z_loss_coef' must be a finite number >= 0, got {cfg.router_z_loss_coef}")
 

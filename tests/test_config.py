@@ -66,7 +66,7 @@ def test_parse_errors_name_the_key(raw, message):
     ({"model_topo": {"process_topology": {"dims": [2, 2]}}}, 2, "needs 4 processes but 2 were launched"),
     ({"model_topo": {"process_topology": {"axes": ["pipe", "model"]}}}, 2, "axes must be [pipe, data]"),
     ({"train_batch_size": 10}, 2, "train_batch_size 10 != train_micro_batch_size_per_gpu 2 x gradient_accumulation"),
-    ({"optimizer": {"type": "Adamw"}}, 2, "optimizer.type 'Adamw' is not supported"),
+    ({"optimizer": {"type": "Adagrad"}}, 2, "optimizer.type 'Adagrad' is not supported"),  # 'adamw': AdamW, as DeepSpeed reads it
     ({"zero_optimization": {"stage": 3}}, 2, "use train_ds_zero.py"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 2, "bf16 and fp16 are both enabled"),
     ({"use_grad_ckpt": "yes"}, 2, "use_grad_ckpt must be true, false, full or selective"),

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gzip
 import hashlib
 import importlib
 import io
 import json
+import os
 import shutil
 import traceback
 import typing
@@ -781,6 +783,228 @@ def _(w):
 @case("demo-backend-hf-on-pp")
 def _(w):
     return w.demo("demo-backend-hf-on-pp", ["backend 'hf'"], "--backend", "hf")
+
+
+# ----------------------------------------------------------------------------- an outsider's inputs, generated
+# Written the way users and other tools produce them (YAML 1.1 quirks, JSON configs, Windows and
+# old-Mac files, compressed or binary data, half-written lines, non-finite and huge numbers, odd
+# --set forms); what should work is in test_outsider_inputs_that_work below.
+def _yaml(w, cid: str, extra: str = "", drop=()) -> str:
+    """The valid base config as YAML text, then `extra` lines (keys in `drop` left out of the base)."""
+    raw = {k: v for k, v in {**w.base, "save_path": str(w.out(cid))}.items() if k not in drop}
+    return yaml.safe_dump(raw) + extra
+
+
+OUTSIDER_YAML = {  # name -> (text after the base config, key left out of the base, expected parts)
+    "multi-document": ("---\nmax_steps: 3\n", None, ["another document"]),
+    "python-object-tag": ("seed: !!python/object/apply:os.system ['true']\n", "seed", ["line", "python/object"]),
+    "python-name-tag": ("seed: !!python/name:os.system\n", "seed", ["python/name"]),
+    "custom-tag": ("seed: !env SEED\n", "seed", ["'!env'"]),
+    "binary-tag": ("model_path: !!binary aGVsbG8=\n", "model_path", ["'model_path'", "str"]),
+    "set-tag": ("data_path: !!set {a, b}\n", "data_path", ["'data_path'"]),
+    "timestamp": ("seed: 2024-01-01\n", "seed", ["'seed'", "datetime"]),
+    "tab-after-colon": ("seed:\t7\n", "seed", ["line", "tabs"]),
+    "nul-byte": ("seed: 4\x002\n", "seed", ["line", "'\\x00'"]),
+    # a billion laughs: 9**9 strings once expanded; the error names the key without printing them all
+    "alias-bomb": ("data_path: [" + ", ".join(f"&a{i} [" + ", ".join([f"*a{i - 1}" if i else "lol"] * 9) + "]"
+                                              for i in range(9)) + "]\n", "data_path", ["'data_path'", "..."]),
+    "merge-then-duplicate": ("<<: {max_steps: 3}\nmax_seq_len: 32\n", None, ["'max_seq_len' given twice"]),
+    "int-octal-is-not-a-path": ("save_path: 0755\n", "save_path", ["'save_path'", "493"]),
+}
+for name, (extra, drop, expect) in OUTSIDER_YAML.items():
+    case(f"outsider-yaml-{name}")(lambda w, name=name, extra=extra, drop=drop, expect=expect: Case(
+        "train_ds", ["--config", w.config(f"outsider-yaml-{name}", text=_yaml(w, f"outsider-yaml-{name}", extra,
+                                                                             [drop] if drop else []))],
+        ("config.yml", *expect), absent=(w.out(f"outsider-yaml-{name}"),)))
+
+OUTSIDER_CONFIG_BYTES = {  # name -> (file name, bytes of the whole file, expected parts)
+    "utf16-without-bom": ("config.yml", lambda t: t.encode("utf-16-le"), ["line 1", "not allowed in YAML"]),
+    "json-duplicate-key": ("c.json", lambda t: json.dumps(yaml.safe_load(t))[:-1].encode() + b', "max_steps": 3}',
+                           ["c.json", "'max_steps' given twice"]),
+    "json-nan-clip": ("c.json", lambda t: json.dumps({**yaml.safe_load(t), "gradient_clipping": float("nan")}).encode(),
+                      ["c.json", "gradient_clipping", "nan"]),
+}
+for name, (fname, make, expect) in OUTSIDER_CONFIG_BYTES.items():
+    def build(w, name=name, fname=fname, make=make, expect=expect):
+        cid = f"outsider-config-{name}"
+        path = w.path(cid, fname)
+        path.write_bytes(make(_yaml(w, cid)))
+        return Case("train_ds", ["--config", str(path)], tuple(expect), absent=(w.out(cid),))
+    case(f"outsider-config-{name}")(build)
+
+INF, NAN = float("inf"), float("nan")
+OUTSIDER_VALUES = {  # dotted key (as w.config takes it) -> bad value, expected parts; all before anything is built
+    "optimizer__params__lr=inf": ("optimizer__params__lr", INF, "optimizer.params.lr"),
+    "optimizer__params__weight_decay=inf": ("optimizer__params__weight_decay", INF, "weight_decay"),
+    "optimizer__params__eps=inf": ("optimizer__params__eps", INF, "optimizer.params.eps"),
+    "gradient_clipping=inf": ("gradient_clipping", INF, "gradient_clipping"),
+    "save_every_minutes=nan": ("save_every_minutes", NAN, "save_every_minutes"),
+    "save_every_minutes=inf": ("save_every_minutes", INF, "save_every_minutes"),
+    "aux_max_z_loss=nan": ("aux_max_z_loss", {"weight": NAN}, "aux_max_z_loss.weight"),
+    "aux_max_z_loss=inf": ("aux_max_z_loss", {"weight": INF}, "aux_max_z_loss.weight"),
+    "warmup_max_lr=inf": ("scheduler", {"type": "WarmupLR", "params": {"warmup_max_lr": INF}}, "warmup_max_lr"),
+    "warmup_max_lr=0": ("scheduler", {"type": "WarmupLR", "params": {"warmup_max_lr": 0}}, "warmup_max_lr"),
+    "warmup_max_lr=text": ("scheduler", {"type": "WarmupLR", "params": {"warmup_max_lr": "fast"}}, "warmup_max_lr"),
+    "warmup_max_lr=list": ("scheduler", {"type": "WarmupLR", "params": {"warmup_max_lr": [1e-3]}}, "warmup_max_lr"),
+    "cycle_max_lr=text": ("scheduler", {"type": "OneCycle", "params": {"cycle_max_lr": "fast"}}, "cycle_max_lr"),
+    "warmup_min_lr=inf": ("scheduler", {"type": "WarmupLR", "params": {"warmup_min_lr": INF}}, "warmup_min_lr"),
+    "total_num_steps=text": ("scheduler", {"type": "WarmupDecayLR", "params": {"total_num_steps": "ten"}},
+                             "total_num_steps"),
+    "total_num_steps=float": ("scheduler", {"type": "WarmupDecayLR", "params": {"total_num_steps": 1.5}},
+                              "total_num_steps"),
+    "scheduler-type-list": ("scheduler", {"type": ["WarmupLR"]}, "scheduler.type"),
+    "scheduler-params-typo": ("scheduler", {"type": "WarmupLR", "parms": {"warmup_num_steps": 2}}, "scheduler.parms"),
+    "optimizer-params-typo": ("optimizer", {"type": "AdamW", "parms": {"lr": 1e-3}}, "optimizer.parms"),
+    "optimizer-param-typo": ("optimizer", {"type": "AdamW", "params": {"lrr": 1e-3}}, "optimizer.params.lrr"),
+    "lion-takes-no-eps": ("optimizer", {"type": "Lion", "params": {"lr": 1e-4, "eps": 1e-8}}, "optimizer.params.eps"),
+    "data_weights-huge": ("data_weights", [1e30], "data_weights[0]"),
+    "seed=2**64": ("seed", 2**64, "'seed'"),
+    "dims-huge": ("model_topo__process_topology__dims", [10**30, 1], "dims"),
+    **{f"{key}=10**30": (key, 10**30, f"'{key}'") for key in ("train_micro_batch_size_per_gpu",
+                                                              "gradient_accumulation_steps", "train_batch_size")},
+}
+for key, tp in _fields():
+    if tp is int:  # every integer key we own, past what torch and numpy hold
+        OUTSIDER_VALUES[f"{key}=10**30"] = (key, 10**30, f"'{key.replace('__', '.')}'")
+for name, (key, value, expect) in OUTSIDER_VALUES.items():
+    case(f"outsider-value-{name}")(lambda w, name=name, key=key, value=value, expect=expect: w.train(
+        f"outsider-value-{name}", ["config.yml", expect], "--dry-run", "--world-size", "1", **{key: value}))
+
+OUTSIDER_SET = {"=1": "empty key", "optimizer..lr=1": "empty key", ".max_steps=1": "empty key",
+                "max_steps.=1": "empty key", "optimizer. parms.lr=1": "optimizer.parms"}
+for i, (item, expect) in enumerate(OUTSIDER_SET.items()):
+    case(f"outsider-set-{i}")(lambda w, i=i, item=item, expect=expect: w.train(
+        f"outsider-set-{i}", [expect], "--dry-run", "--world-size", "1", "--set", item))
+
+OUTSIDER_FLAGS = {"world-size-without-dry-run": (["--world-size", "4"], "--world-size"),
+                  "gpu-mem-without-dry-run": (["--gpu-mem-gib", "40"], "--gpu-mem-gib"),
+                  "dry-run-with-value": (["--dry-run=1"], "--dry-run"),
+                  "world-size-float": (["--dry-run", "--world-size", "1e3"], "--world-size"),
+                  "gpu-mem-nan": (["--dry-run", "--gpu-mem-gib", "nan"], "--gpu-mem-gib"),
+                  "local-rank-text": (["--local_rank", "x"], "--local_rank")}
+for name, (flags, expect) in OUTSIDER_FLAGS.items():
+    case(f"outsider-flag-{name}")(lambda w, name=name, flags=flags, expect=expect: w.train(
+        f"outsider-flag-{name}", [expect], *flags))
+
+
+def _symlink_loop(f: Path) -> None:
+    os.symlink(f.with_name("other"), f)
+    os.symlink(f, f.with_name("other"))
+
+
+OUTSIDER_PATHS = {  # name -> (make the data path, expected parts)
+    "dir": (lambda f: f.mkdir(), "is a directory"),
+    "dangling-symlink": (lambda f: os.symlink(f.with_name("gone.jsonl"), f), "broken symbolic link"),
+    "symlink-loop": (_symlink_loop, "broken symbolic link"),
+    "fifo": (lambda f: os.mkfifo(f), "not a regular file"),
+    "glob": (None, "wildcards are not expanded"),
+}
+for name, (make, expect) in OUTSIDER_PATHS.items():
+    def build(w, name=name, make=make, expect=expect):
+        cid = f"outsider-path-{name}"
+        f = w.path(cid, "data.jsonl" if make else "*.jsonl")
+        if make:
+            make(f)
+        return w.train(cid, ["data_path[1]", expect], data_path=[str(w.good), str(f)])
+    case(f"outsider-path-{name}")(build)
+
+_LINES = b"\n".join(json.dumps(SAMPLES[k]).encode() for k in SAMPLES) + b"\n"
+OUTSIDER_DATA = {  # name -> (file bytes, expected parts); the file is data_path[1]
+    "utf16-without-bom": (_LINES.decode().encode("utf-16-le"), ["line 1", "NUL", "UTF-8"]),
+    "nul-in-line": (GOOD_LINE + b"\n" + GOOD_LINE[:9] + b"\x00" + GOOD_LINE[9:] + b"\n", ["line 2", "sample 1", "NUL"]),
+    "nul-padded-tail": (_LINES + b"\x00" * 64, ["line 6", "NUL"]),  # a crash preallocated the file
+    "half-written-last-line": (_LINES + GOOD_LINE[:20], ["line 6", "sample 5", "JSON"]),
+    "gzip": (gzip.compress(_LINES), ["line 1", "gzip"]),
+    "zstd": (b"\x28\xb5\x2f\xfd" + bytes(32), ["zstd"]), "xz": (b"\xfd7zXZ\x00" + bytes(32), ["xz"]),
+    "bzip2": (b"BZh91AY&SY" + bytes(32), ["bzip2"]), "zip": (b"PK\x03\x04" + bytes(32), ["zip"]),
+    "parquet": (b"PAR1" + bytes(32) + b"PAR1", ["Parquet"]),
+    "lone-surrogate-text": (b'{"type": "pretrain", "text": "a\\ud83d b"}\n', ["line 1", "field 'text'", "surrogate"]),
+    "lone-surrogate-round": (json.dumps({"type": "conversation", "rounds": [["ask", "q"], ["ans", "X"]]}).replace(
+        "X", "\\udc00").encode() + b"\n", ["field 'rounds[1][1]'", "surrogate"]),
+    "lone-surrogate-api-res": (json.dumps(SAMPLES["conver_has_api"]).replace('"sun"', '{"t": "\\udfff"}').encode()
+                               + b"\n", ["rounds[1][1].actions[0].api_res.t", "surrogate"]),
+    "lone-surrogate-array": (b'[{"type": "pretrain", "text": "\\ud800"}]', ["sample 0", "surrogate"]),
+    "line-null": (GOOD_LINE + b"\nnull\n", ["line 2", "sample 1", "object"]),
+    "line-true": (GOOD_LINE + b"\ntrue\n", ["line 2", "object"]),
+    "line-string": (GOOD_LINE + b'\n"just text"\n', ["line 2", "object"]),
+    "role-capitalised": (jsonl({"type": "conversation", "rounds": [["Ask", "a"], ["Ans", "b"]]}), ["rounds[0][0]", "'Ask'"]),
+    "openai-messages": (jsonl({"type": "conversation", "rounds": [{"role": "user", "content": "a"}]}), ["rounds[0]"]),
+    "type-capitalised": (jsonl({"type": "Pretrain", "text": "a"}), ["field 'type'", "'Pretrain'"]),
+    "pretty-printed-object": (json.dumps(SAMPLES["instruct"], indent=2).encode(), ["line 1", "one sample per line"]),
+    "jsonl-trailing-comma": (GOOD_LINE + b",\n", ["line 1", "JSON"]),
+    "single-quotes": (b"{'type': 'pretrain', 'text': 'a'}\n", ["line 1", "JSON"]),
+    "csv": (b"type,text\npretrain,hello\n", ["line 1", "JSON"]),
+    "json-nan-text": (b'{"type": "pretrain", "text": NaN}\n', ["field 'text'", "float"]),
+    "array-trailing-comma": (b"[" + GOOD_LINE + b"," + GOOD_LINE + b",]", ["invalid JSON array"]),
+    "array-of-arrays": (b"[[" + GOOD_LINE + b"]]", ["sample 0", "object"]),
+    "array-empty": (b"[]", ["no samples"]),
+}
+for name, (content, expect) in OUTSIDER_DATA.items():
+    case(f"outsider-data-{name}")(lambda w, name=name, content=content, expect=expect: w.data(
+        f"outsider-data-{name}", content, expect, suffix=".json" if name.startswith("array") else ".jsonl"))
+
+
+def test_outsider_inputs_that_work(ws, tmp_path):
+    """What a new user writes and should just work: YAML anchors and merge keys, YAML 1.1 booleans
+    (`fp8: off`), a DeepSpeed section left empty, a JSON config indented with tabs, UTF-16 and CR-only
+    config files, `~` in paths, lowercase optimizer names, --set with spaces or into an empty section."""
+    from engine.config import load_config
+
+    def load(text: str | bytes, *sets: str, name: str = "c.yml"):
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return load_config(path, list(sets))
+
+    base = yaml.safe_dump({**ws.base, "save_path": str(tmp_path / "out")})
+    bare = yaml.safe_dump({k: v for k, v in {**ws.base, "save_path": str(tmp_path / "out")}.items()
+                           if k not in ("model_topo", "optimizer")})
+    anchored = load(base.replace("data_path:\n", "data_path: &d\n", 1) + "eval_data_path: *d\n"
+                    "bf16: &off {enabled: false}\nfp16: {<<: *off}\n")
+    assert anchored.eval_data_path == anchored.data_path and anchored.ds["fp16"] == {"enabled": False}
+    quirks = load(bare + "fp8: off\nresume: no\nzero_optimization:\nbf16:\nscheduler:\nmodel_topo:\n"
+                  "optimizer: {type: adamw, params: {lr: 1.0e-3}}\n", "bf16.enabled=false", " max_steps = 3 ")
+    assert (quirks.fp8, quirks.resume, quirks.max_steps) == ("off", False, 3)
+    assert quirks.ds["optimizer"]["type"] == "AdamW" and quirks.ds["bf16"] == {"enabled": False}
+    assert "zero_optimization" not in quirks.ds and quirks.model_topo.parts == "auto"
+    assert load(bare, "optimizer={params: {lr: 1.0e-3}}").ds["optimizer"]["type"] == "AdamW"
+    home = load(base, "save_path=~/runs/a", "data_path=[~/d.jsonl]")
+    assert home.save_path == str(Path.home() / "runs" / "a") and home.data_path == [str(Path.home() / "d.jsonl")]
+    as_json = json.dumps({**ws.base, "save_path": str(tmp_path / "out")}, indent="\t")
+    for text, name in ((as_json, "c.json"), (as_json, "c.yml"), (base.encode("utf-16"), "c.yml"),
+                       (base.replace("\n", "\r"), "c.yml"), (base.replace("\n", "\r\n"), "c.yml")):
+        assert load(text, name=name).data_path == ws.base["data_path"], name
+    # and the whole command: a UTF-16, tab-indented JSON config dry-runs
+    cfg = tmp_path / "win.json"
+    cfg.write_bytes(as_json.encode("utf-16"))
+    code, err = run_main("train_ds", ["--config", str(cfg), "--dry-run", "--world-size", "1"])
+    assert code in (0, None) and "error" not in err, err
+
+
+def test_outsider_data_files_that_work(ws, tmp_path, monkeypatch):
+    """Data files from Windows (UTF-16 with a BOM, CRLF), old Mac editors (CR only), mixed line ends,
+    a last line without newline and Unicode blank lines read as the same samples as plain UTF-8 LF,
+    also when a CRLF falls across the reader's chunks; then a real run trains on such files."""
+    import data.reader
+    from data.reader import read_records
+
+    samples = [SAMPLES[k] for k in SAMPLES]
+    lf = "\n".join(json.dumps(s, ensure_ascii=False) for s in samples) + "\n"
+    variants = {"utf16-le.jsonl": lf.encode("utf-16"), "utf16-be.jsonl": b"\xfe\xff" + lf.encode("utf-16-be"),
+                "utf32.jsonl": lf.encode("utf-32"), "crlf.jsonl": lf.replace("\n", "\r\n").encode(),
+                "cr.jsonl": lf.replace("\n", "\r").encode(), "no-final-newline.jsonl": lf.rstrip("\n").encode(),
+                "blank-lines.jsonl": ("\r\n \u00a0\n\u3000\r" + lf.replace("\n", "\n\t\n")).encode(),
+                "array-crlf-utf16.json": json.dumps(samples, indent=1).replace("\n", "\r\n").encode("utf-16")}
+    monkeypatch.setattr(data.reader, "_CHUNK", 7)  # odd chunks: CRLF pairs and UTF-16 code units split
+    for name, content in variants.items():
+        (tmp_path / name).write_bytes(content)
+        assert [r for _, r in read_records(str(tmp_path / name))] == samples, name
+    monkeypatch.undo()
+    cid = "outsider-data-works"
+    paths = [str(tmp_path / n) for n in ("utf16-le.jsonl", "cr.jsonl", "array-crlf-utf16.json")]
+    code, err = run_main("train_ds", ["--config", ws.config(cid, data_path=paths, save_every_steps=0)])
+    assert code in (0, None), err[-3000:]
+    steps = [json.loads(line)["step"] for line in (ws.out(cid) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]
 
 
 # ----------------------------------------------------------------------------- running them

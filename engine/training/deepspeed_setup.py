@@ -98,6 +98,13 @@ def check_deepspeed(cfg: TrainConfig, pipeline: bool = True, total_steps: int | 
     from deepspeed.utils import logger
     from pydantic import ValidationError
 
+    from engine.training.optim import optimizer_param_names
+
+    known = optimizer_param_names(cfg.ds.get("optimizer"), cfg.ds)
+    unknown = sorted(set((cfg.ds.get("optimizer") or {}).get("params") or {}) - (known or set()))
+    if known is not None and unknown:  # our optimizer takes these, not DeepSpeed: a typo would fail at build
+        raise ConfigError(f"{cfg.source}: unknown key 'optimizer.params.{unknown[0]}' ({cfg.ds['optimizer'].get('type', 'AdamW')} "
+                          f"takes {', '.join(sorted(known))})")
     ds = copy.deepcopy(deepspeed_config(cfg, pipeline))
     # DeepSpeedConfig checks the batch triple against the data-parallel size it finds: the grid's
     # (as the engine passes it) under a launcher, 1 without one; ours was checked by validate

@@ -40,6 +40,29 @@ def uses_ds_cpu_optimizer(ds: dict) -> bool:
     return zero.get("stage", 0) > 0 and offloaded and ds.get("zero_force_ds_cpu_optimizer", True)
 
 
+def optimizer_param_names(spec: dict | None, ds: dict | None = None) -> set[str] | None:
+    """The `optimizer.params` keys build_optimizer can pass for `spec` (read off the signature of the
+    class it picks), so a typo is caught before launch; None for a type it does not build."""
+    import inspect
+
+    kind = (spec or {}).get("type", "AdamW")
+    if ds is not None and uses_ds_cpu_optimizer(ds):
+        if kind == "Lion":
+            from deepspeed.ops.lion import DeepSpeedCPULion as cls
+            dropped, fixed = (), ()
+        else:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam as cls
+            dropped, fixed = ("torch_adam", "fused", "adam_w_mode"), ("adamw_mode",)
+    elif kind in ("AdamW", "Adam"):
+        cls, dropped, fixed = torch.optim.AdamW, ("torch_adam", "adam_w_mode"), ()
+    elif kind == "Lion":
+        from lion_pytorch import Lion as cls
+        dropped, fixed = (), ()
+    else:
+        return None
+    return (set(inspect.signature(cls).parameters) - {"params", "model_params", *fixed}) | set(dropped)
+
+
 def build_optimizer(spec: dict | None, params, ds: dict | None = None) -> torch.optim.Optimizer:
     """The client optimizer; `ds` (the DeepSpeed config) picks DeepSpeed's CPU optimizers under
     ZeRO-Offload (see uses_ds_cpu_optimizer)."""
