@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -30,8 +31,10 @@ def number(kind, low=None, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if value != value or (low is not None and (value <= low if low_open else value < low)) or \
-                (high is not None and value > high):
+        if not abs(value) < (2**63 if kind is int else math.inf):  # nan, inf, past what torch holds
+            raise argparse.ArgumentTypeError(f"must be a finite {'integer below 2**63' if kind is int else 'number'}, "
+                                             f"got {text!r}")
+        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
             lo = f"> {low}" if low_open else f">= {low}"
             rng = f"{lo} and <= {high}" if low is not None and high is not None else lo if low is not None else f"<= {high}"
             raise argparse.ArgumentTypeError(f"must be {rng}, got {text!r}")

@@ -882,6 +882,15 @@ OUTSIDER_FLAGS = {"world-size-without-dry-run": (["--world-size", "4"], "--world
                   "world-size-float": (["--dry-run", "--world-size", "1e3"], "--world-size"),
                   "gpu-mem-nan": (["--dry-run", "--gpu-mem-gib", "nan"], "--gpu-mem-gib"),
                   "local-rank-text": (["--local_rank", "x"], "--local_rank")}
+OUTSIDER_DEMO_FLAGS = {"temperature-inf": ["--temperature", "inf"], "repetition-penalty-inf": ["--repetition-penalty", "1e400"],
+                       "top-k-huge": ["--top-k", str(10**30)], "seed-2**64": ["--seed", str(2**64)],
+                       "max-new-tokens-huge": ["--max-new-tokens", str(10**30)]}
+for name, flags in OUTSIDER_DEMO_FLAGS.items():
+    case(f"outsider-demo-flag-{name}")(lambda w, name=name, flags=flags: w.demo(
+        f"outsider-demo-flag-{name}", [flags[0], "finite"], *flags))
+for name, value in {"inf": "inf", "nan": "nan", "overflow": "1e400"}.items():
+    case(f"outsider-convert-max-shard-{name}")(lambda w, name=name, value=value: w.convert(
+        f"outsider-convert-max-shard-{name}", "pp_to_hg", w.pp, ["--max-shard-size"], "--max-shard-size", value))
 for name, (flags, expect) in OUTSIDER_FLAGS.items():
     case(f"outsider-flag-{name}")(lambda w, name=name, flags=flags, expect=expect: w.train(
         f"outsider-flag-{name}", [expect], *flags))
