@@ -12,6 +12,8 @@ tokens are compared with the graphs'.
     python bench/bench_generate.py                                        # SmolLM2-135M shape, CPU, fp32
     python bench/bench_generate.py --shape llama-7b --device cuda:0 --dtype bf16
     python bench/bench_generate.py --model /path/to/hf-dir --device cpu   # a real model and its tokenizer
+    python bench/bench_generate.py --shape narrow32 --threads 1           # launch-bound: 32 blocks, hidden 64
+    python bench/bench_generate.py --shape narrow32 --count-ops           # aten ops of one decode step
 
 Tokens/s = new tokens / wall time of the whole call (prefill included); the median of
 `--repeats` runs after one warm-up run, backends alternating so that load on a shared machine
@@ -40,6 +42,11 @@ SHAPES = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                      max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                      bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # llama-7b's depth at a width where every op is cheap: the per-token cost is the host's (Python,
+    # dispatch, launches), which a 7B decode step on a GPU is bound by too
+    "narrow32": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
@@ -157,6 +164,32 @@ def run_hf(model, prompt, n, device):
     return time.perf_counter() - start, out[0, len(prompt):].tolist()
 
 
+@torch.no_grad()
+def count_ops(lm, hf, prompt) -> dict:
+    """aten ops (every level, as torch.profiler records them) of one decode step, one new token
+    after the prompt and one decoded token: ours (the lm's path) and transformers' forward with
+    its DynamicCache."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    def ops(step):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        return sum(e.name.startswith("aten::") for e in prof.events())
+
+    lm.reset()
+    lm.reserve(len(prompt) + 3)
+    lm.next_logits(list(prompt))
+    lm.next_logits([5])
+    ours = ops(lambda: lm.next_logits([7]))
+    device = next(hf.parameters()).device
+    cache = DynamicCache(config=hf.config)
+    for ids in (prompt, [5]):
+        hf(torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+    theirs = ops(lambda: hf(torch.tensor([[7]], device=device), past_key_values=cache, use_cache=True))
+    return {"ops_per_decode_step": {path_of(lm): ours, "transformers": theirs}, "layers": hf.config.num_hidden_layers}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m", help="random weights of this shape")
@@ -169,6 +202,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--static", action="store_true",
                    help="our static-cache decode step even where no CUDA graph is captured (CPU, several devices)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="only count the aten ops of one decode step (ours, transformers) with torch.profiler")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -186,6 +221,9 @@ def main(argv=None):
     else:
         tokenizer = NoEosTokenizer()
     prompt = torch.randint(3, hf.config.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    if a.count_ops:
+        print(json.dumps({"shape": a.model or a.shape, "device": a.device, "dtype": a.dtype} | count_ops(lm, hf, prompt)))
+        return
     lms = {"ours": lm}
     if lm.static:
         lms["ours_eager"] = eager_twin(lm)

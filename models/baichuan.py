@@ -95,7 +95,9 @@ class Attention(nn.Module):
         self.W_pack = nn.Linear(h, 3 * h, bias=False)  # rows: [q; k; v]
         self.o_proj = nn.Linear(h, h, bias=False)
         self.alibi = args.position_embedding == "alibi"
-        if not self.alibi:
+        if self.alibi:
+            self.slopes = alibi_slopes(self.n_heads)  # fp32 on CPU, not a buffer (as bloom's)
+        else:
             self.rotary = Rotary(self.head_dim, {"rope_type": "default", "rope_theta": args.rope_theta},
                                  args.max_position_embeddings)
 
@@ -104,11 +106,12 @@ class Attention(nn.Module):
         q, k, v = self.W_pack(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         bias = None
         if self.alibi:
-            bias = alibi_bias(alibi_slopes(self.n_heads), position_ids)
+            bias = alibi_bias(self.slopes, position_ids, cache)
         else:
-            cos, sin = self.rotary(position_ids, q.dtype)
+            cos, sin = self.rotary(position_ids, q.dtype, cache)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            v = v.contiguous()  # q, k are new tensors now; a view v would keep all of W_pack's output (llama.Attention)
+            if torch.is_grad_enabled():  # q, k are new tensors now; a view v would keep all of W_pack's output (llama.Attention)
+                v = v.contiguous()
         return self.o_proj(attend(q, k, v, mask, self.attn, bias, cache=cache))
 
 

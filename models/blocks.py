@@ -128,8 +128,27 @@ class Rotary(nn.Module):
         self.dynamic = None
         if params["rope_type"] == "dynamic":
             self.dynamic = (dim, float(params["rope_theta"]), float(params["factor"]), max_position_embeddings)
+        # what makes two Rotary tables equal (every layer of a model has the same): a small int
+        # for generation's per-step memo, where all layers share one set of tables
+        # (from the arguments, not inv_freq's values: layers are also built on the meta device)
+        spec = (dim, repr(sorted(params.items())), max_position_embeddings, interleaved)
+        self.kind = _ROTARY_KINDS.setdefault(spec, len(_ROTARY_KINDS))
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                cache: "KVCache | StaticKVCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, D] (D/2 interleaved). With a generation cache: [B, 1, S, D], broadcast
+        over heads, computed once per decode step for all layers (the cache's step memo, which
+        OurLM clears before each step) instead of once per layer."""
+        if cache is None or cache.step is None:  # training, compiled blocks: as always, no shared state
+            return self.tables(position_ids, dtype)
+        key = (self.kind, self.inv_freq.dtype, dtype, position_ids.device)
+        tables = cache.step.get(key)
+        if tables is None:
+            cos, sin = self.tables(position_ids, dtype)
+            tables = cache.step[key] = cos[:, None], sin[:, None]
+        return tables
+
+    def tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self.inv_freq.float().to(position_ids.device)
         if self.dynamic is not None:  # no host sync: the scaled frequencies are computed for every token
             lengths = document_lengths(position_ids)
@@ -137,7 +156,13 @@ class Rotary(nn.Module):
                               dynamic_ntk_inv_freq(*self.dynamic, lengths), inv)
         freqs = position_ids[..., None].float() * inv
         emb = freqs if self.interleaved else torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:  # a Python float: the same branch in every trace
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
+
+
+_ROTARY_KINDS: dict[tuple, int] = {}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -146,15 +171,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, S, D]; cos/sin: [B, S, D] (llama's half-split layout)."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x: [B, H, S, D]; cos/sin: [B, S, D] (llama's half-split layout), or [B, 1, S, D]."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
 
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x0,x1),(x2,x3)... of the first 2*R dims, pass the rest (chatglm's
-    partial rotary, GPT-J layout). x: [B, H, S, D]; cos/sin: [B, S, R] from Rotary(interleaved=True)."""
-    cos, sin = cos[:, None], sin[:, None]
+    partial rotary, GPT-J layout). x: [B, H, S, D]; cos/sin: [B, S, R] (or [B, 1, S, R]) from
+    Rotary(interleaved=True)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     r = 2 * cos.shape[-1]
     x0, x1 = x[..., 0:r:2], x[..., 1:r:2]
     rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
@@ -175,9 +203,16 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32, device="cpu")  # constants: never meta, never bf16
 
 
-def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
     """Additive ALiBi bias [B, H, 1, S]: slope * key position. Softmax is shift-invariant per query
-    row, so this equals -slope * (query - key) on every causal (and same-document) pair."""
+    row, so this equals -slope * (query - key) on every causal (and same-document) pair.
+    cache (generation): computed once per step for all layers, as Rotary's tables; `slopes` are
+    alibi_slopes(H), so H and the device name them."""
+    if cache is not None and cache.step is not None:
+        key = ("alibi", slopes.shape[0], position_ids.device)
+        if key not in cache.step:
+            cache.step[key] = alibi_bias(slopes, position_ids)
+        return cache.step[key]
     return _slopes_on(slopes, position_ids.device)[None, :, None, None] * position_ids[:, None, None, :].float()
 
 
@@ -352,9 +387,10 @@ class KVCache:
     stays on the device of the layer that fills it, so layers split over devices keep theirs.
     """
 
-    def __init__(self):
+    def __init__(self, step: dict | None = None):
         self.length = 0
         self.k = self.v = self.bias = None
+        self.step = step  # per-step memo shared by a model's caches (rotary tables), cleared before each step
 
     def mask(self, s: int, window: int | None, device) -> torch.Tensor | None:
         """Mask of S new queries over all T = length + S keys: causal at the offset, and within the
@@ -452,9 +488,12 @@ class StaticKVCache:
     the filled prefix, as KVCache does. Buffers start zeroed: a masked slot gets probability 0,
     and 0 * garbage could be NaN."""
 
-    def __init__(self, cursor: DecodeCursor):
+    def __init__(self, cursor: DecodeCursor, step: dict | None = None):
         self.cursor = cursor
         self.k = self.v = self.bias = None
+        # as KVCache's; cleared at the start of each step, so a captured decode step computes what
+        # it memoizes inside the capture (from the position tensor it replays with)
+        self.step = step
 
     def mask(self, s: int, window: int | None, device) -> torch.Tensor | None:
         if self.cursor.decoding:

@@ -78,7 +78,7 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.n_heads, 3, self.head_dim)
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
-        bias = alibi_bias(self.slopes, position_ids)  # per-document distances: positions restart per document
+        bias = alibi_bias(self.slopes, position_ids, cache)  # per-document distances: positions restart per document
         return self.dense(attend(q, k, v, mask, self.attn, bias=bias, cache=cache))
 
 

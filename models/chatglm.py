@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -85,8 +86,10 @@ class Attention(nn.Module):
         q, k, v = self.query_key_value(x).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
         q = q.view(b, s, self.n_heads, d).transpose(1, 2)
         k = k.view(b, s, self.n_kv, d).transpose(1, 2)
-        v = v.contiguous().view(b, s, self.n_kv, d).transpose(1, 2)  # not a view: see llama.Attention
-        cos, sin = self.rotary(position_ids, q.dtype)
+        if torch.is_grad_enabled():  # not a view: see llama.Attention
+            v = v.contiguous()
+        v = v.view(b, s, self.n_kv, d).transpose(1, 2)
+        cos, sin = self.rotary(position_ids, q.dtype, cache)
         q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
         return self.dense(attend(q, k, v, mask, self.attn, cache=cache))
 

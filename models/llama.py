@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import Dims
@@ -88,9 +89,12 @@ class Attention(nn.Module):
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         # v's own copy: attention keeps v for backward, and a view would keep the whole fused q/k/v
-        # output alive (+2 GiB on a 7B stage at micro 4); q and k are new tensors after rotary anyway
-        v = v.contiguous().view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(position_ids, q.dtype)
+        # output alive (+2 GiB on a 7B stage at micro 4); q and k are new tensors after rotary anyway.
+        # Without grad (generation) nothing is kept: no copy. (torch.compile guards on grad mode.)
+        if torch.is_grad_enabled():
+            v = v.contiguous()
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(position_ids, q.dtype, cache)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend(q, k, v, mask, self.attn, cache=cache))
 

@@ -236,6 +236,7 @@ class OurLM:
         self.head_start = len(model.defs) - len(layer_groups(family, args)[-1])  # final norm + head from here
         self.ids: list[int] = []
         self.caches: list = []
+        self.step: dict = {}  # the caches' per-step memo (models.blocks.Rotary's tables), cleared by _layers
         if graphs is None:
             graphs = self.graphs_possible() and os.environ.get("PPLLM_CUDA_GRAPHS", "0") == "1"
         elif graphs and not self.graphs_possible():
@@ -286,7 +287,8 @@ class OurLM:
 
             self.cursor = DecodeCursor(0)  # sized by the first next_logits
         blocks = [isinstance(self.model._modules[str(i)], BlockBase) for i in range(len(self.model.defs))]
-        self.caches = [(StaticKVCache(self.cursor) if self.static else KVCache()) if b else None for b in blocks]
+        self.caches = [(StaticKVCache(self.cursor, self.step) if self.static else KVCache(self.step)) if b else None
+                       for b in blocks]
 
     def reserve(self, n_tokens: int) -> None:
         """This generation will hold up to n_tokens (prompt + new tokens): size the static buffers
@@ -322,9 +324,13 @@ class OurLM:
 
     def _layers(self, x) -> torch.Tensor:
         """Every layer with its cache; logits [B, 1, V] of the last position."""
+        self.step.clear()  # tables of the previous step hold its positions (static: the same tensor, refilled)
+        here = None
         for i, d in enumerate(self.model.defs):
             layer = self.model._modules[str(i)]
-            x = move(x, self.layer_devices[i])
+            if self.layer_devices[i] != here:  # activations move only where the device changes
+                here = self.layer_devices[i]
+                x = move(x, here)
             if i == self.head_start:  # only the last position's logits are wanted
                 x = (x[0][:, -1:],) + tuple(x[1:])
             if self.caches[i] is not None:
