@@ -810,6 +810,12 @@ OUTSIDER_YAML = {  # name -> (text after the base config, key left out of the ba
                                               for i in range(9)) + "]\n", "data_path", ["'data_path'", "..."]),
     "merge-then-duplicate": ("<<: {max_steps: 3}\nmax_seq_len: 32\n", None, ["'max_seq_len' given twice"]),
     "int-octal-is-not-a-path": ("save_path: 0755\n", "save_path", ["'save_path'", "493"]),
+    "key-trailing-space": ("'max_steps ': 2\n", "max_steps", ["unknown key 'max_steps '", "did you mean 'max_steps'"]),
+    "key-other-case": ("Train_Batch_Size: 4\n", None, ["'Train_Batch_Size'", "did you mean 'train_batch_size'"]),
+    "key-other-case-nested": ("zero_optimization: {Stage: 1}\n", None, ["zero_optimization.Stage"]),
+    **{f"list-of-one-{k}": (f"{k}: [{v}]\n", k, [f"'{k}'"]) for k, v in (
+        ("max_seq_len", 64), ("model_path", "m"), ("gradient_clipping", 1.0), ("bf16", "{enabled: true}"),
+        ("train_micro_batch_size_per_gpu", 2), ("prompt_template", "auto"))},
 }
 for name, (extra, drop, expect) in OUTSIDER_YAML.items():
     case(f"outsider-yaml-{name}")(lambda w, name=name, extra=extra, drop=drop, expect=expect: Case(
