@@ -22,6 +22,7 @@ hits both alike.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -183,10 +184,12 @@ def count_ops(lm, hf, prompt) -> dict:
     lm.next_logits([5])
     ours = ops(lambda: lm.next_logits([7]))
     device = next(hf.parameters()).device
-    cache = DynamicCache(config=hf.config)
+    # the cache argument's name, as HFLM picks it (`cache` in transformers >= 5.2x)
+    cache = {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values":
+             DynamicCache(config=hf.config)}
     for ids in (prompt, [5]):
-        hf(torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
-    theirs = ops(lambda: hf(torch.tensor([[7]], device=device), past_key_values=cache, use_cache=True))
+        hf(torch.tensor([ids], device=device), use_cache=True, **cache)
+    theirs = ops(lambda: hf(torch.tensor([[7]], device=device), use_cache=True, **cache))
     return {"ops_per_decode_step": {path_of(lm): ours, "transformers": theirs}, "layers": hf.config.num_hidden_layers}
 
 

@@ -495,3 +495,64 @@ def load_tokenizer_of(hf):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hf)
+
+
+# ----------------------------------------------------------------------------- decode step cost
+def test_step_memo_is_recomputed_every_static_decode_step(tiny):
+    """The rotary tables all layers share within a step (OurLM.step) are computed anew each step:
+    the static decode step's position is one tensor refilled in place, so tables kept from the
+    previous step would rotate every later token at a stale position."""
+    from models.blocks import Rotary
+
+    hf, _ = tiny
+    lm = load_ours(hf, ["cpu"], static=True)
+    prompt, tokens = [1, 17, 43, 99, 5], [250, 11, 80, 33, 7]
+    rotary = next(m for m in lm.model.modules() if isinstance(m, Rotary))
+    lm.reset()
+    lm.reserve(len(prompt) + len(tokens))
+    lm.next_logits(prompt)
+    pos = lm.cursor.pos("cpu")
+    for i, t in enumerate(tokens):
+        got = lm.next_logits([t])
+        assert lm.cursor.pos("cpu") is pos and int(pos) == len(prompt) + i  # the same tensor, advanced
+        (cos, sin), = lm.step.values()  # one set of tables for all layers
+        want = rotary.tables(torch.tensor([[len(prompt) + i]]), torch.float32)
+        torch.testing.assert_close((cos[:, 0], sin[:, 0]), want)
+        no_cache = lm.forward(torch.tensor([prompt + tokens[:i + 1]]))[0, -1].float()
+        torch.testing.assert_close(got, no_cache, rtol=1e-4, atol=1e-4)
+
+
+def test_v_copy_only_with_grad_under_compile():
+    """Attention copies v out of the fused q/k/v output only when autograd would keep it (training);
+    torch.compile guards on grad mode, so a compiled training block still traces the copy."""
+    from models import llama
+    from models.blocks import AttnOptions
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    args = llama.Args.from_hf_config(llama.tiny_hf_config())
+    attn = torch.compile(llama.Attention(args, AttnOptions()), backend=backend, dynamic=False)
+    x, pos = torch.randn(1, 8, args.hidden_size), torch.arange(8)[None]
+    attn(x, pos, None)
+    with torch.no_grad():
+        attn(x, pos, None)
+    assert ["contiguous" in code for code in graphs] == [True, False]
+
+
+def test_decode_step_ops_not_more_than_transformers():
+    """One eager decode step dispatches no more aten ops than transformers' forward with its
+    cache (bench_generate --count-ops; the host-bound cost of GPU decoding)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import argparse
+
+    import bench_generate as bg
+
+    bg.SHAPES["narrow2"] = dict(bg.SHAPES["narrow32"], num_hidden_layers=2)
+    a = argparse.Namespace(model=None, shape="narrow2", device="cpu", dtype="fp32")
+    hf = bg.hf_model(a)
+    counts = bg.count_ops(bg.our_lm(hf, a), hf, list(range(3, 35)))["ops_per_decode_step"]
+    assert 0 < counts["eager"] <= counts["transformers"], counts
