@@ -111,7 +111,7 @@ def test_optimizer_lr_is_the_peak_the_scheduler_reaches():
      "optimizer.params.lr 2e-05 and scheduler.params.cycle_max_lr 0.001 disagree"),
     (dict(max_steps=100, scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": 5000}}),
      "max_steps 100 and scheduler.params.total_num_steps 5000 disagree"),
-    (dict(aux_max_z_loss={"weight": -1}), "aux_max_z_loss.weight must be a number >= 0"),
+    (dict(aux_max_z_loss={"weight": -1}), "aux_max_z_loss.weight must be a finite number >= 0"),
     (dict(aux_max_z_loss={"wieght": 1e-4}), "unknown key 'aux_max_z_loss.wieght'"),
     (dict(optimizer={"type": "AdamW", "params": {"lr": 1e-5}, "no_wd_kws": ["(norm"]}),
      "optimizer.no_wd_kws: '(norm' is not a regular expression"),
