@@ -489,6 +489,17 @@ def check_paths(cfg: TrainConfig) -> None:
         blocked = _file_in_the_way(getattr(cfg, key))
         if blocked:
             raise ConfigError(f"{where}: {key} {getattr(cfg, key)}: {blocked} is a file, not a directory")
+    if Path(cfg.save_path).resolve() == Path(cfg.model_path).resolve() and not _is_training_save(cfg.save_path):
+        # a run resumes from its save_path: a model dir there would be taken for a broken checkpoint
+        raise ConfigError(f"{where}: save_path {cfg.save_path} is model_path, a model dir (not a training save "
+                          "dir): set save_path to a new directory")
+
+
+def _is_training_save(path: str) -> bool:
+    """A save_path an earlier run wrote: `latest` names a tag with our meta.json."""
+    latest = Path(path) / "latest"
+    tag = latest.read_text(errors="replace").strip() if latest.is_file() else ""
+    return bool(tag) and "/" not in tag and (Path(path) / tag / "meta.json").is_file()
 
 
 def _not_a_file(path: str) -> str:

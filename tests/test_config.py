@@ -149,3 +149,18 @@ def test_fp8_needs_torchao_and_fp8_tensor_cores(monkeypatch):
         layer_options(cfg)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert layer_options(cfg).fp8 == "tensorwise"
+
+
+def test_save_path_equal_to_a_model_dir_is_refused(tiny_pp, tmp_path):
+    """save_path = model_path: refused for a converted model dir (a run resumes from save_path and
+    would take it for a damaged checkpoint); allowed for a save dir an earlier run wrote."""
+    from engine.config import check_paths
+    from tests.test_train import config
+
+    with pytest.raises(ConfigError, match="save_path .* is model_path, a model dir"):
+        check_paths(from_dict(config(tiny_pp, tiny_pp)))
+    save = tmp_path / "save"
+    (save / "global_step4").mkdir(parents=True)
+    (save / "global_step4" / "meta.json").write_text("{}")
+    (save / "latest").write_text("global_step4")
+    check_paths(from_dict(config(save, save)))  # continuing one's own run: fine
