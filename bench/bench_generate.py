@@ -166,31 +166,44 @@ def run_hf(model, prompt, n, device):
 
 
 @torch.no_grad()
-def count_ops(lm, hf, prompt) -> dict:
+def count_ops(lm, hf, prompt, steps: int = 0) -> dict:
     """aten ops (every level, as torch.profiler records them) of one decode step, one new token
     after the prompt and one decoded token: ours (the lm's path) and transformers' forward with
-    its DynamicCache."""
+    its DynamicCache. steps > 0: also the min and median ms of that many further decode steps
+    each (the min is what a loaded machine disturbs least)."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
 
-    def ops(step):
+    device = next(hf.parameters()).device
+
+    def measure(step):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        return sum(e.name.startswith("aten::") for e in prof.events())
+        times = []
+        for _ in range(steps):
+            sync(str(device))
+            start = time.perf_counter()
+            step()
+            sync(str(device))
+            times.append(1000 * (time.perf_counter() - start))
+        return sum(e.name.startswith("aten::") for e in prof.events()), times
 
     lm.reset()
-    lm.reserve(len(prompt) + 3)
+    lm.reserve(len(prompt) + 3 + steps)
     lm.next_logits(list(prompt))
     lm.next_logits([5])
-    ours = ops(lambda: lm.next_logits([7]))
-    device = next(hf.parameters()).device
+    ours = measure(lambda: lm.next_logits([7]))
     # the cache argument's name, as HFLM picks it (`cache` in transformers >= 5.2x)
     cache = {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values":
              DynamicCache(config=hf.config)}
     for ids in (prompt, [5]):
         hf(torch.tensor([ids], device=device), use_cache=True, **cache)
-    theirs = ops(lambda: hf(torch.tensor([[7]], device=device), use_cache=True, **cache))
-    return {"ops_per_decode_step": {path_of(lm): ours, "transformers": theirs}, "layers": hf.config.num_hidden_layers}
+    theirs = measure(lambda: hf(torch.tensor([[7]], device=device), use_cache=True, **cache))
+    out = {"ops_per_decode_step": {path_of(lm): ours[0], "transformers": theirs[0]}, "layers": hf.config.num_hidden_layers}
+    if steps:
+        out["step_ms_min_median"] = {name: [round(min(t), 3), round(statistics.median(t), 3)]
+                                     for name, t in ((path_of(lm), ours[1]), ("transformers", theirs[1]))}
+    return out
 
 
 def main(argv=None):
@@ -206,7 +219,8 @@ def main(argv=None):
     p.add_argument("--static", action="store_true",
                    help="our static-cache decode step even where no CUDA graph is captured (CPU, several devices)")
     p.add_argument("--count-ops", action="store_true",
-                   help="only count the aten ops of one decode step (ours, transformers) with torch.profiler")
+                   help="only count the aten ops of one decode step (ours, transformers) with torch.profiler, "
+                        "and time --new-tokens further decode steps of each (min, median ms)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -225,7 +239,7 @@ def main(argv=None):
         tokenizer = NoEosTokenizer()
     prompt = torch.randint(3, hf.config.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     if a.count_ops:
-        print(json.dumps({"shape": a.model or a.shape, "device": a.device, "dtype": a.dtype} | count_ops(lm, hf, prompt)))
+        print(json.dumps({"shape": a.model or a.shape, "device": a.device, "dtype": a.dtype} | count_ops(lm, hf, prompt, a.new_tokens)))
         return
     lms = {"ours": lm}
     if lm.static:
