@@ -166,10 +166,10 @@ def run_hf(model, prompt, n, device):
 
 
 @torch.no_grad()
-def count_ops(lm, hf, prompt, steps: int = 0) -> dict:
+def count_ops(lms: dict, hf, prompt, steps: int = 0) -> dict:
     """aten ops (every level, as torch.profiler records them) of one decode step, one new token
-    after the prompt and one decoded token: ours (the lm's path) and transformers' forward with
-    its DynamicCache. steps > 0: also the min and median ms of that many further decode steps
+    after the prompt and one decoded token: each of our `lms` (by path) and transformers' forward
+    with its DynamicCache. steps > 0: also the min and median ms of that many further decode steps
     each (the min is what a loaded machine disturbs least)."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
@@ -188,21 +188,24 @@ def count_ops(lm, hf, prompt, steps: int = 0) -> dict:
             times.append(1000 * (time.perf_counter() - start))
         return sum(e.name.startswith("aten::") for e in prof.events()), times
 
-    lm.reset()
-    lm.reserve(len(prompt) + 3 + steps)
-    lm.next_logits(list(prompt))
-    lm.next_logits([5])
-    ours = measure(lambda: lm.next_logits([7]))
+    results = {}
+    for lm in lms.values():
+        lm.reset()
+        lm.reserve(len(prompt) + 3 + steps)
+        lm.next_logits(list(prompt))
+        lm.next_logits([5])  # graphs: captured here
+        results[path_of(lm)] = measure(lambda: lm.next_logits([7]))
     # the cache argument's name, as HFLM picks it (`cache` in transformers >= 5.2x)
     cache = {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values":
              DynamicCache(config=hf.config)}
     for ids in (prompt, [5]):
         hf(torch.tensor([ids], device=device), use_cache=True, **cache)
-    theirs = measure(lambda: hf(torch.tensor([[7]], device=device), use_cache=True, **cache))
-    out = {"ops_per_decode_step": {path_of(lm): ours[0], "transformers": theirs[0]}, "layers": hf.config.num_hidden_layers}
+    results["transformers"] = measure(lambda: hf(torch.tensor([[7]], device=device), use_cache=True, **cache))
+    out = {"ops_per_decode_step": {name: ops for name, (ops, _) in results.items()},
+           "layers": hf.config.num_hidden_layers}
     if steps:
         out["step_ms_min_median"] = {name: [round(min(t), 3), round(statistics.median(t), 3)]
-                                     for name, t in ((path_of(lm), ours[1]), ("transformers", theirs[1]))}
+                                     for name, (_, t) in results.items()}
     return out
 
 
@@ -238,12 +241,13 @@ def main(argv=None):
     else:
         tokenizer = NoEosTokenizer()
     prompt = torch.randint(3, hf.config.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    if a.count_ops:
-        print(json.dumps({"shape": a.model or a.shape, "device": a.device, "dtype": a.dtype} | count_ops(lm, hf, prompt, a.new_tokens)))
-        return
     lms = {"ours": lm}
     if lm.static:
         lms["ours_eager"] = eager_twin(lm)
+    if a.count_ops:
+        print(json.dumps({"shape": a.model or a.shape, "device": a.device, "dtype": a.dtype}
+                         | count_ops(lms, hf, prompt, a.new_tokens)))
+        return
     first = {}
     for name, model in lms.items():  # warm-up: allocator, kernels, lazy imports; graphs: the capture
         # (a full-length warm-up, so that the capacity bucket of the timed runs is the one captured)

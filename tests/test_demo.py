@@ -554,5 +554,5 @@ def test_decode_step_ops_not_more_than_transformers():
     bg.SHAPES["narrow2"] = dict(bg.SHAPES["narrow32"], num_hidden_layers=2)
     a = argparse.Namespace(model=None, shape="narrow2", device="cpu", dtype="fp32")
     hf = bg.hf_model(a)
-    counts = bg.count_ops(bg.our_lm(hf, a), hf, list(range(3, 35)))["ops_per_decode_step"]
+    counts = bg.count_ops({"ours": bg.our_lm(hf, a)}, hf, list(range(3, 35)))["ops_per_decode_step"]
     assert 0 < counts["eager"] <= counts["transformers"], counts
