@@ -32,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.utils._python_dispatch  # noqa: E402
+import torch.utils._pytree  # noqa: E402
 
 SHAPES = {
     # HuggingFaceTB/SmolLM2-135M(-Instruct)'s config.json
@@ -165,6 +167,26 @@ def run_hf(model, prompt, n, device):
     return time.perf_counter() - start, out[0, len(prompt):].tolist()
 
 
+class WritingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that write memory (an in-place op, or an output in new storage): on a GPU
+    each is a kernel launch; views and casts to the same dtype are not. (A graph replay is none.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+
+        def storages(x):
+            return {t.untyped_storage().data_ptr() for t in leaves(x) if isinstance(t, torch.Tensor)}
+
+        if func._schema.is_mutable or storages(out) - storages((args, kwargs)):
+            self.count += 1
+        return out
+
+
 @torch.no_grad()
 def count_ops(lms: dict, hf, prompt, steps: int = 0) -> dict:
     """aten ops (every level, as torch.profiler records them) of one decode step, one new token
@@ -179,6 +201,8 @@ def count_ops(lms: dict, hf, prompt, steps: int = 0) -> dict:
     def measure(step):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
+        with WritingOps() as writing:
+            step()
         times = []
         for _ in range(steps):
             sync(str(device))
@@ -186,7 +210,7 @@ def count_ops(lms: dict, hf, prompt, steps: int = 0) -> dict:
             step()
             sync(str(device))
             times.append(1000 * (time.perf_counter() - start))
-        return sum(e.name.startswith("aten::") for e in prof.events()), times
+        return sum(e.name.startswith("aten::") for e in prof.events()), writing.count, times
 
     results = {}
     for lm in lms.values():
@@ -201,11 +225,12 @@ def count_ops(lms: dict, hf, prompt, steps: int = 0) -> dict:
     for ids in (prompt, [5]):
         hf(torch.tensor([ids], device=device), use_cache=True, **cache)
     results["transformers"] = measure(lambda: hf(torch.tensor([[7]], device=device), use_cache=True, **cache))
-    out = {"ops_per_decode_step": {name: ops for name, (ops, _) in results.items()},
+    out = {"ops_per_decode_step": {name: r[0] for name, r in results.items()},
+           "writing_ops_per_decode_step": {name: r[1] for name, r in results.items()},
            "layers": hf.config.num_hidden_layers}
     if steps:
-        out["step_ms_min_median"] = {name: [round(min(t), 3), round(statistics.median(t), 3)]
-                                     for name, (_, t) in results.items()}
+        out["step_ms_min_median"] = {name: [round(min(r[2]), 3), round(statistics.median(r[2]), 3)]
+                                     for name, r in results.items()}
     return out
 
 
