@@ -85,16 +85,24 @@ class Attention(nn.Module):
 
     def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        if cache is not None:  # generation: q and k are adjacent in qkv, rotated as one tensor (half the kernels)
+            qk, v = qkv.split((self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]), dim=-1)
+            qk = qk.view(b, s, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2)
+            cos, sin = self.rotary(position_ids, qk.dtype, cache)
+            q, k = apply_rotary(qk, cos, sin).split((self.n_heads, self.n_kv), dim=1)
+            v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)  # no copy: nothing is kept for backward
+            return self.o_proj(attend(q, k, v, mask, self.attn, cache=cache))
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         # v's own copy: attention keeps v for backward, and a view would keep the whole fused q/k/v
         # output alive (+2 GiB on a 7B stage at micro 4); q and k are new tensors after rotary anyway.
-        # Without grad (generation) nothing is kept: no copy. (torch.compile guards on grad mode.)
+        # Without grad (evaluation) nothing is kept: no copy. (torch.compile guards on grad mode.)
         if torch.is_grad_enabled():
             v = v.contiguous()
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(position_ids, q.dtype, cache)
+        cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend(q, k, v, mask, self.attn, cache=cache))
 
