@@ -103,12 +103,15 @@ class Attention(nn.Module):
 
     def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
-        q, k, v = self.W_pack(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.W_pack(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
         bias = None
         if self.alibi:
             bias = alibi_bias(self.slopes, position_ids, cache)
+        elif cache is not None:  # generation: q and k rotated as one tensor (half the kernels); nothing kept for backward
+            q, k = apply_rotary(qkv[:2], *self.rotary(position_ids, q.dtype, cache))
         else:
-            cos, sin = self.rotary(position_ids, q.dtype, cache)
+            cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if torch.is_grad_enabled():  # q, k are new tensors now; a view v would keep all of W_pack's output (llama.Attention)
                 v = v.contiguous()

@@ -83,13 +83,21 @@ class Attention(nn.Module):
     def forward(self, x, position_ids, mask, cache=None):
         b, s, _ = x.shape
         d = self.head_dim
-        q, k, v = self.query_key_value(x).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        qkv = self.query_key_value(x)
+        if cache is not None:  # generation: q and k are adjacent in qkv, rotated as one tensor (half the kernels)
+            qk, v = qkv.split([(self.n_heads + self.n_kv) * d, self.n_kv * d], dim=-1)
+            qk = qk.view(b, s, self.n_heads + self.n_kv, d).transpose(1, 2)
+            cos, sin = self.rotary(position_ids, qk.dtype, cache)
+            q, k = apply_rotary_interleaved(qk, cos, sin).split([self.n_heads, self.n_kv], dim=1)
+            v = v.view(b, s, self.n_kv, d).transpose(1, 2)  # no copy: nothing is kept for backward
+            return self.dense(attend(q, k, v, mask, self.attn, cache=cache))
+        q, k, v = qkv.split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
         q = q.view(b, s, self.n_heads, d).transpose(1, 2)
         k = k.view(b, s, self.n_kv, d).transpose(1, 2)
         if torch.is_grad_enabled():  # not a view: see llama.Attention
             v = v.contiguous()
         v = v.view(b, s, self.n_kv, d).transpose(1, 2)
-        cos, sin = self.rotary(position_ids, q.dtype, cache)
+        cos, sin = self.rotary(position_ids, q.dtype)
         q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
         return self.dense(attend(q, k, v, mask, self.attn, cache=cache))
 

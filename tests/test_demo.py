@@ -283,7 +283,7 @@ def test_interactive_in_a_terminal(tiny, tok):
 
 
 # ----------------------------------------------------------------------------- KV cache, every family
-FAMILIES = ["llama", "bloom", "mixtral", "baichuan", "chatglm"]
+FAMILIES = ["llama", "bloom", "mixtral", "baichuan", "baichuan_rope", "chatglm"]
 LONG = 120  # new tokens: well past the prompt, so the cache holds most of the context
 
 
@@ -292,7 +292,8 @@ def family_model(request, tmp_path_factory):
     from models.tiny import make_tiny_hf_model, sample_texts
 
     extra = {"position_embedding": "alibi"} if request.param == "baichuan" else {}  # baichuan-13B: ALiBi
-    return request.param, make_tiny_hf_model(tmp_path_factory.mktemp(request.param) / "hf", request.param,
+    family = request.param.removesuffix("_rope")  # baichuan_rope: Baichuan2-7B's rotary
+    return request.param, make_tiny_hf_model(tmp_path_factory.mktemp(request.param) / "hf", family,
                                              sample_texts(DATA), seed=5, **extra)
 
 
@@ -309,7 +310,7 @@ def greedy_no_eos(lm, prompt, n, eos):
 
 def test_kv_cache_greedy_equals_transformers_every_family(family_model):
     """Our cached generation = transformers' generate (with its cache) for LONG tokens, for llama,
-    bloom (ALiBi), mixtral (MoE), baichuan (ALiBi variant, remote code) and chatglm (remote code);
+    bloom (ALiBi), mixtral (MoE), baichuan (ALiBi and rotary variants, remote code) and chatglm (remote code);
     also with the layers split over three devices, and with the prompt fed in two chunks (the
     second one attends to the cached first at an offset)."""
     from transformers import AutoModelForCausalLM
