@@ -108,12 +108,12 @@ class Attention(nn.Module):
         bias = None
         if self.alibi:
             bias = alibi_bias(self.slopes, position_ids, cache)
-        elif cache is not None:  # generation: q and k rotated as one tensor (half the kernels); nothing kept for backward
+        elif cache is not None:  # generation: q and k rotated as one tensor (half the kernels); v stays a view
             q, k = apply_rotary(qkv[:2], *self.rotary(position_ids, q.dtype, cache))
         else:
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if torch.is_grad_enabled():  # q, k are new tensors now; a view v would keep all of W_pack's output (llama.Attention)
+            if torch.is_grad_enabled():  # q, k are new now; a view v would keep all of W_pack's output (llama.Attention)
                 v = v.contiguous()
         return self.o_proj(attend(q, k, v, mask, self.attn, bias, cache=cache))
 
