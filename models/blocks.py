@@ -128,11 +128,10 @@ class Rotary(nn.Module):
         self.dynamic = None
         if params["rope_type"] == "dynamic":
             self.dynamic = (dim, float(params["rope_theta"]), float(params["factor"]), max_position_embeddings)
-        # what makes two Rotary tables equal (every layer of a model has the same): a small int
-        # for generation's per-step memo, where all layers share one set of tables
+        # what makes two Rotary tables equal (every layer of a model has the same): their key in
+        # generation's per-step memo, where all layers share one set of tables
         # (from the arguments, not inv_freq's values: layers are also built on the meta device)
-        spec = (dim, repr(sorted(params.items())), max_position_embeddings, interleaved)
-        self.kind = _ROTARY_KINDS.setdefault(spec, len(_ROTARY_KINDS))
+        self.spec = ("rotary", dim, repr(sorted(params.items())), max_position_embeddings, interleaved)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
                 cache: "KVCache | StaticKVCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,12 +140,8 @@ class Rotary(nn.Module):
         OurLM clears before each step) instead of once per layer."""
         if cache is None or cache.step is None:  # training, compiled blocks: as always, no shared state
             return self.tables(position_ids, dtype)
-        key = (self.kind, self.inv_freq.dtype, dtype, position_ids.device)
-        tables = cache.step.get(key)
-        if tables is None:
-            cos, sin = self.tables(position_ids, dtype)
-            tables = cache.step[key] = cos[:, None], sin[:, None]
-        return tables
+        return per_step(cache, (self.spec, self.inv_freq.dtype, dtype, position_ids.device),
+                        lambda: tuple(t[:, None] for t in self.tables(position_ids, dtype)))
 
     def tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self.inv_freq.float().to(position_ids.device)
@@ -162,7 +157,15 @@ class Rotary(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-_ROTARY_KINDS: dict[tuple, int] = {}
+def per_step(cache, key, compute):
+    """compute() once per generation step for all layers: kept in the caches' shared step memo
+    (`cache.step`, which OurLM clears before each step, so a captured decode step computes it
+    inside the capture); without one (training, a cache of its own), every call."""
+    if cache is None or cache.step is None:
+        return compute()
+    if key not in cache.step:
+        cache.step[key] = compute()
+    return cache.step[key]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -208,12 +211,9 @@ def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor, cache: "KVCache
     row, so this equals -slope * (query - key) on every causal (and same-document) pair.
     cache (generation): computed once per step for all layers, as Rotary's tables; `slopes` are
     alibi_slopes(H), so H and the device name them."""
-    if cache is not None and cache.step is not None:
-        key = ("alibi", slopes.shape[0], position_ids.device)
-        if key not in cache.step:
-            cache.step[key] = alibi_bias(slopes, position_ids)
-        return cache.step[key]
-    return _slopes_on(slopes, position_ids.device)[None, :, None, None] * position_ids[:, None, None, :].float()
+    return per_step(cache, ("alibi", slopes.shape[0], position_ids.device),
+                    lambda: _slopes_on(slopes, position_ids.device)[None, :, None, None]
+                    * position_ids[:, None, None, :].float())
 
 
 def _slopes_on(slopes: torch.Tensor, device) -> torch.Tensor:
@@ -447,7 +447,6 @@ class DecodeCursor:
         self.capacity, self.length, self.decoding = capacity, 0, False
         self._pos: dict[torch.device, torch.Tensor] = {}
         self._keys: dict[torch.device, torch.Tensor] = {}
-        self._masks: dict = {}
 
     def pos(self, device) -> torch.Tensor:
         device = torch.device(device)
@@ -461,23 +460,17 @@ class DecodeCursor:
         for t in self._pos.values():
             t.fill_(length)
 
-    def new_step(self) -> None:
-        self._masks.clear()  # masks of the previous step hold its position
-
     def decode_mask(self, window: int | None, device) -> torch.Tensor:
         """[1, 1, 1, capacity] bool: keys at or before the position (and within the window), built
-        on the device from the position tensor; once per step, device and window."""
+        on the device from the position tensor (StaticKVCache.mask: once per step, device and window)."""
         device = torch.device(device)
-        key = (window, device)
-        if key not in self._masks:
-            if self._keys.get(device) is None or self._keys[device].numel() != self.capacity:
-                self._keys[device] = torch.arange(self.capacity, device=device)
-            keys, pos = self._keys[device], self.pos(device).view(1)
-            keep = keys <= pos
-            if window is not None:
-                keep = keep & (pos - keys < window)
-            self._masks[key] = keep[None, None, None]
-        return self._masks[key]
+        if self._keys.get(device) is None or self._keys[device].numel() != self.capacity:
+            self._keys[device] = torch.arange(self.capacity, device=device)
+        keys, pos = self._keys[device], self.pos(device).view(1)
+        keep = keys <= pos
+        if window is not None:
+            keep = keep & (pos - keys < window)
+        return keep[None, None, None]
 
 
 class StaticKVCache:
@@ -497,7 +490,8 @@ class StaticKVCache:
 
     def mask(self, s: int, window: int | None, device) -> torch.Tensor | None:
         if self.cursor.decoding:
-            return self.cursor.decode_mask(window, device)
+            return per_step(self, ("decode_mask", window, torch.device(device)),
+                            lambda: self.cursor.decode_mask(window, device))
         return _offset_mask(self.cursor.length, s, window, device)
 
     def _buffer(self, buf, new, dim: int):

@@ -360,7 +360,6 @@ class OurLM:
     def _step(self) -> torch.Tensor:
         """The decode step (what the graph captures): static inputs self._token and the cursor's
         position, static buffers, no host reads."""
-        self.cursor.new_step()
         return self._layers((self._token, self.cursor.pos(self.first_device)))
 
     def _capture(self):
