@@ -195,13 +195,19 @@ def check_hf_dir(hf_dir: Path) -> str:
             raise LayoutError(f"{hf_dir / dup[1][1]}: tensor '{dup[0]}' is also in {dup[1][0]}, and no index says "
                               "which to use — remove the stray weight file")
     if not shards:
-        bins = sorted(hf_dir.glob("pytorch_model*.bin"))
-        if not bins:
-            raise LayoutError(f"{hf_dir}: no weights found (*.safetensors or pytorch_model*.bin)")
-        for f in bins:
-            _zip_crcs(f)
-        return f"ok: {hf_dir}: {len(bins)} .bin file(s), zip CRCs checked"
+        n = _check_zips(hf_dir, "pytorch_model*.bin", "no weights found (*.safetensors or pytorch_model*.bin)")
+        return f"ok: {hf_dir}: {n} .bin file(s), zip CRCs checked"
     return f"ok: {hf_dir}: {len(shards)} safetensors file(s), {len(tensors)} tensors, {total / 2**30:.2f} GiB"
+
+
+def _check_zips(folder: Path, pattern: str, none_found: str) -> int:
+    """_zip_crcs of every file matching `pattern` in `folder`; how many (none: LayoutError)."""
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise LayoutError(f"{folder}: {none_found}")
+    for f in files:
+        _zip_crcs(f)
+    return len(files)
 
 
 def _zip_crcs(path: Path) -> None:
@@ -231,12 +237,8 @@ def check_tag(tag_dir: Path) -> str:
     hashes: sizes, and the CRC-32s torch's zip format stores)."""
     meta_path = tag_dir / "meta.json"
     if not meta_path.is_file():  # a converted dir (hf_to_pp) or another tool's tag: layer files only
-        files = sorted(tag_dir.glob("*.pt"))
-        if not files:
-            raise LayoutError(f"{tag_dir}: no layer files")
-        for f in files:
-            _zip_crcs(f)
-        return f"ok: {tag_dir}: {len(files)} files, no meta.json (zip CRCs checked)"
+        n = _check_zips(tag_dir, "*.pt", "no layer files")
+        return f"ok: {tag_dir}: {n} files, no meta.json (zip CRCs checked)"
     meta = read_json(meta_path, "checkpoint meta.json")
     verify(tag_dir, meta)
     extra = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
