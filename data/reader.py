@@ -58,10 +58,7 @@ class _Text:
         for magic, what in _CONTAINERS:
             if data.startswith(magic):
                 raise SampleError(self.path, None, None, f"is {what}, not JSON/JSONL text: {_UNPACK[what]}", line=1)
-        for bom, name in _BOMS:  # UTF-32 LE's BOM starts with UTF-16 LE's: listed first
-            if data.startswith(bom):
-                self.encoding = name
-                break
+        self.encoding = bom_encoding(data) or self.encoding
         self.decoder = codecs.getincrementaldecoder(self.encoding)()
 
     def read(self) -> str:
@@ -92,6 +89,17 @@ class _Text:
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def bom_encoding(data: bytes) -> str | None:
+    """The encoding a byte-order mark at the start of `data` names (UTF-8, UTF-16/32 LE/BE); None
+    without one (data files here, config files in engine/config.py)."""
+    for bom, name in _BOMS:  # UTF-32 LE's BOM starts with UTF-16 LE's: listed first
+        if data.startswith(bom):
+            return name
+    return None
+
+
 _CONTAINERS = ((b"\x1f\x8b", "gzip-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
                (b"\xfd7zXZ\x00", "xz-compressed"), (b"BZh", "bzip2-compressed"), (b"PK\x03\x04", "a zip archive"),
                (b"PAR1", "a Parquet file"), (b"\x93NUMPY", "a NumPy array"))

@@ -7,7 +7,6 @@ closest known key as a suggestion. All cross-field checks live in `validate`.
 """
 from __future__ import annotations
 
-import codecs
 import copy
 import dataclasses
 import difflib
@@ -328,6 +327,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         data = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    from data.reader import bom_encoding
+
     encoding = bom_encoding(data) or "utf-8"  # a BOM (Windows editors, PowerShell's UTF-16) says which
     try:
         text = data.decode(encoding)
@@ -354,15 +355,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     return from_dict(apply_overrides(raw, overrides or []), str(path))
-
-
-def bom_encoding(data: bytes) -> str | None:
-    """The encoding a byte-order mark at the start of `data` names (UTF-8, UTF-16/32 LE/BE); None without one."""
-    for bom, name in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-                      (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
-        if data.startswith(bom):  # UTF-32 LE's BOM starts with UTF-16 LE's: checked first
-            return name
-    return None
 
 
 def _parse_json(text: str, path: Path) -> dict | None:
