@@ -141,6 +141,54 @@ def teacher_forced(lms, prompt, tokens):
             "eager_top2_margin_where_differ": [round(float(m), 4) for m in (top2[:, 0] - top2[:, 1])[differ]]}
 
 
+@torch.no_grad()
+def replay_vs_uncaptured(lm, prompt, tokens) -> dict:
+    """The graphs path's logits at every step of `tokens` against the same step run again without
+    the capture (the compiled, or eager, static step): a decode step writes the same key/value at
+    the same position, so running it twice changes nothing, and a correct capture gives the very
+    same logits. Counts the steps whose logits are bitwise equal."""
+    lm.reset()
+    lm.reserve(len(prompt) + len(tokens))
+    lm.next_logits(list(prompt))
+    equal, worst = 0, 0.0
+    for t in tokens[:-1]:
+        replayed = lm.next_logits([t])
+        again = (lm._compiled or lm._step)()[0, -1].float().cpu()
+        equal += bool(torch.equal(replayed, again))
+        worst = max(worst, float((replayed - again).abs().max()))
+    return {"bitwise_equal_steps": equal, "of": len(tokens) - 1, "max_abs_diff": worst}
+
+
+@torch.no_grad()
+def profile_replay(lm, prompt, top: int = 15) -> dict:
+    """torch.profiler (CUDA activity) over one decode step of the graphs path: the kernels of one
+    replay by total time, their count, and the step's GPU kernel time against its wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lm.reset()
+    lm.reserve(len(prompt) + 8)
+    lm.next_logits(list(prompt))
+    lm.next_logits([5])  # captured (and compiled) here
+    lm.next_logits([6])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        lm.next_logits([7])
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:90], [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time / 1000
+    total = sum(v[1] for v in kernels.values())
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"step_wall_ms": round(1000 * wall, 3), "kernel_ms": round(total, 3),
+            "kernels": sum(v[0] for v in kernels.values()),
+            "top": [[name, n, round(ms, 3)] for name, (n, ms) in rows]}
+
+
 def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -246,6 +294,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--static", action="store_true",
                    help="our static-cache decode step even where no CUDA graph is captured (CPU, several devices)")
+    p.add_argument("--profile", action="store_true", help="profile one replay of the graphs path (CUDA): top kernels")
+    p.add_argument("--no-compile", action="store_true", help="graphs path: capture the eager static step (not compiled)")
     p.add_argument("--count-ops", action="store_true",
                    help="only count the aten ops of one decode step (ours, transformers) with torch.profiler, "
                         "and time --new-tokens further decode steps of each (min, median ms)")
@@ -256,6 +306,8 @@ def main(argv=None):
     lm = our_lm(hf, a)
     if lm.graphs_possible() and not lm.graphs:  # the path under test here (opt-in in demo.py)
         lm = type(lm)(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, graphs=True)
+    if a.no_compile:
+        lm.compile_step = False
     if a.static and not lm.static:
         lm = type(lm)(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, static=True)
     if a.model:
@@ -310,9 +362,14 @@ def main(argv=None):
                     round(result["ours_eager"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3),
                     f"{path_of(lm)}_equal_eager_prefix": agree,
                     f"{path_of(lm)}_equal_eager_first_32": agree >= min(32, len(tokens["ours"])),
-                    "teacher_forced_first_32": teacher_forced({"ours_eager": lms["ours_eager"], "ours": lm},
-                                                              prompt, tokens["ours_eager"][:32])}
+                    "teacher_forced": teacher_forced({"ours_eager": lms["ours_eager"], "ours": lm},
+                                                     prompt, tokens["ours_eager"])}
+    if lm.graphs:
+        summary["replay_vs_uncaptured"] = replay_vs_uncaptured(lm, prompt, tokens["ours"])
+        summary["compiled_step"] = lm.compile_step
     print(json.dumps(summary))
+    if a.profile and lm.graphs:
+        print(json.dumps({"profile_one_replay": profile_replay(lm, prompt)}))
 
 if __name__ == "__main__":
     main()

@@ -247,6 +247,12 @@ class OurLM:
             raise ValueError("CUDA graphs replay the static-cache decode step (static=True)")
         self.cursor = None  # models.blocks.DecodeCursor of the static caches
         self.graph = None  # (CUDAGraph, its static logits) for the cursor's capacity
+        # the captured step is first compiled whole by inductor (norms, rotary, SiLU*up and residual
+        # adds fused: about half the kernels of the eager step, which on a GPU are what a decode step
+        # waits on besides reading the weights); rope families only: ALiBi's slopes are CPU constants,
+        # whose copy inside a compiled graph could not be captured
+        self.compile_step = graphs and self.family.dims(self.args).positional == "rope"
+        self._compiled = None
         self.reserved = 0
         self._token = None  # [1, 1] int64 on the first device: the decode step's input token
 
@@ -301,6 +307,8 @@ class OurLM:
         if need <= cursor.capacity:
             return
         want = -(-need // self.CAPACITY_STEP) * self.CAPACITY_STEP
+        if self.compile_step:  # each capacity is a compile: double it (a few per process) rather than add 256
+            want = max(want, 2 * cursor.capacity)
         if self.max_len:
             want = min(want, max(self.max_len, need))
         cursor.capacity = want  # the caches grow their buffers at their next write
@@ -367,16 +375,19 @@ class OurLM:
         the stream that uses them), warm-up on a side stream (lazy inits; as PyTorch's CUDA-graph
         docs say), then capture. Each run writes the same key/value at the same position, so these
         runs change nothing the replay would not write again."""
-        self._step()
+        if self.compile_step and self._compiled is None:  # a new capacity recompiles (shapes are static)
+            self._compiled = torch.compile(self._step, dynamic=False)
+        step = self._compiled or self._step
+        step()  # compiles before any capture
         stream = torch.cuda.Stream(self.first_device)
         stream.wait_stream(torch.cuda.current_stream(self.first_device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                step()
         torch.cuda.current_stream(self.first_device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._step()
+            logits = step()
         return graph, logits
 
 
