@@ -28,6 +28,7 @@ from .loss import causal_lm_loss
 MODEL_TYPES = ("mixtral",)
 HF_ARCHITECTURE = "MixtralForCausalLM"
 TIED_WEIGHTS = ["embed_tokens.weight"]  # shared by embedding and head when tie_word_embeddings
+HF_NOT_LINEAR = ("block_sparse_moe.",)  # experts + router are no nn.Linear in transformers 5: no LoRA targets (models/lora.py)
 
 
 @dataclass(kw_only=True)

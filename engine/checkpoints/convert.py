@@ -19,9 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from models.keymap import to_hf
+from models.lora import merge
 
 from engine.checkpoints import integrity
-from engine.checkpoints.files import LayoutError, StagingDir, copy_hf_side_files, layer_file, read_hf_config, write_text_atomic
+from engine.checkpoints.files import (LayoutError, StagingDir, copy_hf_side_files, layer_file, read_hf_config, resolve_tag,
+                                      write_text_atomic)
 from engine.checkpoints.weights import open_weights
 
 INIT_TAG = "global_step0"
@@ -108,15 +110,26 @@ class ShardWriter:
 
 
 def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
-             max_shard_bytes: int = 5 * 2**30, dtype: str = "auto") -> Path:
+             max_shard_bytes: int = 5 * 2**30, dtype: str = "auto", merge_lora: bool = False) -> Path:
     """Write an HF model dir (safetensors shards + index + config + tokenizer) from a pipeline checkpoint.
 
     `dtype`: the tensors' dtype in the export; "auto" is the source model's (its config.json's, see
     source_dtype), else the layer files' own. Training checkpoints hold fp32 masters, so a bf16
-    model trained in any precision is exported in bf16 again."""
-    source = open_weights(pp_dir, tag=tag)
-    if source.where.is_hf:
-        raise LayoutError(f"{pp_dir}: not a pipeline checkpoint dir (no 'latest' file)")
+    model trained in any precision is exported in bf16 again. A LoRA checkpoint (adapters only)
+    needs `merge_lora`: its base model (meta.json's `base`) with the adapters merged in."""
+    from engine.checkpoints.lora import Adapters, of_tag
+
+    lora = None
+    if (Path(pp_dir) / "latest").exists() and of_tag(resolve_tag(pp_dir, tag)) is not None:
+        if not merge_lora:
+            raise LayoutError(f"{resolve_tag(pp_dir, tag)}: a LoRA checkpoint (adapters only): export it with "
+                              f"--lora-adapter OUT (a PEFT adapter dir) or --merge-lora (a plain HF model)")
+        lora = Adapters(pp_dir, tag)
+        source = open_weights(lora.base_dir(), lora.model)
+    else:
+        source = open_weights(pp_dir, tag=tag)
+        if source.where.is_hf:
+            raise LayoutError(f"{pp_dir}: not a pipeline checkpoint dir (no 'latest' file)")
     family, hf_src = source.model.family, source.where.hf_dir
     if source.layer_dir is not None:  # (gdGPT's layer dirs have no meta.json)
         integrity.verify_weights(source.layer_dir)  # sizes + hashes of the layer files (meta.json), before reading
@@ -131,6 +144,8 @@ def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
             if idx in source.twins:  # its owner holds the weight (DeepSpeed writes no file for it)
                 continue
             state = source.layer(idx)
+            if lora is not None:
+                state = merge(names, state, lora.layer(idx), lora.spec.scaling)
             if out_dtype is not None:
                 state = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in state.items()}
             dtypes |= {t.dtype for t in state.values()}
