@@ -3,6 +3,8 @@
     python convert_model.py hg_to_pp --input-path HF_DIR --save-path PP_DIR     # HF_DIR may be a hub id (org/name)
     python convert_model.py download --model-name org/name --save-path HF_DIR   # a hub model into a plain dir
     python convert_model.py pp_to_hg --input-path PP_DIR --save-path HF_DIR [--tag global_step100] [--dtype auto]
+    python convert_model.py pp_to_hg --input-path LORA_RUN --lora-adapter OUT      # a LoRA run: PEFT adapter dir
+    python convert_model.py pp_to_hg --input-path LORA_RUN --save-path HF_DIR --merge-lora   # or merged into its base
     python convert_model.py verify DIR [--tag global_step100]   # every file's size + checksum, nothing loaded
 """
 import argparse
@@ -11,6 +13,7 @@ from engine.cli import Parser, number, user_errors
 from engine.checkpoints.convert import hf_to_pp, pp_to_hg
 from engine.checkpoints.hub import fetch, model_source
 from engine.checkpoints.integrity import check_dir
+from engine.checkpoints.lora import export_adapter
 
 
 @user_errors
@@ -24,6 +27,10 @@ def main(argv=None):
     p.add_argument("--tag", default=None, help="pp_to_hg, verify: checkpoint tag (default: the one 'latest' names)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="pp_to_hg: dtype of the exported tensors (auto: the source model's, from its config.json)")
+    p.add_argument("--lora-adapter", metavar="OUT",
+                   help="pp_to_hg of a LoRA run: write its adapters as a PEFT adapter dir (for PeftModel.from_pretrained)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="pp_to_hg of a LoRA run: write its base model with the adapters merged in (--save-path)")
     p.add_argument("--max-shard-size", type=number(float, 0, low_open=True), default=5.0,
                    help="pp_to_hg: GiB per safetensors shard")
     a = p.parse_args(argv)
@@ -31,6 +38,13 @@ def main(argv=None):
         if not (a.dir or a.input_path):
             p.error("verify needs a directory")
         print(check_dir(a.dir or a.input_path, a.tag))
+        return
+    if a.direction == "pp_to_hg" and a.lora_adapter is not None:
+        if a.merge_lora or a.save_path:
+            p.error("--lora-adapter writes the adapter alone: leave out --save-path and --merge-lora")
+        if a.input_path is None:
+            p.error("pp_to_hg needs --input-path")
+        print(f"wrote {export_adapter(a.input_path, a.lora_adapter, tag=a.tag)}")
         return
     for flag in ("model_name", "save_path") if a.direction == "download" else ("input_path", "save_path"):
         if getattr(a, flag) is None:
@@ -41,7 +55,7 @@ def main(argv=None):
         out = hf_to_pp(model_source(a.input_path), a.save_path)
     else:
         out = pp_to_hg(a.input_path, a.save_path, tag=a.tag, max_shard_bytes=int(a.max_shard_size * 2**30),
-                       dtype=a.dtype)
+                       dtype=a.dtype, merge_lora=a.merge_lora)
     print(f"wrote {out}")
 
 

@@ -67,6 +67,21 @@ class ModelTopo:
 
 
 @dataclass
+class LoraConfig:
+    r: int = doc("LoRA rank: train low-rank adapters on the blocks' linears, base weights frozen in the run's "
+                 "precision (no fp32 master, gradient or optimizer state); 0 = off (full fine-tuning)", default=0)
+    alpha: float = doc("adapter scale numerator: each adapted linear adds alpha/r x B A x (PEFT's lora_alpha)",
+                       default=16.0)
+    dropout: float = doc("dropout on the adapters' input while training (PEFT's lora_dropout)", default=0.0)
+    target_modules: list[str] | str = doc("HF module names to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                          "up_proj, down_proj; bloom/chatglm: query_key_value, dense, "
+                                          "dense_h_to_4h, dense_4h_to_h; baichuan: W_pack), or all-linear: every "
+                                          "linear of the blocks", default="all-linear")
+    modules_to_save: list[str] | None = doc("whole modules trained in full beside the adapters and saved with them, "
+                                            "e.g. [embed_tokens, lm_head] for new tokens", default=None)
+
+
+@dataclass
 class TrainConfig:
     model_path: str = doc("pipeline checkpoint dir written by `convert_model.py hg_to_pp`")
     data_path: list[str] = doc("training sample files (JSON array or JSONL); a string or a list")
@@ -115,6 +130,7 @@ class TrainConfig:
                                     "logsumexp(router logits)^2 averaged over MoE layers, logged as router_z_loss "
                                     "(0 = off)", default=0.0)
     model_topo: ModelTopo = doc("pipeline/data-parallel layout", default_factory=ModelTopo)
+    lora: LoraConfig = doc("LoRA fine-tuning (lora.r > 0)", default_factory=LoraConfig)
     ds: dict = doc("DeepSpeed's own keys, passed through", default_factory=dict)
     source: str = doc("file the config was read from (set by the loader)", default="<dict>")
 
@@ -724,6 +740,32 @@ def _check_values(cfg: TrainConfig) -> None:
                               "that many times per epoch; n_epochs repeats the whole mix)")
     if not 0 <= cfg.router_z_loss_coef < math.inf:
         raise ConfigError(f"{where}: 'router_z_loss_coef' must be a finite number >= 0, got {cfg.router_z_loss_coef}")
+    _check_lora(cfg)
+
+
+def _check_lora(cfg: TrainConfig) -> None:
+    where, lora = cfg.source, cfg.lora
+    if lora.r < 0:
+        raise ConfigError(f"{where}: lora.r must be >= 0 (0 = off), got {lora.r}")
+    if not lora.r:
+        return
+    if not 0 < lora.alpha < math.inf:
+        raise ConfigError(f"{where}: lora.alpha must be a finite number > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {lora.dropout}")
+    targets = lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ConfigError(f"{where}: lora.target_modules must be a list of module names or all-linear, got "
+                          f"{targets!r}{_suggest(targets, ['all-linear'])}")
+    if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
+        raise ConfigError(f"{where}: lora.target_modules must name at least one module (or all-linear), got {targets}")
+    if any(not m.strip() for m in lora.modules_to_save or []):
+        raise ConfigError(f"{where}: lora.modules_to_save has an empty name")
+    if cfg.from_scratch:
+        raise ConfigError(f"{where}: lora needs trained base weights; from_scratch: true trains all of them (set lora.r: 0)")
+    if cfg.zero_stage == 3:
+        raise ConfigError(f"{where}: lora with zero_optimization.stage 3 is not supported (the adapters are added "
+                          "after ZeRO-3 partitions the model); use stage 1 or 2, or train_ds.py")
 
 
 def owned_fields(cls=None, prefix: str = "") -> list[tuple[str, object, dataclasses.Field]]:

@@ -75,3 +75,111 @@ def test_adapter_export_loads_in_peft_and_merge_equals_peft_merge(hf_dir, name, 
     with torch.no_grad():
         unloaded = peft.merge_and_unload()(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(logits_of(merged(ids)), unloaded, atol=ATOL, rtol=0)
+
+
+LORA = {"r": 4, "alpha": 32.0, "target_modules": "all-linear"}
+BF16 = {"bf16": {"enabled": True}}
+
+
+def _train_keeping_engine(raw, zero=False):
+    """train / train_zero on this rank; returns its losses and what the engine holds after training:
+    {layer: {param: tensor}} of the frozen parameters, trainable count, fp32 master elements."""
+    from engine.training import backends, loop
+
+    kept = {}
+    cls = backends.ZeroBackend if zero else backends.PipelineBackend
+    build = cls.build
+
+    def keep(self, *a):
+        kept["engine"] = build(self, *a)
+        return kept["engine"]
+
+    cls.build = keep
+    result = (loop.train_zero if zero else loop.train)(from_dict(raw))
+    engine = kept["engine"]
+    module = engine.module
+    layers = [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, torch.nn.Module)] \
+        if hasattr(module, "forward_funcs") else module.owned_layers()
+    frozen = {idx: {n: p.detach().float().clone() for n, p in layer.named_parameters() if not p.requires_grad}
+              for idx, layer in layers}
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    opt = engine.optimizer
+    masters = sum(p.numel() for g in getattr(opt, "bf16_groups", getattr(opt, "bit16_groups", [])) for p in g)
+    grads = [n for n, p in module.named_parameters() if not p.requires_grad and p.grad is not None]
+    dtypes = {str(p.dtype) for p in module.parameters() if not p.requires_grad}
+    return result.losses, frozen, trainable, masters, grads, dtypes
+
+
+def run_keeping(raw, zero=False):
+    from tests.dist import run_ranks
+
+    out = run_ranks(_train_keeping_engine, 2, raw, zero)
+    assert out[0][0] == out[1][0]
+    return out
+
+
+def _base_layers(model_path) -> dict[int, dict[str, torch.Tensor]]:
+    from engine.checkpoints.weights import open_weights
+
+    src = open_weights(model_path)
+    return {idx: src.layer(idx) for idx in range(len(src))}
+
+
+def test_pp2_trains_only_the_adapters_saves_them_alone_exports_and_resumes_on_dp2(tiny_pp, tmp_path, capfd):
+    from convert_model import main as convert
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from tests.conftest import run_main
+
+    save = tmp_path / "run"
+    raw = config(tiny_pp, save, steps=12, lora=LORA, **BF16)
+    raw["optimizer"]["params"]["lr"] = 3e-2
+    ranks = run_keeping(raw)
+    losses = ranks[0][0]
+    assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 0.15, losses
+    base = _base_layers(tiny_pp)
+    for _, frozen, trainable, masters, grads, dtypes in ranks:
+        assert frozen and trainable and dtypes == {"torch.bfloat16"} and not grads
+        assert masters == trainable  # an fp32 master (and optimizer state) only for the adapters
+        for idx, params in frozen.items():  # the base is bitwise what model_path holds, in bf16
+            for n, t in params.items():
+                assert torch.equal(t, base[idx][n].to(torch.bfloat16).float()), (idx, n)
+
+    tag = save / "global_step12"
+    meta = json.loads((tag / "meta.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["lora"]["base"] == str(Path(tiny_pp).absolute())
+    assert meta["n_params"] == ranks[0][2] + ranks[1][2]
+    for f in tag.glob("layer_*-model_states.pt"):  # only adapters: 4 blocks, none for embedding or head
+        assert all(".lora_" in k for k in torch.load(f, weights_only=True)), f
+    assert len(list(tag.glob("layer_*-model_states.pt"))) == 4
+    size = sum(meta["files"].values())
+    assert size / meta["n_params"] < 16  # fp32 adapters + 2 Adam moments (+ file framing)
+    logged = (save / "metrics.jsonl").read_text() + capfd.readouterr().out
+    assert "B/trainable param" in logged
+
+    # exports: a PEFT adapter that peft loads on the base, and the merged model, agree in fp32
+    code, _, err = run_main(convert, ["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "x")], capfd)
+    assert code == 2 and "LoRA checkpoint" in err and "--lora-adapter" in err and len(err.strip().splitlines()) == 1
+    assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--lora-adapter", str(tmp_path / "adapter")],
+                    capfd)[0] == 0
+    assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "merged"),
+                              "--merge-lora"], capfd)[0] == 0
+    hf = Path(tiny_pp).parent / "hf"
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
+                                         tmp_path / "adapter").eval()(input_ids=ids).logits
+        merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        merged = merged_model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert (peft - plain).abs().max() > 1e-3
+    # the merged export is in the source dtype (rounded there): equal to peft's within that rounding
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == \
+        json.loads((hf / "config.json").read_text()).get("dtype", "float32")
+    torch.testing.assert_close(merged, peft, atol=1e-5, rtol=0)
+
+    # the same tag resumes on another layout (dp=2): adapters and their optimizer state reshaped
+    more = config(tiny_pp, save, dims=(1, 2), parts=(6,), steps=14, lora=LORA, **BF16)
+    more["optimizer"]["params"]["lr"] = 3e-2
+    resumed = run(more)
+    assert sorted(resumed) == [13, 14] and all(v < losses[1] for v in resumed.values())

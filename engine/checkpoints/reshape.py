@@ -29,6 +29,7 @@ from engine import distributed as D
 from engine.checkpoints import integrity
 from engine.checkpoints.files import LayoutError, layer_file, load_layer
 from models.keymap import unfused_names
+from models.lora import has_lora
 
 FORMAT = 2
 DIR = "optim"
@@ -129,10 +130,15 @@ def save(engine, tag_dir: Path) -> dict[str, list]:
         _link(zopt)
     written: dict[str, list] = {}
     (tag_dir / DIR).mkdir(parents=True, exist_ok=True)
+    adapters_only = has_lora(engine.module)  # LoRA: the frozen base stays where model_path has it
     for n, (idx, layer) in enumerate(_layers(engine.module)):
+        if adapters_only and not any(p.requires_grad for p in layer.parameters()):
+            continue
         writer = n % dp_size == dp_rank
         masters, moments = {}, {}
         for name, p in layer.named_parameters():
+            if adapters_only and not p.requires_grad:
+                continue
             if zopt is not None and p.requires_grad:
                 master = safe_get_full_fp32_param(p)
                 state = {k: safe_get_full_optimizer_state(p, k) for k in keys}
@@ -145,7 +151,8 @@ def save(engine, tag_dir: Path) -> dict[str, list]:
         if not writer:
             continue
         weights = {k: masters[id(v)] if id(v) in masters else _compact(v)
-                   for k, v in layer.state_dict(keep_vars=True).items()}
+                   for k, v in layer.state_dict(keep_vars=True).items()
+                   if not adapters_only or isinstance(v, torch.nn.Parameter) and v.requires_grad}
         path = layer_file(tag_dir, idx)
         written[path.name] = [*integrity.save(weights, path), sum(t.numel() for t in masters.values())]
         if any(moments.values()):

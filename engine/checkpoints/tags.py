@@ -20,7 +20,7 @@ from pathlib import Path
 
 from engine import distributed as D
 from engine import fault_hooks
-from engine.checkpoints import integrity, reshape, writes
+from engine.checkpoints import integrity, lora, reshape, writes
 from engine.config import TrainConfig, save_config
 from engine.checkpoints.files import (LayoutError, copy_hf_side_files, current_tag, fsync_dir, fsync_tree,
                                       is_pipeline_dir, read_json, resolve_tag, write_text_atomic)
@@ -143,6 +143,8 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
             meta = {"format": reshape.FORMAT, "family": family_name, "n_layers": n_layers, "step": step,
                     "layout": layout, "n_params": n_params, "shared_storage": shared, "files": files,
                     "hash": integrity.ALGO, "hashes": hashes}
+            if lora.record(cfg) is not None:  # adapters only: n_params counts the trainable parameters
+                meta["lora"] = lora.record(cfg)
             (tmp / META).write_text(json.dumps(meta))
             size = sum(files.values()) + (tmp / META).stat().st_size
             if not (root / "hf").is_dir():
@@ -158,7 +160,8 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
             rotate(root, cfg.keep_last)
     writes.agree(lambda: publisher and writes.discard(root, tag), note)
     if D.rank() == 0 and n_params:
-        (log or print)(f"checkpoint {tag}: {size / 2**30:.2f} GiB, {size / n_params:.1f} B/param, "
+        per = "B/trainable param" if lora.record(cfg) is not None else "B/param"
+        (log or print)(f"checkpoint {tag}: {size / 2**30:.2f} GiB, {size / n_params:.1f} {per}, "
                        f"{time.perf_counter() - t0:.1f}s")
     return root / tag
 
@@ -252,6 +255,7 @@ def weights_from_tag(cfg: TrainConfig, family_name: str, n_layers: int, kind: st
         raise LayoutError(f"{tag_dir}: saved by {saved.get('engine', 'pipeline')} training on {saved}; its optimizer "
                           f"state resumes only there. To go on from its weights with a fresh optimizer, set "
                           f"model_path: {cfg.save_path} and a new save_path")
+    lora.check_resume(tag_dir, meta.get("lora"), cfg)
     if reshape.has_state(tag_dir):
         return True
     if meta.get("format", 1) >= reshape.FORMAT or saved not in (None, layout_of(cfg, n_layers, kind)):

@@ -24,10 +24,12 @@ from dataclasses import replace
 
 import torch
 
+from models.lora import LoraSpec, add_lora, check_spec
 from models.pipeline import SequentialModel, build_pipeline, init_layer, init_weights, training_loss
 
 from engine import distributed as D
-from engine.config import TrainConfig, validate
+from engine.config import ConfigError, TrainConfig, validate
+from engine.checkpoints.lora import load_adapters
 from engine.checkpoints.weights import load_stage, open_weights
 from engine.training.optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
 from engine.plan import resolve_auto_parts
@@ -51,12 +53,15 @@ class PipelineBackend:
         self.topology = ProcessTopology(axes=topo.axes, dims=topo.dims)
         self.dp_rank, self.dp_size = self.topology.get_coord(D.rank()).data, cfg.data_dim
         self.wgrad_fusion = grad_accum.wgrad_fusion(cfg)
+        self.lora = lora_spec(cfg, model)
 
     def describe(self) -> str:
-        return f"parts {self.parts}" + (", fp32 grad accumulation fused into the wgrad GEMM" if self.wgrad_fusion else "")
+        return f"parts {self.parts}" + (", fp32 grad accumulation fused into the wgrad GEMM" if self.wgrad_fusion else "") \
+            + describe_lora(self.lora)
 
-    def build(self, weights: str | None):
-        """`weights`: a checkpoint/HF dir to load, "scratch" for random init, None (resume fills them)."""
+    def build(self, weights: str | None, adapters=None):
+        """`weights`: a checkpoint/HF dir to load, "scratch" for random init, None (resume fills them).
+        LoRA: `weights` is the base; `adapters` a LoRA tag to resume the adapters from (else fresh ones)."""
         import deepspeed
 
         cfg, model = self.cfg, self.model
@@ -66,6 +71,9 @@ class PipelineBackend:
             init_weights(module, cfg.seed)
         elif weights:
             load_stage(module, weights, model)
+        if self.lora:
+            self.trainable = with_lora(self.lora, [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs)
+                                                   if isinstance(f, torch.nn.Module)], model, cfg.seed, adapters)
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
@@ -106,15 +114,16 @@ class ZeroBackend:
         self.dp_rank, self.dp_size = D.rank(), D.world_size()
         self.zero = cfg.ds["zero_optimization"]
         self.stage = self.zero["stage"]
+        self.lora = lora_spec(cfg, model)
 
     def describe(self) -> str:
         offload = [f"{k.split('_')[1]}->{v['device']}" for k, v in self.zero.items()
                    if k.startswith("offload_") and (v or {}).get("device", "none") != "none"]
         cpu_opt = ", DeepSpeed CPU optimizer" if uses_ds_cpu_optimizer(self.cfg.ds) else ""
         return f"ZeRO-{self.stage} over {self.dp_size} ranks" + (f", offload {', '.join(offload)}" if offload else "") \
-            + cpu_opt
+            + cpu_opt + describe_lora(self.lora)
 
-    def build(self, weights: str | None):
+    def build(self, weights: str | None, adapters=None):
         """As PipelineBackend.build. Under ZeRO-3 the model is partitioned as it is built
         (zero.Init) and weights are set one gathered layer at a time."""
         import deepspeed
@@ -132,6 +141,8 @@ class ZeroBackend:
             self._each_layer(lambda idx, layer: init_layer(layer, cfg.seed, idx), modifier_rank=0)
         elif weights:
             self._load(weights)
+        if self.lora:
+            self.trainable = with_lora(self.lora, module.owned_layers(), model, cfg.seed, adapters)
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
         return self.engine
@@ -191,6 +202,35 @@ class ZeroBackend:
             if d.tie is not None and d.forward_fn is not None:  # the twin that borrows the owner's weight
                 for p in module._modules[str(i)].parameters():
                     deepspeed.zero.register_external_parameter(module, p)
+
+
+def lora_spec(cfg: TrainConfig, model: Model) -> LoraSpec | None:
+    """The run's LoRA spec (None: full fine-tuning), its names checked against the model's modules."""
+    spec = LoraSpec.of(cfg.lora)
+    if spec is not None:
+        try:
+            check_spec(spec, model.family, model.args)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: {e}") from None
+    return spec
+
+
+def with_lora(spec: LoraSpec, layers: list, model: Model, seed: int, adapters) -> int:
+    """Adapters on this rank's layers (after the base weights are in), everything else frozen, the
+    adapters resumed from a LoRA tag when given; returns the trainable parameters here. Frozen
+    parameters are outside the optimizer, so DeepSpeed gives them no fp32 master, gradient or state."""
+    n = add_lora(layers, model.family, model.args, spec, seed)
+    if adapters is not None:
+        load_adapters(layers, adapters)
+    return n
+
+
+def describe_lora(spec: LoraSpec | None) -> str:
+    if spec is None:
+        return ""
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else ",".join(spec.target_modules)
+    return f", LoRA r {spec.r} alpha {spec.alpha:g} on {targets}" + \
+        (f" + {','.join(spec.modules_to_save)}" if spec.modules_to_save else "") + "; base frozen"
 
 
 def on_device(micro_batches: list, device) -> list:

@@ -21,6 +21,7 @@ from engine import fault_hooks
 from engine.checkpoints import lock as runlock
 from engine.checkpoints import tags as ckpt
 from engine.checkpoints import writes
+from engine.checkpoints.files import resolve_tag
 from engine.config import ConfigError, TrainConfig, check_paths
 from engine.model import Model, load_tokenizer
 from engine.training.backends import PipelineBackend, ZeroBackend
@@ -99,12 +100,15 @@ def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
     fill_schedule(cfg, total)  # e.g. total_num_steps: the run's step count
 
     torch.manual_seed(cfg.seed)
-    if from_tag:  # weights from the tag's layer files (fp32 masters), optimizer state in ckpt.resume
+    adapters = None
+    if from_tag and backend.lora:  # LoRA: the frozen base from model_path, the adapters from the tag
+        weights, adapters = cfg.model_path, resolve_tag(cfg.save_path)
+    elif from_tag:  # weights from the tag's layer files (fp32 masters), optimizer state in ckpt.resume
         weights = cfg.save_path
     else:  # an older tag without optim/: DeepSpeed's own load fills the weights
         weights = None if resume else "scratch" if cfg.from_scratch else cfg.model_path
     with quiet_prints():  # DeepSpeed's bare INFO prints (SEED_LAYERS=..., Using topology: ...)
-        engine = backend.build(weights)
+        engine = backend.build(weights, adapters)
     evaluator = Evaluator.maybe(cfg, model.hf_dir, engine)  # held-out set (eval_data_path), if any
     is_logger = D.rank() == 0
     if is_logger:
