@@ -9,7 +9,7 @@ from engine.config import ConfigError, from_dict, load_config, to_dict, validate
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Pipeline layers (embedding + blocks + head) of the model each shipped config is written for.
 MODEL_LAYERS = {
-    "tiny_llama_cpu.yml": 6, "llama_7b_pp.yml": 34,
+    "tiny_llama_cpu.yml": 6, "llama_7b_pp.yml": 34, "tiny_llama_lora_cpu.yml": 6,
     "tiny_bloom_cpu.yml": 6, "bloom_7b_pp.yml": 32,
     "tiny_mixtral_cpu.yml": 6, "mixtral_8x7b_pp.yml": 34,
     "tiny_baichuan_cpu.yml": 6, "baichuan2_7b_pp.yml": 34,

@@ -125,16 +125,26 @@ def _base_layers(model_path) -> dict[int, dict[str, torch.Tensor]]:
     return {idx: src.layer(idx) for idx in range(len(src))}
 
 
-def test_pp2_trains_only_the_adapters_saves_them_alone_exports_and_resumes_on_dp2(tiny_pp, tmp_path, capfd):
+def lora_config(tiny_pp, save, **over):
+    raw = config(tiny_pp, save, steps=12, lora=LORA, **BF16, **over)
+    raw["optimizer"]["params"]["lr"] = 3e-2
+    return raw
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_pp, tmp_path_factory):
+    """One pp=2 bf16 LoRA run of 12 steps: (save_path, each rank's _train_keeping_engine result)."""
+    save = tmp_path_factory.mktemp("lora_run") / "run"
+    return save, run_keeping(lora_config(tiny_pp, save))
+
+
+def test_pp2_trains_only_the_adapters_saves_them_alone_exports_and_resumes_on_dp2(tiny_pp, lora_run, tmp_path, capsys):
     from convert_model import main as convert
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from tests.conftest import run_main
 
-    save = tmp_path / "run"
-    raw = config(tiny_pp, save, steps=12, lora=LORA, **BF16)
-    raw["optimizer"]["params"]["lr"] = 3e-2
-    ranks = run_keeping(raw)
+    save, ranks = lora_run
     losses = ranks[0][0]
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 0.15, losses
     base = _base_layers(tiny_pp)
@@ -154,16 +164,14 @@ def test_pp2_trains_only_the_adapters_saves_them_alone_exports_and_resumes_on_dp
     assert len(list(tag.glob("layer_*-model_states.pt"))) == 4
     size = sum(meta["files"].values())
     assert size / meta["n_params"] < 16  # fp32 adapters + 2 Adam moments (+ file framing)
-    logged = (save / "metrics.jsonl").read_text() + capfd.readouterr().out
-    assert "B/trainable param" in logged
 
     # exports: a PEFT adapter that peft loads on the base, and the merged model, agree in fp32
-    code, _, err = run_main(convert, ["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "x")], capfd)
+    code, _, err = run_main(convert, ["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "x")], capsys)
     assert code == 2 and "LoRA checkpoint" in err and "--lora-adapter" in err and len(err.strip().splitlines()) == 1
     assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--lora-adapter", str(tmp_path / "adapter")],
-                    capfd)[0] == 0
+                    capsys)[0] == 0
     assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "merged"),
-                              "--merge-lora"], capfd)[0] == 0
+                              "--merge-lora"], capsys)[0] == 0
     hf = Path(tiny_pp).parent / "hf"
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -179,7 +187,89 @@ def test_pp2_trains_only_the_adapters_saves_them_alone_exports_and_resumes_on_dp
     torch.testing.assert_close(merged, peft, atol=1e-5, rtol=0)
 
     # the same tag resumes on another layout (dp=2): adapters and their optimizer state reshaped
-    more = config(tiny_pp, save, dims=(1, 2), parts=(6,), steps=14, lora=LORA, **BF16)
-    more["optimizer"]["params"]["lr"] = 3e-2
+    more = lora_config(tiny_pp, save, dims=(1, 2), parts=(6,))
+    more["max_steps"] = 14
     resumed = run(more)
     assert sorted(resumed) == [13, 14] and all(v < losses[1] for v in resumed.values())
+
+
+def _cfg(**lora):
+    raw = {"model_path": "m", "data_path": "d.jsonl", "save_path": "s", "lora": lora,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [3, 3]},
+           "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}
+    return raw
+
+
+@pytest.mark.parametrize("lora, message", [
+    ({"r": -1}, "lora.r must be >= 0"),
+    ({"r": "8"}, "'lora.r' must be int"),
+    ({"r": 8, "alpha": 0}, "lora.alpha must be a finite number > 0"),
+    ({"r": 8, "dropout": 1.0}, "lora.dropout must be in [0, 1)"),
+    ({"r": 8, "target_modules": "all_linear"}, "lora.target_modules must be a list of module names or all-linear, "
+                                               "got 'all_linear' (did you mean 'all-linear'?)"),
+    ({"r": 8, "target_modules": []}, "lora.target_modules must name at least one module"),
+    ({"r": 8, "rank": 8}, "unknown key 'lora.rank'"),
+])
+def test_bad_lora_values_are_one_line_errors(lora, message):
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(_cfg(**lora), "x.yml"), 2, 6)
+    assert str(e.value).startswith("x.yml: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_set_help_config_and_names_the_model_lacks(tiny_pp, capsys):
+    from engine.config import apply_overrides, help_text
+    from engine.model import Model
+    from engine.training.backends import lora_spec
+
+    assert all(f"lora.{k}:" in help_text() for k in ("r", "alpha", "dropout", "target_modules", "modules_to_save"))
+    raw = apply_overrides(_cfg(), ["lora.r=16", "lora.target_modules=all-linear", "lora.modules_to_save=[lm_head]"])
+    cfg = from_dict(raw, "x.yml")
+    assert (cfg.lora.r, cfg.lora.target_modules, cfg.lora.modules_to_save) == (16, "all-linear", ["lm_head"])
+    model = Model.from_dir(tiny_pp)
+    assert lora_spec(cfg, model).scaling == 1.0
+    for over, message in ((["lora.target_modules=[q_proj, qkv_proj]"], "lora.target_modules: 'qkv_proj' is no "
+                           "adaptable linear of this llama model (its blocks' linears: q_proj, k_proj, v_proj, o_proj, "
+                           "gate_proj, up_proj, down_proj; or all-linear)"),
+                          (["lora.modules_to_save=[head]"], "lora.modules_to_save: 'head' matches no whole module")):
+        with pytest.raises(ConfigError) as e:
+            lora_spec(from_dict(apply_overrides(_cfg(r=8), over), "x.yml"), model)
+        assert str(e.value).startswith(f"x.yml: {message}"), str(e.value)
+    mixtral = get_family("mixtral")
+    from models.lora import block_targets
+    assert {t.rsplit(".", 1)[-1] for t in block_targets(mixtral, mixtral.Args.from_hf_config(mixtral.tiny_hf_config()))} \
+        == {"q_proj", "k_proj", "v_proj", "o_proj"}  # as PEFT's all-linear on transformers' Mixtral
+
+
+def test_zero2_trains_only_the_adapters(tiny_pp, tmp_path):
+    raw = config(tiny_pp, tmp_path / "z", dims=(1, 2), parts=None, steps=3, lora=LORA,
+                 zero_optimization={"stage": 2}, **BF16)
+    ranks = run_keeping(raw, zero=True)
+    base = _base_layers(tiny_pp)
+    for _, frozen, trainable, masters, grads, dtypes in ranks:
+        assert masters == trainable and not grads and dtypes == {"torch.bfloat16"}
+        for idx, params in frozen.items():
+            for n, t in params.items():
+                assert torch.equal(t, base[idx][n].to(torch.bfloat16).float()), (idx, n)
+    meta = json.loads((tmp_path / "z" / "global_step3" / "meta.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["layout"]["engine"] == "zero"
+    assert all(".lora_" in k for f in (tmp_path / "z" / "global_step3").glob("layer_*-model_states.pt")
+               for k in torch.load(f, weights_only=True))
+
+
+def test_kill9_then_same_command_resumes_bitwise(tiny_pp, lora_run, tmp_path):
+    """The real launcher, killed -9 after a checkpoint; the same command again gives the
+    uninterrupted run's losses (lora_run's, same config) bitwise."""
+    import yaml
+
+    from tests.test_kill_resume import kill9, launch, losses, steps_logged, wait_for, wait_group
+
+    save, log, cfg = tmp_path / "run", tmp_path / "log", tmp_path / "run.yml"
+    cfg.write_text(yaml.safe_dump(lora_config(tiny_pp, save, save_every_steps=2, keep_last=2)))
+    proc = launch(cfg, log)
+    wait_for(lambda: (save / "latest").exists() and max(steps_logged(save), default=0) >= 5, proc, "a checkpoint")
+    kill9(proc)
+    assert (save / "latest").read_text() in {f"global_step{s}" for s in (2, 4, 6, 8, 10)}
+    proc = launch(cfg, log)
+    assert wait_group(proc) == 0, log.read_text()[-3000:]
+    assert "resumed at step" in log.read_text() and "B/trainable param" in log.read_text()  # checkpoint size
+    assert dict(losses(save)) == lora_run[1][0][0]  # every step, bitwise
