@@ -97,6 +97,9 @@ class TrainConfig:
     fp8: str = doc("FP8 training of the transformer blocks' linears through torchao.float8: tensorwise (fastest), "
                    "rowwise (finer scales) or off; needs bf16, a GPU with FP8 tensor cores (H100/H200, "
                    "compute capability >= 8.9) and torchao; the pipeline path only", default="off")
+    wgrad_fusion: bool = doc("bf16 pipeline runs with fp32 gradient accumulation (fp8 off): the blocks' linears add "
+                             "their weight gradients into the fp32 buffers inside the wgrad GEMM (+4.1% tok/s on an "
+                             "H200); false: DeepSpeed's separate bf16 gradient + add", default=True)
     from_scratch: bool = doc("random init (pretraining): model_path needs only config + tokenizer", default=False)
     packing: bool = doc("pack several samples per row (no attention across them)", default=False)
     skip_bad_samples: bool = doc("skip and count malformed samples instead of stopping", default=False)
@@ -761,8 +764,6 @@ def _check_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: lora.target_modules must name at least one module (or all-linear), got {targets}")
     if any(not m.strip() for m in lora.modules_to_save or []):
         raise ConfigError(f"{where}: lora.modules_to_save has an empty name")
-    if cfg.from_scratch:
-        raise ConfigError(f"{where}: lora needs trained base weights; from_scratch: true trains all of them (set lora.r: 0)")
     if cfg.zero_stage == 3:
         raise ConfigError(f"{where}: lora with zero_optimization.stage 3 is not supported (the adapters are added "
                           "after ZeRO-3 partitions the model); use stage 1 or 2, or train_ds.py")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from models import Dims
+from models.blocks import BlockBase
+from models.lora import LoraSpec
 
 GiB = 2**30
 GPU_FIXED_GIB = 0.5  # cuBLAS/NCCL workspaces and allocator slack seen by max_memory_allocated
@@ -44,6 +46,7 @@ class Setup:
     compiled: bool = False
     flash: bool = True  # attention kernel keeps O(s) state (flash/flex); False: dense probs (CPU SDPA math, ALiBi)
     gpu: bool = True
+    lora: object = None  # models.lora.LoraSpec: only the adapters (+ modules_to_save) train, the base is frozen
 
     @classmethod
     def from_config(cls, cfg, gpu: bool = True, pipeline: bool = True) -> "Setup":
@@ -55,7 +58,7 @@ class Setup:
                    offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
                    offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
                    ckpt=ckpt, optimizer=(cfg.ds.get("optimizer") or {}).get("type", "AdamW"),
-                   compiled=cfg.compile_blocks and gpu, flash=gpu, gpu=gpu)
+                   compiled=cfg.compile_blocks and gpu, flash=gpu, gpu=gpu, lora=LoraSpec.of(cfg.lora))
 
     @property
     def act_bytes(self) -> int:
@@ -83,6 +86,7 @@ class LayerCost:
     ckpt_act: float = 0.0  # bytes per token kept under the configured recompute
     tie: str | None = None
     tie_params: int = 0  # of `params`, those shared with another stage's twin
+    trainable: int | None = None  # LoRA: adapters + modules_to_save (None: all of `params`)
 
 
 def block_act_bytes(d: Dims, s: Setup, mode: str) -> float:
@@ -155,6 +159,7 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
     groups = _group_params(family, args)
     costs = []
     last = len(groups) - 1
+    trainable = _group_trainable(family, args, setup.lora) if setup.lora else [None] * len(groups)
     for idx, (params, tie, tie_params) in enumerate(groups):
         if idx == 0:
             costs.append(LayerCost("embed", params, flops=0.0, act=8.0, ckpt_act=8.0, tie=tie, tie_params=tie_params))
@@ -167,7 +172,28 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
             flops = 2.0 * active + 2.0 * setup.seq * d.q_dim
             costs.append(LayerCost("block", params, flops, block_act_bytes(d, setup, "none"),
                                    block_act_bytes(d, setup, setup.ckpt)))
+        costs[-1].trainable = trainable[idx]
     return costs
+
+
+def _group_trainable(family, args, spec) -> list[int]:
+    """LoRA: trainable parameters per user layer: each block's adapters, and the parameters of
+    modules_to_save (whole modules, matched as PEFT matches them)."""
+    from models.lora import adapter_numel, is_trainable
+    from models.pipeline import layer_groups
+
+    from engine.model import expected_shapes
+
+    shapes, keys, i, out = expected_shapes(family, args), family.hf_keys(args), 0, []
+    per_block = adapter_numel(family, args, spec)
+    for group in layer_groups(family, args):
+        n = 0
+        for d in group:
+            n += sum(math.prod(v) for k, v in shapes[i].items() if is_trainable(k, keys[i], spec))
+            n += per_block if issubclass(d.cls, BlockBase) else 0
+            i += 1
+        out.append(n)
+    return out
 
 
 # ---------------------------------------------------------------------- per-stage estimate
@@ -226,7 +252,10 @@ def stage_estimate(costs: list[LayerCost], lo: int, hi: int, stage: int, setup: 
             continue
         seen.add(c.tie)
         params += c.params
+    train = params if setup.lora is None else sum(c.trainable or 0 for c in layers)
     per = static_bytes_per_param(setup)
+    # LoRA: the frozen base is weights alone, in the run's precision (no gradient, master or state)
+    base_w = (params - train) * setup.act_bytes / (setup.dp if setup.zero >= 3 else 1)
     toks = setup.tokens
     n = setup.in_flight(stage)
     act = sum((c.ckpt_act if c.kind == "block" else 0.0) for c in layers) * toks * n
@@ -237,8 +266,8 @@ def stage_estimate(costs: list[LayerCost], lo: int, hi: int, stage: int, setup: 
         act += max(c.act for c in blocks) * toks
     time = sum(c.flops * (_ckpt_factor(setup) if c.kind == "block" else 3.0) for c in layers)
     fixed = GPU_FIXED_GIB * GiB if setup.gpu else 0.0
-    return StageEstimate(stage, len(layers), len(blocks), params, params * per["weights"], params * per["grads"],
-                         params * per["optimizer"], act, time, {"fixed": fixed})
+    return StageEstimate(stage, len(layers), len(blocks), params, base_w + train * per["weights"], train * per["grads"],
+                         train * per["optimizer"], act, time, {"fixed": fixed, "trainable": train})
 
 
 def estimate(costs: list[LayerCost], parts: list[int], setup: Setup) -> list[StageEstimate]:
@@ -342,6 +371,11 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
              f"{'yes' if setup.compiled else 'no'}, seq {setup.seq}, micro {setup.micro} x {setup.n_micro} "
              f"micro-batches, parts {parts}" + (" (auto)" if not isinstance(cfg.model_topo.parts, list) else ""),
              f"  pipeline bubble (P-1)/(M+P-1) = {setup.bubble:.1%}"]
+    if setup.lora is not None:
+        train = sum(s.extra["trainable"] for s in stages)
+        lines.append(f"  LoRA r {setup.lora.r}: {train / 1e6:.2f}M trainable parameters ({train / total:.2%}); the base "
+                     f"is frozen {setup.dtype} weights (no grads, master or optimizer state); checkpoints ~"
+                     f"{train * (4 + (4 if setup.optimizer == 'Lion' else 8)) / GiB:.2f} GiB")
     head = f"  {'stage':>5} {'layers':>6} {'blocks':>6} {'params':>8} {'weights':>8} {'grads':>7} {'optim':>7} " \
            f"{'activ':>7} {'peak GiB':>8} {'rel time':>8}"
     lines.append(head)

@@ -20,12 +20,14 @@ from engine.checkpoints.files import LayoutError, StagingDir, layer_file, load_l
 from engine.model import Model
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+SCRATCH = "scratch"
 
 
 def record(cfg) -> dict | None:
     """meta.json's `lora` entry of a run (None: not a LoRA run)."""
     spec = L.LoraSpec.of(cfg.lora)
-    return None if spec is None else {**spec.record(), "base": str(Path(cfg.model_path).absolute())}
+    base = SCRATCH if cfg.from_scratch else str(Path(cfg.model_path).absolute())  # scratch: benchmarks' random base
+    return None if spec is None else {**spec.record(), "base": base}
 
 
 def of_tag(tag_dir: Path) -> dict | None:
@@ -82,6 +84,9 @@ class Adapters:
         return dict(load_layer(path)) if path.is_file() else {}
 
     def base_dir(self) -> Path:
+        if self.info["base"] == SCRATCH:
+            raise LayoutError(f"{self.tag_dir}: a LoRA run on a random base (from_scratch: true); it has no base to "
+                              "export with")
         base = Path(self.info["base"])
         if not base.exists():
             raise LayoutError(f"{self.tag_dir}/meta.json: the base model {base} (the run's model_path) is gone; "

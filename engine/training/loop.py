@@ -102,7 +102,7 @@ def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
     torch.manual_seed(cfg.seed)
     adapters = None
     if from_tag and backend.lora:  # LoRA: the frozen base from model_path, the adapters from the tag
-        weights, adapters = cfg.model_path, resolve_tag(cfg.save_path)
+        weights, adapters = "scratch" if cfg.from_scratch else cfg.model_path, resolve_tag(cfg.save_path)
     elif from_tag:  # weights from the tag's layer files (fp32 masters), optimizer state in ckpt.resume
         weights = cfg.save_path
     else:  # an older tag without optim/: DeepSpeed's own load fills the weights
