@@ -14,8 +14,8 @@ from data.templates import TEMPLATES
 from engine.checkpoints.files import locate
 from engine.checkpoints.hub import model_source
 from engine.cli import Parser, number, user_errors
-from engine.inference.generate import (DTYPES, KINDS, Chat, SamplingConfig, answer_file, interactive, load_lm,
-                                       load_tokenizer)
+from engine.inference.generate import (DTYPES, KINDS, Chat, SamplingConfig, answer_file, default_devices,
+                                       interactive, load_lm, load_tokenizer)
 
 
 GDGPT_SAVE_PATH = "checkpoints"
@@ -63,6 +63,10 @@ def parser():
                    help="comma-separated, e.g. cuda:0,cuda:1 (default: every visible GPU, else cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="--backend ours: each new token one replay of a captured CUDA graph over a static KV cache; "
+                        "auto (default): where possible (every layer on one GPU, no MoE), else the eager path; "
+                        "on: an error where not possible; off: always the eager path")
     p.add_argument("--type", choices=KINDS, default="conversation", help="prompt template (sample type)")
     p.add_argument("--template", default="auto", choices=TEMPLATES,
                    help="auto (the tokenizer's chat template when it has one, else default), default (### User/"
@@ -131,7 +135,17 @@ def main(argv=None):
         a.template = "gdgpt"
         print(f"note: {model}: a gdGPT checkpoint: prompts in gdGPT's layout (--template gdgpt; pass --template "
               "to choose another)", file=sys.stderr)
-    lm = load_lm(model, a.backend, a.devices, a.dtype)
+    if a.cuda_graphs == "on":
+        if a.backend == "hf":
+            p.error("--cuda-graphs on needs --backend ours (transformers' model has no graph path here)")
+        devices = a.devices or default_devices()
+        if len(devices) != 1 or not devices[0].startswith("cuda"):
+            p.error(f"--cuda-graphs on needs every layer on one GPU (devices here: {','.join(devices)}); "
+                    "use auto or off")
+    lm = load_lm(model, a.backend, a.devices, a.dtype, graphs=False if a.cuda_graphs == "off" else None)
+    if a.cuda_graphs == "on" and not lm.graphs:  # on one GPU: only MoE routing rules it out
+        p.error(f"--cuda-graphs on: {model}: an MoE model (its expert dispatch has data-dependent shapes); "
+                "use auto or off")
     tokenizer = load_tokenizer(lm)
     sampling = SamplingConfig(a.max_new_tokens, a.do_sample, a.temperature, a.top_k, a.top_p,
                               a.repetition_penalty, a.seed)

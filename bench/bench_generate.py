@@ -5,8 +5,8 @@ Same weights in both (a random model of a named shape, or a real HF dir), greedy
 that many. Ours runs the product path (engine.inference.generate.generate: logits processing,
 streaming detokenization) on an OurLM; transformers runs model.generate with its own cache.
 Prints one JSON line per backend and the ratio. On one CUDA device `ours` replays a CUDA graph
-per token (static KV cache; what PPLLM_CUDA_GRAPHS=1 turns on in demo.py); `ours_eager` (the
-eager reference path, demo.py's default) is then timed too, on the same modules, and its greedy
+per token (static KV cache; demo.py's default there, `--cuda-graphs auto`); `ours_eager` (the
+eager reference path, `--cuda-graphs off`) is then timed too, on the same modules, and its greedy
 tokens are compared with the graphs'.
 
     python bench/bench_generate.py                                        # SmolLM2-135M shape, CPU, fp32
@@ -304,7 +304,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     hf = hf_model(a)
     lm = our_lm(hf, a)
-    if lm.graphs_possible() and not lm.graphs:  # the path under test here (opt-in in demo.py)
+    if lm.graphs_possible() and not lm.graphs:  # the path under test here (demo.py's default on one GPU)
         lm = type(lm)(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, graphs=True)
     if a.no_compile:
         lm.compile_step = False

@@ -49,6 +49,9 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, dotted for nested keys (e.g. optimizer.params.lr=1e-4)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--verbose", action="store_true",
+                   help="every rank prints its messages (prefixed with its rank) and DeepSpeed's INFO lines show "
+                        "(the environment's PPLLM_VERBOSE=1 does the same)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p
 
@@ -98,6 +101,8 @@ def parse_config(p: argparse.ArgumentParser, argv=None):
     if not a.config:
         p.error("--config is required")
     cfg = load_config(a.config, a.set)
+    if a.verbose:  # read by engine.training.metrics in this process and, inherited, in what it starts
+        os.environ["PPLLM_VERBOSE"] = "1"
     if os.environ.get("RANK", "0") == "0":
         for note in getattr(cfg, "notes", []):  # gdGPT-only keys mapped or dropped
             print(f"note: {note}", file=sys.stderr)

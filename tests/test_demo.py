@@ -220,6 +220,17 @@ def test_bad_prompt_is_one_line(tiny, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cuda_graphs_on_where_impossible_is_one_line(tiny):
+    """--cuda-graphs on (auto is the default, off the eager path) on a machine or backend without the
+    graph path: one error line naming the flag, before the model is loaded."""
+    for extra in ([], ["--backend", "hf"]):
+        proc = run_demo(["--model", str(tiny[0]), "--cuda-graphs", "on", *extra])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: demo.py: --cuda-graphs on needs") and proc.stderr.count("\n") == 1, proc.stderr
+    proc = run_demo(["--model", str(tiny[0]), "--cuda-graphs", "sometimes"])
+    assert proc.returncode == 2 and "--cuda-graphs" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def _read_until(fd, marker: bytes, timeout=90.0) -> bytes:
     buf, end = b"", time.monotonic() + timeout
     while marker not in buf:

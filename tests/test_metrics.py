@@ -176,6 +176,17 @@ def test_plot_from_metrics_file(tmp_path):
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
 
 
+def test_verbose_flag_switches_what_the_env_switches(monkeypatch):
+    from engine.cli import config_parser, parse_config
+    from engine.training.metrics import verbose
+
+    monkeypatch.delenv("PPLLM_VERBOSE", raising=False)
+    parse_config(config_parser("t"), ["--config", str(ROOT / "configs/tiny_llama_cpu.yml")])
+    assert not verbose()
+    parse_config(config_parser("t"), ["--config", str(ROOT / "configs/tiny_llama_cpu.yml"), "--verbose"])
+    assert verbose()
+
+
 def test_quiet_prints_keep_deepspeed_warnings(capsys, monkeypatch):
     from deepspeed.utils import logger
 
