@@ -178,6 +178,11 @@ def test_pp2_trains_only_the_adapters_saves_them_alone_exports_and_resumes_on_dp
                     capsys)[0] == 0
     assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "merged"),
                               "--merge-lora"], capsys)[0] == 0
+    from engine.training.export import export_hf  # --export-hf at the end of a LoRA run: the merged model
+    from safetensors.torch import load_file
+    export_hf(save, tmp_path / "exported", log=lambda _: None)
+    assert [load_file(f) for f in sorted((tmp_path / "exported").glob("*.safetensors"))][0].keys() == \
+        [load_file(f) for f in sorted((tmp_path / "merged").glob("*.safetensors"))][0].keys()
     hf = Path(tiny_pp).parent / "hf"
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

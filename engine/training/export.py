@@ -49,7 +49,7 @@ def export_hf(save_path: str | Path, out: str | Path, log=print) -> Path:
     for stale in out.parent.glob(f".{out.name}.export-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
-    pp_to_hg(save_path, tmp, tag)  # a disk that refuses is one line there, with nothing left
+    pp_to_hg(save_path, tmp, tag, merge_lora=True)  # LoRA: base + adapters merged; a disk that refuses is one line
     old = out.with_name(f".{out.name}.export-old-{os.getpid()}")
     try:
         (tmp / EXPORT_MARKER).write_text(json.dumps(want, indent=2))
