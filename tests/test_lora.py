@@ -196,6 +196,10 @@ def test_pp2_trains_only_the_adapters_saves_them_alone_exports_and_resumes_on_dp
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == \
         json.loads((hf / "config.json").read_text()).get("dtype", "float32")
     torch.testing.assert_close(merged, peft, atol=1e-5, rtol=0)
+    from engine.inference.generate import load_ours  # demo.py on the run's dir: base + adapters, not merged
+    with torch.no_grad():
+        demo = load_ours(save, devices=["cpu"], dtype="float32").model(ids)
+    torch.testing.assert_close(demo, peft, atol=1e-5, rtol=0)
 
     # the same tag resumes on another layout (dp=2): adapters and their optimizer state reshaped
     more = lora_config(tiny_pp, save, dims=(1, 2), parts=(6,))

@@ -398,13 +398,18 @@ def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "
 
     Layers are built one at a time directly on their device and loaded from their own layer
     file (memory-mapped), so no process ever holds the whole model on one device or in RAM.
+    A LoRA run's dir: its base model with the adapters beside the frozen weights (not merged).
     """
     from models.blocks import LayerOptions
+    from models.lora import add_lora
     from models.pipeline import SequentialModel
 
+    from engine.checkpoints.files import resolve_tag
+    from engine.checkpoints.lora import Adapters, of_tag
     from engine.checkpoints.weights import open_weights
 
-    source = open_weights(path, tag=tag)
+    lora = Adapters(path, tag) if (Path(path) / "latest").exists() and of_tag(resolve_tag(path, tag)) else None
+    source = open_weights(lora.base_dir(), lora.model) if lora else open_weights(path, tag=tag)
     family, args, hf_dir = source.model.family, source.model.args, source.where.hf_dir
     devices = devices or default_devices()
     torch_dtype = resolve_dtype(dtype, devices)
@@ -421,6 +426,12 @@ def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "
             with torch.device(plan[i]):
                 layer = d.cls(args, LayerOptions())
             layer.load_state_dict(source.layer(i))
+            if lora is not None:
+                add_lora([(i, layer)], family, args, lora.spec, seed=0)
+                trained, params = lora.layer(i), dict(layer.named_parameters())
+                with torch.no_grad():
+                    for name, t in trained.items():
+                        params[name].copy_(t)
             layer.to(torch_dtype)
             if d.tie is not None:
                 shared[d.tie] = layer
