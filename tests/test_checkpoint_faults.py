@@ -115,6 +115,18 @@ def plant_pickle(tag: Path, rel: str, marker: Path) -> None:
     (tag / "meta.json").write_text(json.dumps(meta))
 
 
+def plant(tag: Path, rel: str, obj) -> None:
+    """Replace a file by another torch.save (no pickled code: weights-only loads it) and record its
+    size and hash: a file of the right kind of archive with the wrong contents."""
+    from engine.checkpoints import integrity
+
+    torch.save(obj, tag / rel)
+    meta = meta_of(tag)
+    meta["files"][rel] = (tag / rel).stat().st_size
+    meta["hashes"][rel] = integrity.hash_file(tag / rel, meta["hash"])
+    (tag / "meta.json").write_text(json.dumps(meta))
+
+
 def one_error_line(err: str, *expect: str) -> str:
     lines = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1, err[-2000:]
@@ -255,6 +267,18 @@ def test_resume_refuses_damaged_tags_and_pickles(base, tmp_path):
         "ds-pickle": (old, lambda t: plant_pickle(t, "mp_rank_00_model_states.pt", marker),
                       ["mp_rank_00_model_states.pt", "cannot be read"]),
         "ds-zeros": (old, lambda t: zero_fill(t / LAYER), [LAYER, "cannot be read"]),
+        # torch files holding the wrong things (recorded, so they pass the hash check): one line each
+        "layer-list": (base["save"], lambda t: plant(t, LAYER, [torch.zeros(2)]), [LAYER, "holds a list"]),
+        "layer-int-key": (base["save"], lambda t: plant(t, LAYER, {0: torch.zeros(2)}), [LAYER, "key 0 is an int"]),
+        "optim-tensor": (base["save"], lambda t: plant(t, "optim/layer_01.pt", torch.zeros(2)),
+                         ["optim/layer_01.pt", "holds a Tensor"]),
+        "optim-entry-not-dict": (base["save"], lambda t: plant(t, "optim/layer_01.pt", {"embed_tokens.weight": 1.0}),
+                                 ["optim/layer_01.pt", "'embed_tokens.weight' is not a parameter's state"]),
+        "optim-moment-none": (base["save"], lambda t: plant(t, "optim/layer_01.pt", {"embed_tokens.weight": {
+            "exp_avg": None}}), ["optim/layer_01.pt", "'exp_avg' holds None"]),
+        "common-none": (base["save"], lambda t: plant(t, "optim/common.pt", None), ["optim/common.pt", "holds None"]),
+        "common-no-step": (base["save"], lambda t: plant(t, "optim/common.pt", {"format": 2}),
+                           ["optim/common.pt", "no 'step'"]),
     }
 
     def one(name):

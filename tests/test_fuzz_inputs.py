@@ -667,6 +667,36 @@ for name, content in LATEST_BAD.items():
             w, cid, content, via))
 
 
+# a layer file that torch.load reads but that is not a dict of tensors by name (another tool's
+# torch.save): one line naming the file from every reader (pp_to_hg once said "TypeError: cannot
+# convert dictionary update sequence element #0 to a sequence")
+LAYER_CONTENT_BAD = {"list": (lambda t: [t.zeros(2)], "holds a list"), "tensor": (lambda t: t.zeros(3), "holds a Tensor"),
+                     "none": (lambda t: None, "holds None"),
+                     "non-tensor-value": (lambda t: {"input_layernorm.weight": [1.0]}, "holds a list, not a tensor"),
+                     "non-str-key": (lambda t: {0: t.zeros(2)}, "key 0 is an int")}
+
+
+def layer_content_case(w, cid: str, make, expect: str, via: str) -> Case:
+    import torch
+
+    layer = "global_step0/layer_01-model_states.pt"
+    pp = w.pp_variant(cid, lambda d: torch.save(make(torch), d / layer))
+    expect = [str(pp / layer), expect]
+    if via == "train":
+        return w.train(cid, expect, model_path=str(pp))
+    if via == "pp2hg":
+        return w.convert(cid, "pp_to_hg", pp, expect)
+    if via == "verify":
+        return Case("convert_model", ["verify", str(pp)], tuple(expect))
+    return w.demo(cid, expect, model=pp)
+
+
+for name, (make, expect) in LAYER_CONTENT_BAD.items():
+    for via in ("pp2hg", "demo", "verify") + (("train",) if name in ("list", "non-str-key") else ()):
+        case(f"layer-content-{name}-{via}")(lambda w, make=make, expect=expect, via=via,
+                                            cid=f"layer-content-{name}-{via}": layer_content_case(w, cid, make, expect, via))
+
+
 @case("save-path-latest-garbage")
 def _(w):
     cid = "save-path-latest-garbage"

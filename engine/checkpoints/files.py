@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import reprlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,9 +253,27 @@ def load_layer(path: Path) -> dict[str, torch.Tensor]:
                               "or DeepSpeed's zero_to_fp32.py) and use that")
         raise LayoutError(f"{path}: layer file {what}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated / corrupt / not a torch file
         raise LayoutError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return check_tensor_dict(path, state)
+
+
+def check_tensor_dict(path: Path, state, what: str = "tensors by parameter name", kind: str = "a layer file") -> dict:
+    """`state` as a layer file must hold it: a dict of tensors by str name (a torch.save of a list,
+    a tensor, None or a dict of other things is one line naming the file, not a TypeError later)."""
+    def a(x) -> str:
+        name = type(x).__name__
+        return "None" if x is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+    if not isinstance(state, dict):
+        raise LayoutError(f"{path}: holds {a(state)}, not a dict of {what} — not {kind}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise LayoutError(f"{path}: key {reprlib.repr(key)} is {a(key)}, not a parameter name — not {kind}")
+        if not isinstance(value, torch.Tensor):
+            raise LayoutError(f"{path}: '{key}' holds {a(value)}, not a tensor — not {kind}")
+    return state
 
 
 def check_layer(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoints import writes
-from engine.checkpoints.files import INDEX_NAMES, LayoutError, check_safetensors, read_json
+from engine.checkpoints.files import INDEX_NAMES, LayoutError, check_safetensors, load_layer, read_json
 
 try:
     import xxhash
@@ -232,13 +232,22 @@ def _zip_crcs(path: Path) -> None:
                 raise LayoutError(f"{path}: checksum mismatch in record {info.filename} ({e})") from None
 
 
+def _check_layer_contents(paths) -> None:
+    """Files without a hash of ours (other tools, older versions) may hold anything torch.save
+    wrote: each layer file must unpickle (weights-only, memory-mapped: tensor data is not read) to a
+    dict of tensors by name, as pp_to_hg, demo.py and a resume will need it."""
+    for path in sorted(paths):
+        load_layer(path)
+
+
 def check_tag(tag_dir: Path) -> str:
     """Every file of a training tag: present, its size, and its recorded hash (older tags without
     hashes: sizes, and the CRC-32s torch's zip format stores)."""
     meta_path = tag_dir / "meta.json"
     if not meta_path.is_file():  # a converted dir (hf_to_pp) or another tool's tag: layer files only
         n = _check_zips(tag_dir, "*.pt", "no layer files")
-        return f"ok: {tag_dir}: {n} files, no meta.json (zip CRCs checked)"
+        _check_layer_contents(tag_dir.glob("layer_*.pt"))
+        return f"ok: {tag_dir}: {n} files, no meta.json (zip CRCs and layer contents checked)"
     meta = read_json(meta_path, "checkpoint meta.json")
     verify(tag_dir, meta)
     extra = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
@@ -251,7 +260,8 @@ def check_tag(tag_dir: Path) -> str:
         for rel in files:
             if rel.endswith(".pt"):
                 _zip_crcs(tag_dir / rel)
-        how += ", zip CRCs checked"
+        _check_layer_contents(tag_dir / rel for rel in files if rel.startswith("layer_") and rel.endswith(".pt"))
+        how += ", zip CRCs and layer contents checked"
     total = sum(files.values())
     return f"ok: {tag_dir}: {len(files)} files, {total / 2**30:.2f} GiB, {how}"
 

@@ -21,13 +21,14 @@ fp32 master as well) load through the same path.
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 
 import torch
 
 from engine import distributed as D
 from engine.checkpoints import integrity
-from engine.checkpoints.files import LayoutError, layer_file, load_layer
+from engine.checkpoints.files import LayoutError, check_tensor_dict, layer_file, load_layer
 from models.keymap import unfused_names
 from models.lora import has_lora
 
@@ -183,13 +184,31 @@ def _tied_owners(module) -> dict[str, int]:
     return owners
 
 
+COMMON_KEYS = ("step", "param_groups", "lr_scheduler", "global_steps", "global_samples", "skipped_steps")
+
+
 def _load_file(path: Path) -> dict:
     if not path.is_file():
         raise LayoutError(f"{path}: optimizer state file missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged, or not a weights-only file (a pickled object is refused, not run)
         raise LayoutError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict):
+        check_tensor_dict(path, state, "states by parameter name", "an optimizer state file")  # raises
+    if path.name == COMMON:  # what `save` writes there (read by key in `load`)
+        missing = [k for k in COMMON_KEYS if k not in state]
+        if missing:
+            raise LayoutError(f"{path}: no '{missing[0]}' — not an optimizer state file")
+        if not isinstance(state["param_groups"], list) or not all(isinstance(g, dict) for g in state["param_groups"]):
+            raise LayoutError(f"{path}: 'param_groups' is not a list of dicts — not an optimizer state file")
+        return state
+    for name, entry in state.items():  # a layer's {param: {exp_avg: tensor, ...}}
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            raise LayoutError(f"{path}: entry {reprlib.repr(name)} is not a parameter's state ({type(entry).__name__} "
+                              f"under a {type(name).__name__} key) — not an optimizer state file")
+        check_tensor_dict(path, entry, f"optimizer state tensors of '{name}'", "an optimizer state file")
+    return state
 
 
 class _Source:
