@@ -110,6 +110,16 @@ def main():
                                                       True, 0.0, True)[0]
         return unpacked(out)
     variants["aten._cudnn_attention_forward varlen"] = cudnn_varlen
+    try:  # flash-attn-4 (CuTe DSL; carried as wheels, bench/README.md): varlen over cu_seqlens
+        from flash_attn.cute import flash_attn_varlen_func
+
+        def fa4_varlen():
+            out = flash_attn_varlen_func(packed(q), packed(k), packed(v), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                         max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True)
+            return unpacked(out[0] if isinstance(out, tuple) else out)
+        variants["flash-attn-4 varlen (CuTe)"] = fa4_varlen
+    except ImportError as e:
+        print("flash-attn-4: not installed:", e)
     variants["sdpa causal, no document mask (more FLOPs)"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     ref = variants["flex (default blocks)"]().detach()
