@@ -98,13 +98,33 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     """Top-k routing with renormalised weights (as transformers' Mixtral). Returns the output,
     this layer's routing statistics [2, experts], per token: routed slots, router probability,
-    and each token's router z term logsumexp(router logits)^2 [tokens] (ST-MoE's z-loss, fp32)."""
+    and each token's router z term logsumexp(router logits)^2 [tokens] (ST-MoE's z-loss, fp32).
+
+    The experts run as grouped GEMMs (`torch._grouped_mm`): the (token, slot) pairs sorted by
+    expert, group ends = cumsum of the routed counts (int32, on the device), one grouped GEMM for
+    every expert's w1 and w3 (stacked [E, 2*ffn, hidden]) and one for w2. Nothing reads a value
+    back to the host, so the step never syncs and a compiled block is one graph. The expert
+    weights stay one Expert module each (checkpoint and HF key names unchanged); they are stacked
+    per forward (a copy of the layer's expert weights; stack's backward is free views). Under ZeRO-3
+    the Expert forwards never run, so every expert parameter is registered as an external parameter
+    of this module: DeepSpeed gathers all of them, on every rank whatever the routing, in this
+    module's forward and again in its backward.
+
+    Where `_grouped_mm` refuses (a GPU dtype other than bf16, rows not 16-byte aligned), the
+    per-expert loop runs instead (`grouped_mm(x) is False`, a host-side choice from dtype, device
+    and shape): it reads the group sizes back to the host once per layer.
+    """
 
     def __init__(self, args: Args):
         super().__init__()
         self.top_k = args.top_k
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(args.hidden_size, args.intermediate_size) for _ in range(args.num_experts))
+        if hasattr(self.gate.weight, "ds_id"):  # built under deepspeed.zero.Init (ZeRO-3): see the class docstring
+            from deepspeed.zero import register_external_parameter
+
+            for p in self.experts.parameters():
+                register_external_parameter(self, p)
 
     def forward(self, x):
         shape = x.shape
@@ -113,17 +133,65 @@ class SparseMoE(nn.Module):
         probs = F.softmax(logits, dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        # group the (token, slot) pairs by expert: one host sync for the group sizes per layer
-        routed = torch.bincount(chosen.flatten(), minlength=len(self.experts))
-        order = chosen.flatten().argsort(stable=True)
+        flat = chosen.flatten()
+        # slots per expert, on the device (bincount's output size would depend on the data)
+        routed = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        if grouped_mm(x, self.experts[0].w1.weight):
+            out = self._grouped(x, flat, routed, weights)
+        else:
+            out = self._loop(x, flat, routed, weights)
+        stats = torch.stack((routed.to(probs.dtype), probs.sum(dim=0))) / x.shape[0]
+        return out.view(shape), stats, logits.logsumexp(dim=-1).square()
+
+    def _grouped(self, x, flat, routed, weights):
+        n_exp, k = len(self.experts), self.top_k
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        rows = x[order // k]
+        ends = routed.cumsum(0).to(torch.int32)
+        pad = -rows.shape[0] % (16 // x.element_size())  # rows 16-byte aligned (the weight-gradient GEMM reads rows^T)
+        if pad:  # zero rows in the last group: zero outputs, zero weight-gradient terms; cut off below
+            rows = torch.cat((rows, rows.new_zeros(pad, rows.shape[1])))
+            ends = torch.cat((ends[:-1], ends[-1:] + pad))
+        w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)])  # [2E, ffn, h]
+        w13 = w13.view(n_exp, 2 * w13.shape[1], w13.shape[2])  # per expert [w1; w3]
+        gate, up = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+        w2 = torch.stack([e.w2.weight for e in self.experts])  # [E, h, ffn]
+        y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=ends)
+        if pad:
+            y = y[:-pad]
+        y = y * weights.flatten()[order, None]  # fp32, as the loop's expert(x) * weight
+        # back to (token, slot) order, then the top_k slots summed: no atomics, deterministic
+        y = y.new_empty(y.shape).index_copy(0, order, y)
+        return y.view(x.shape[0], k, x.shape[1]).sum(dim=1).to(x.dtype)
+
+    def _loop(self, x, flat, routed, weights):
+        """One expert at a time (grouped_mm's fallback); one host sync for the group sizes."""
+        order = flat.argsort(stable=True)
         out = torch.zeros_like(x)
         for expert, pairs in zip(self.experts, order.split(routed.tolist())):
             # every expert runs, on an empty slice if no token chose it: ZeRO-3 gathers each
             # module's parameters in its forward, which must stay collective on every rank
             token, slot = pairs // self.top_k, pairs % self.top_k
             out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
-        stats = torch.stack((routed.to(probs.dtype), probs.sum(dim=0))) / x.shape[0]
-        return out.view(shape), stats, logits.logsumexp(dim=-1).square()
+        return out
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether SparseMoE can run `torch._grouped_mm` on these tensors (host-side: dtype, device,
+    shape). CUDA (torch 2.11, Hopper): bf16 only; every dim's stride 16-byte aligned, i.e. hidden and
+    ffn multiples of 8 in bf16 (the token count is padded). CPU eager: fp32 and bf16; compiled: bf16 (the op's
+    meta function refuses fp32 whatever the device). float8 or other
+    weight wrappers (no plain tensor weight) take the loop."""
+    if not hasattr(torch, "_grouped_mm") or type(weight) not in (torch.Tensor, nn.Parameter):
+        return False
+    if x.dtype != weight.dtype or x.device.type not in ("cuda", "cpu"):
+        return False
+    if (x.device.type == "cuda" or torch.compiler.is_compiling()) and x.dtype != torch.bfloat16:
+        return False  # CUDA kernels and the op's meta function (what compile traces) take bf16 only
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    return all(n * x.element_size() % 16 == 0 for n in weight.shape)
 
 
 class Block(BlockBase):

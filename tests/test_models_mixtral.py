@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import get_family
+from models import get_family, mixtral
 from models.blocks import AttnOptions, LayerOptions
 from models.keymap import model_from_hf
 from models.pipeline import SequentialModel, make_loss
@@ -128,9 +128,14 @@ def test_sliding_window_and_packing(tmp_path):
         assert (plain(ids)[0] - ref).abs().max() > 1e-3  # the window matters at this length
 
 
-def test_unrouted_experts_still_run(hf_dir):
-    """Every expert is called in every layer even when no token picks it (ZeRO-3 gathers each
-    module's parameters collectively), and gets a zero gradient, not None."""
+@pytest.mark.parametrize("path", ["grouped", "loop"])
+def test_unrouted_experts_still_run(hf_dir, path, monkeypatch):
+    """Every expert takes part in every layer even when no token picks it (ZeRO-3 gathers its
+    parameters collectively) and gets a zero gradient, not None: on the grouped-GEMM path its
+    weights are stacked into the grouped GEMMs; on the loop fallback its forward runs on an empty
+    slice."""
+    if path == "loop":
+        monkeypatch.setattr(mixtral, "grouped_mm", lambda x, w: False)
     model = ours(hf_dir).train()
     calls = {}
     for i, layer in model.named_children():
@@ -143,14 +148,53 @@ def test_unrouted_experts_still_run(hf_dir):
         for e, expert in enumerate(moe.experts):
             expert.register_forward_hook(lambda m, a, out, key=(i, e): calls.setdefault(key, []).append(a[0].shape[0]))
     ids, labels, scale = batch()
+    assert mixtral.grouped_mm(torch.zeros(1, 64), torch.zeros(96, 64)) == (path == "grouped")
     make_loss(get_family(FAMILY), args_of(hf_dir))(model(ids), (labels, scale)).backward()
     n_layers = args_of(hf_dir).num_layers
-    assert len(calls) == n_layers * 4 and all(len(v) == 1 for v in calls.values())
-    assert all(calls[(i, e)] == [0] for i, e in calls if e >= 2)
-    assert all(calls[(i, e)] == [ids.numel()] for i, e in calls if e < 2)
-    block = model._modules["1"].block_sparse_moe
-    assert block.experts[3].w1.weight.grad is not None and not block.experts[3].w1.weight.grad.any()
-    assert block.experts[0].w1.weight.grad.abs().max() > 0
+    if path == "loop":
+        assert len(calls) == n_layers * 4 and all(len(v) == 1 for v in calls.values())
+        assert all(calls[(i, e)] == [0] for i, e in calls if e >= 2)
+        assert all(calls[(i, e)] == [ids.numel()] for i, e in calls if e < 2)
+    else:
+        assert calls == {}  # no per-expert forward: one grouped GEMM per projection
+    for layer in model.children():
+        moe = getattr(layer, "block_sparse_moe", None)
+        if moe is None:
+            continue
+        for e, expert in enumerate(moe.experts):
+            for w in (expert.w1, expert.w2, expert.w3):
+                assert w.weight.grad is not None
+                assert bool(w.weight.grad.abs().max() > 0) == (e < 2)
+
+
+def test_grouped_matches_loop():
+    """The grouped-GEMM path equals the per-expert loop: outputs, input and weight gradients, stats;
+    fp32 exactly (to rounding), bf16 within bf16 rounding; token counts that need padding included."""
+    args = mixtral.Args.from_hf_config(mixtral.tiny_hf_config())
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for tokens in (37, 64):
+            moe = mixtral.SparseMoE(args).to(dtype)
+            x = torch.randn(tokens, args.hidden_size, dtype=dtype)
+            g = torch.randn(tokens, args.hidden_size, dtype=dtype)
+            results = []
+            for path in ("grouped", "loop"):
+                moe.zero_grad(set_to_none=True)
+                xi = x.clone().requires_grad_()
+                if path == "loop":
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr(mixtral, "grouped_mm", lambda x, w: False)
+                        out, stats, z = moe(xi)
+                else:
+                    assert mixtral.grouped_mm(x, moe.experts[0].w1.weight)
+                    out, stats, z = moe(xi)
+                (out.float() * g.float()).sum().backward()
+                results.append((out.float(), xi.grad.float(), [p.grad.float() for p in moe.parameters()], stats, z))
+            (o1, gx1, gw1, s1, z1), (o2, gx2, gw2, s2, z2) = results
+            assert torch.equal(s1, s2) and torch.equal(z1, z2)
+            assert (o1 - o2).abs().max() <= tol * o2.abs().max()
+            assert (gx1 - gx2).abs().max() <= tol * gx2.abs().max()
+            assert all((a - b).abs().max() <= tol * b.abs().max().clamp(min=1e-6) for a, b in zip(gw1, gw2))
 
 
 def test_embedding_stage_output_joins_backward():
