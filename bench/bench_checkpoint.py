@@ -15,6 +15,12 @@ step so the optimizer state exists, then, `--repeat` times each, alternating:
 and once: verify (size + hash of every file, as resume does first) and load (layer files into the
 model, fp32 masters + optimizer state into the engine). Prints one table on rank 0.
 `--layers` cuts the 7B shape to fit one GPU: 7B bf16 + AdamW state is ~16 B/param in memory.
+
+It fits the disk it runs on: one tag (~12 B/param: fp32 master + two AdamW moments) is on the
+disk at a time (the previous one is removed before each save and before the raw write, which
+writes a tag's worth), and before anything is built the free space under --dir is checked: when a
+tag of the asked-for layers would not fit in 85% of it, fewer layers are measured, and the
+first line printed says so (`disk: ...`). No layer count fitting is an error.
 """
 from __future__ import annotations
 
@@ -46,6 +52,45 @@ def _sync(flush: bool = False):
     if flush:
         os.sync()
     D.barrier()
+
+
+TAG_BYTES_PER_PARAM = 12  # fp32 master + AdamW's two moments, whatever the training dtype (README, Checkpoints)
+DISK_SHARE = 0.85  # of the free space: the rest stays for whoever else writes there
+
+
+def llama_params(shape: dict, layers: int) -> int:
+    """Parameters of the llama `shape` with `layers` blocks (untied embedding and head)."""
+    h, ffn, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    block = 2 * h * h + 2 * h * kv + 3 * h * ffn + 2 * h
+    return 2 * vocab * h + h + layers * block
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem `path` is (or will be) on."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def fit_layers(shape: dict, want: int, free: int) -> tuple[int, str]:
+    """The most blocks (<= want) whose tag fits DISK_SHARE of `free` bytes, and the line saying so."""
+    budget = DISK_SHARE * free
+    need = lambda n: TAG_BYTES_PER_PARAM * llama_params(shape, n)
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    fits = want
+    while fits > 0 and need(fits) > budget:
+        fits -= 1
+    if fits == want:
+        return want, (f"disk: {gib(free)} free; one tag of {want} layers ~{gib(need(want))} "
+                      f"({TAG_BYTES_PER_PARAM} B/param), one tag on the disk at a time: fits")
+    if fits == 0:
+        raise SystemExit(f"error: disk: {gib(free)} free; even one layer's tag (~{gib(need(1))}) does not fit in "
+                         f"{DISK_SHARE:.0%} of it: free space or pick another --dir")
+    return fits, (f"disk: {gib(free)} free; one tag of {want} layers would be ~{gib(need(want))} "
+                  f"({TAG_BYTES_PER_PARAM} B/param), more than {DISK_SHARE:.0%} of it: measuring {fits} layers "
+                  f"instead (~{gib(need(fits))} per tag, one tag on the disk at a time)")
 
 
 def disk_write(out: Path, sizes: list[int]) -> float:
@@ -102,6 +147,17 @@ def main(argv=None):
     shape = dict(PRESETS[a.preset])
     if a.layers:
         shape["num_hidden_layers"] = a.layers
+    # every rank decides from the same number: rank 0's reading of the disk (nothing written yet)
+    free = free_bytes(work) if rank == 0 else 0
+    if world > 1:
+        import torch.distributed as dist
+
+        t = D.comm_tensor([free])
+        dist.broadcast(t, 0)
+        free = int(t[0].item())
+    shape["num_hidden_layers"], line = fit_layers(shape, shape["num_hidden_layers"], free)
+    if rank == 0:
+        print(line, flush=True)
     model_dir = work / "model"
     data = sorted(str(f) for f in (ROOT / "examples" / "data").glob("*.json*"))
     if rank == 0:
@@ -134,9 +190,19 @@ def main(argv=None):
     rows: dict[str, list[float]] = {"save": [], "save, no hash": [], "disk write": []}
     step = 0
     tag_bytes, mine = 0, []
+
+    def drop_tags():
+        """One tag on the disk at a time: the previous one goes before the next write of a tag's size."""
+        if rank == 0:
+            for old in (work / "run").glob("global_step*"):
+                shutil.rmtree(old)
+            (work / "run" / "latest").unlink(missing_ok=True)
+        _sync()
+
     kinds = ["save, no hash", "save", "disk write"]
     for r in range(a.repeat):
         for what in kinds[r % 3:] + kinds[:r % 3]:  # each in every position: the disk's state varies
+            drop_tags()
             if what == "disk write":
                 if tag_bytes:
                     rows[what].append(disk_write(work / f"raw-{rank}", mine))
@@ -151,10 +217,8 @@ def main(argv=None):
             meta = json.loads((tag / "meta.json").read_text())
             tag_bytes = sum(meta["files"].values())
             mine = [meta["files"][rel] for rel in sorted(meta["files"])][rank::world]  # a share of the same sizes
-            if rank == 0:
-                for old in sorted((work / "run").glob("global_step*"), key=lambda t: ckpt.tag_step(t.name))[:-1]:
-                    shutil.rmtree(old)
-    if not meta.get("hashes") or not all(meta["hashes"].values()):  # verify needs a hashed tag
+    if not tag.is_dir() or not meta.get("hashes") or not all(meta["hashes"].values()):  # verify: a hashed tag
+        drop_tags()
         step += 1
         tag = ckpt.save(engine, cfg, step, model.name, n_layers, model_dir, log=lambda _: None)
     # load: what resume does (check every file, weights from layer files, masters + optimizer state)
