@@ -142,9 +142,10 @@ def test_loss_png_and_plot_command(run, tmp_path):
     with Image.open(png) as im:
         im.verify()
     out = tmp_path / "redrawn.png"
-    proc = subprocess.run([sys.executable, "-m", "engine.training.metrics", "plot", str(save), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "train_ds.py", "plot", str(save), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == str(out), proc.stderr
+    assert "note:" not in proc.stderr
     assert out.read_bytes()[:8] == PNG_SIGNATURE
     import matplotlib.image
 
@@ -174,6 +175,47 @@ def test_plot_from_metrics_file(tmp_path):
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "loss.png").read_bytes()[:8] == PNG_SIGNATURE
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
+
+
+def test_plot_command_spellings_and_bad_input(tmp_path, capsys):
+    """The stable spelling (train_ds.py / train_ds_zero.py plot) and the two earlier module paths,
+    which still work and name the stable one in a note; bad input is one error line."""
+    import train_ds
+    import train_ds_zero
+    from engine.training.metrics import main, plot_command
+
+    records = [{"step": s, "loss": 3 - 0.1 * s, "lr": 1e-3} for s in range(1, 4)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # a line being written
+    for i, script in enumerate((train_ds, train_ds_zero)):
+        with pytest.raises(SystemExit) as e:
+            script.main(["plot", str(tmp_path), "--out", str(tmp_path / f"{i}.png")])
+        assert e.value.code == 0 and (tmp_path / f"{i}.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "note:" not in capsys.readouterr().err
+    assert main(["plot", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ("note: 'python -m engine.training.metrics plot' is now 'python train_ds.py "
+                                       "plot' (the same arguments)\n")
+    proc = subprocess.run([sys.executable, "-m", "engine.metrics", "plot", str(tmp_path), "--out",
+                           str(tmp_path / "old.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and (tmp_path / "old.png").read_bytes()[:8] == PNG_SIGNATURE, proc.stderr
+    assert "note: 'python -m engine.metrics plot' is now 'python train_ds.py plot'" in proc.stderr
+
+    def one_error(argv, *expect):
+        try:
+            code = plot_command(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+        assert all(x in err for x in expect), err
+
+    one_error([str(tmp_path / "nowhere")], "nowhere", "no metrics file")
+    one_error([], "save_path")
+    one_error([str(tmp_path), "--out", str(tmp_path / "no" / "dir.png")], "dir.png", "directory does not exist")
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    one_error([str(tmp_path)], f"{metrics}: line 2: not JSON")
+    metrics.write_text('[1, 2]\n{"step": 2}\n')
+    one_error([str(tmp_path)], f"{metrics}: line 1: not a JSON object")
 
 
 def test_verbose_flag_switches_what_the_env_switches(monkeypatch):

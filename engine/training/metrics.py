@@ -5,7 +5,7 @@
                             `tensorboard` package is importable
 <save_path>/loss.png        train loss (+ eval loss) and learning rate per step; redrawn after
                             each evaluation and at the end, or any time with
-                            `python -m engine.training.metrics plot <save_path>`
+                            `python train_ds.py plot <save_path>` (plot_command)
 
 Other ranks write nothing and stay quiet; PPLLM_VERBOSE=1 lets every rank print its messages
 (prefixed with its rank) and keeps DeepSpeed's INFO logs. Otherwise DeepSpeed's logger is set
@@ -177,7 +177,24 @@ def read_metrics(save_path: str | Path) -> list[dict]:
     path = path / METRICS_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics file (is this a training save_path?)")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the line a running (or killed) trainer is writing
+                break
+            raise MetricsError(f"{path}: line {n}: not JSON ({e.msg})") from None
+        if not isinstance(records[-1], dict):
+            raise MetricsError(f"{path}: line {n}: not a JSON object")
+    return records
+
+
+class MetricsError(ValueError):
+    """A metrics.jsonl that is not one JSON object per line."""
 
 
 def plot(save_path: str | Path, out: str | Path | None = None) -> Path:
@@ -218,21 +235,47 @@ def plot(save_path: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def main(argv=None) -> int:
+PLOT_COMMAND = "python train_ds.py plot"  # the stable spelling (train_ds_zero.py takes it too)
+
+
+def plot_command(argv: list[str], prog: str = PLOT_COMMAND) -> int:
+    """`python train_ds.py plot <save_path> [--out file.png]`: redraw the loss PNG from metrics.jsonl
+    (any time: while a run trains, after it crashed). Bad input is one `error:` line, exit 2."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m engine.training.metrics", description="Training metrics tools.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("plot", help="redraw the loss curve PNG from <save_path>/metrics.jsonl")
-    pp.add_argument("save_path", help="training save_path (or a metrics.jsonl file)")
-    pp.add_argument("--out", help=f"PNG to write (default: <save_path>/{PLOT_FILE})")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+            sys.exit(2)
+
+    p = Parser(prog=prog, description="Redraw the loss curve PNG from <save_path>/metrics.jsonl.")
+    p.add_argument("save_path", help="training save_path (or a metrics.jsonl file)")
+    p.add_argument("--out", help=f"PNG to write (default: <save_path>/{PLOT_FILE})")
     a = p.parse_args(argv)
+    if a.out and not Path(a.out).absolute().parent.is_dir():
+        print(f"error: {a.out}: cannot write the PNG: its directory does not exist", file=sys.stderr)
+        return 2
     try:
         print(plot(a.save_path, a.out))
-    except FileNotFoundError as e:
+    except MetricsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # no metrics file (ours, no errno), unreadable, or a read-only --out dir
+        print(f"error: {e}" if e.errno is None else f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     return 0
+
+
+def main(argv=None, spelling: str = "python -m engine.training.metrics") -> int:
+    """The command's earlier homes (`python -m engine.metrics plot`, `python -m engine.training.metrics
+    plot`): still work, with a note naming the stable one."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["plot"]:
+        print(f"error: {spelling}: the only command is plot; use {PLOT_COMMAND} <save_path> [--out file.png]",
+              file=sys.stderr)
+        return 2
+    print(f"note: '{spelling} plot' is now '{PLOT_COMMAND}' (the same arguments)", file=sys.stderr)
+    return plot_command(argv[1:])
 
 
 if __name__ == "__main__":
