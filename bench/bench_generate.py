@@ -321,6 +321,9 @@ def main(argv=None):
     lms = {"ours": lm}
     if lm.static:
         lms["ours_eager"] = eager_twin(lm)
+    if lm.graphs and lm.compile_step:  # the same graphs path capturing the uncompiled step: the compile's A/B
+        lms["ours_uncompiled"] = type(lm)(lm.model, lm.layer_devices, lm.hf_dir, lm.family, lm.args, graphs=True)
+        lms["ours_uncompiled"].compile_step = False
     if a.count_ops:
         print(json.dumps({"shape": a.model or a.shape, "device": a.device, "dtype": a.dtype}
                          | count_ops(lms, hf, prompt, a.new_tokens)))
@@ -356,6 +359,9 @@ def main(argv=None):
         print(json.dumps(result[name]))
     summary = {"ours_over_transformers": round(result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3),
                "greedy_tokens_equal_prefix": same_prefix(tokens["ours"], tokens["transformers"])}
+    if "ours_uncompiled" in lms:
+        summary["compiled_over_uncompiled"] = round(result["ours"]["tokens_per_s"]
+                                                    / result["ours_uncompiled"]["tokens_per_s"], 3)
     if "ours_eager" in lms:
         agree = same_prefix(tokens["ours"], tokens["ours_eager"])
         summary |= {"ours_eager_over_transformers":
