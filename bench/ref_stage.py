@@ -1,7 +1,9 @@
-"""A plain reference stage: our llama layers in a minimal training loop, no data pipeline.
+"""A plain reference stage: one family's layers in a minimal training loop, no data pipeline.
 
 What one pp=2 stage of the 7B shape computes (embedding + --layers blocks + norm/head), on
-random tokens, with the product's layer math (models/llama.py, compiled blocks, fused
+random tokens (`--family`: each family's stage-sized slice, bench_train.FAMILY_SHAPES; MFU from
+6 * N_active + attention as the product's metrics), with the product's layer math (the family's
+module, compiled blocks, fused
 projections, compiled loss) and nothing else: no DeepSpeed, no dataset, no metrics. bf16
 parameters, gradients summed over the micro-batches in bf16 (or in fp32 buffers with
 --accum fp32, as the product's default does), then AdamW on fp32 master weights. Its rate is
@@ -27,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_train import LLAMA_7B, SHAPES  # noqa: E402
-from models import llama  # noqa: E402
+from bench.bench_train import FAMILY_SHAPES, SHAPES, family_config  # noqa: E402
+from models import family_for_hf_config  # noqa: E402
 from models.blocks import AttnOptions, LayerOptions  # noqa: E402
 from models.pipeline import SequentialModel, float8_blocks, training_loss  # noqa: E402
 
@@ -50,22 +52,23 @@ def run(a) -> dict:
     if a.unfused:  # the 'before' of the fused-projection A/B (bench/unfused.py)
         from bench.unfused import patch
         patch()
-    cfg = {**LLAMA_7B, **SHAPES[a.shape], "num_hidden_layers": a.layers}
-    args = llama.Args.from_hf_config(cfg)
+    cfg = family_config(a.family, a.shape, a.layers)
+    fam = family_for_hf_config(cfg)
+    args = fam.Args.from_hf_config(cfg)
     packed = a.attn != "causal"
     on_gpu = torch.cuda.is_available()
     dev = "cuda" if on_gpu else "cpu"
     opts = LayerOptions(attn=AttnOptions(packed=packed, impl=a.attn if packed and on_gpu else "sdpa"),
                         compile=on_gpu, fp8=a.fp8)
     with torch.device(dev):  # built and initialised where it runs (a CPU init of 3.4B weights is slow)
-        model = SequentialModel(llama, args, opts)
+        model = SequentialModel(fam, args, opts)
         gen = torch.Generator(dev).manual_seed(1)
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02, generator=gen) if p.ndim >= 2 else p.fill_(1.0)
     model = model.to(torch.bfloat16 if on_gpu else torch.float32)  # as DeepSpeed's bf16 engine casts it
     float8_blocks(model.children(), a.fp8)
-    loss_fn = training_loss(llama, args, opts)
+    loss_fn = training_loss(fam, args, opts)
     params = [p for p in model.parameters() if p.requires_grad]
     masters = [p.detach().float().clone().requires_grad_() for p in params]
     opt = torch.optim.AdamW(masters, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=on_gpu)
@@ -110,17 +113,22 @@ def run(a) -> dict:
     timed = times[a.warmup:] or times
     dt = statistics.median(timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
-    return {"name": a.name, "tok_s": tokens / dt, "step_s": dt, "peak_gib": round(peak, 1), "loss": losses[-1],
+    from engine.training.metrics import PEAK_FLOPS, flops_per_token
+
+    n_params = sum(p.numel() for p in model.parameters())  # a tied twin counts once (one Parameter)
+    mfu = tokens / dt * flops_per_token(fam.dims(args), n_params, a.seq) / PEAK_FLOPS
+    return {"name": a.name, "family": a.family, "mfu": mfu, "params": n_params, "tok_s": tokens / dt, "step_s": dt, "peak_gib": round(peak, 1), "loss": losses[-1],
             "micro": a.micro, "accum": a.accum, "seq": a.seq, "fp8": a.fp8, "attn": a.attn,
-            "accum_dtype": a.accum_dtype, "layers": a.layers, "unfused": a.unfused}
+            "accum_dtype": a.accum_dtype, "layers": args.num_layers, "unfused": a.unfused}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--name", default="ref")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="llama-7b presets (old)")
+    p.add_argument("--family", choices=list(FAMILY_SHAPES), default="llama-7b")
+    p.add_argument("--layers", type=int, default=None, help="blocks (default: the family's stage-sized count)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--accum", type=int, default=8)
@@ -135,7 +143,7 @@ def main():
     out = Path(a.out) / "ref"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(r))
-    print(f"{r['name']}: {r['tok_s']:.0f} tok/s, step {r['step_s']:.2f} s, peak {r['peak_gib']} GiB, loss {r['loss']:.3f}")
+    print(f"{r['name']} ({r['family']}, {r['params'] / 1e9:.2f}B params): {r['tok_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, step {r['step_s']:.2f} s, peak {r['peak_gib']} GiB, loss {r['loss']:.3f}")
 
 
 if __name__ == "__main__":
