@@ -251,6 +251,21 @@ def attn_impl(packed: bool, use_flash_attn: bool, on_gpu: bool) -> str:
     return "flex" if (on_gpu and packed) else "sdpa"
 
 
+FLEX_MIN_HEAD_DIM = 16  # FlexAttention's GPU kernels: "NYI: embedding dimension of the query, key, and value must be at least 16"
+
+
+def options_for_head_dim(opts: "LayerOptions", head_dim: int) -> "LayerOptions":
+    """`opts` for a model of this head dim: one FlexAttention cannot run (head dim < 16, e.g. the
+    tiny bloom's 8) takes SDPA with the dense document mask instead; attention_mask then builds
+    the mask form SDPA reads (both follow `opts.attn.impl`). Applied once per model, by
+    models.pipeline (build_pipeline, SequentialModel)."""
+    import dataclasses
+
+    if opts.attn.impl == "flex" and head_dim < FLEX_MIN_HEAD_DIM:
+        return dataclasses.replace(opts, attn=dataclasses.replace(opts.attn, impl="sdpa"))
+    return opts
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Packed rows restart position ids at 0 for each document: number the documents."""
     return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)

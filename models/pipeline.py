@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .blocks import BlockBase, LayerDef, LayerOptions
+from .blocks import BlockBase, LayerDef, LayerOptions, options_for_head_dim
 from .loss import MaxZLoss, causal_lm_loss
 
 
@@ -71,6 +71,8 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
     """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily).
     wgrad_fusion: the blocks' linears accumulate weight gradients into `main_grad` (wgrad_fused_blocks)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    opts = options_for_head_dim(opts, family.dims(args).head_dim)  # flex needs head dim >= 16
 
     class _Pipeline(PipelineModule):
         def _partition_layers(self, method="uniform"):
@@ -155,6 +157,7 @@ class SequentialModel(nn.Module):
     def __init__(self, family: ModuleType, args, opts: LayerOptions = LayerOptions()):
         super().__init__()
         self.defs = flat_layers(family, args)
+        opts = options_for_head_dim(opts, family.dims(args).head_dim)  # flex needs head dim >= 16
         shared: dict[str, nn.Module] = {}
         for i, d in enumerate(self.defs):
             module = shared.get(d.tie) or d.cls(args, opts)
