@@ -1,17 +1,25 @@
-"""Correctness of the GPU fast path on a tiny model (run on the GPU machine before timing it).
+"""Correctness of the GPU fast path on a tiny model of every family (run on the GPU machine before
+timing it; on a machine without a GPU it runs the same checks on the CPU, SDPA and no compile: a
+dry run of the script itself).
 
-The reference is transformers' LlamaForCausalLM in fp32 on the CPU, each document run alone.
-1. Our fused q/k/v and gate/up layers (weights joined by models/keymap.py) on a packed row in
+The reference is the family's HF model in fp32 on the CPU, each document run alone: transformers'
+own class (llama, bloom, mixtral) or our remote code (baichuan2, chatglm3; models/hf_remote/).
+Cases (CASES): every family, baichuan2 with rotary (7B) and ALiBi (13B), and bloom twice: head dim
+32 on FlexAttention, and the default tiny bloom's head dim 8, which FlexAttention cannot run
+(models.blocks.options_for_head_dim: SDPA with the dense document mask instead).
+1. Our layers (fused q/k/v and gate/up, weights loaded by the product's loader) on a packed row in
    CPU fp32 give the same per-document losses (rel 1e-5).
-2. bf16 + FlexAttention + torch.compile on the GPU: within TOL_BF16; with fp8 tensorwise /
-   rowwise (torchao.float8 on the block linears): within TOL_FP8.
+2. bf16 + FlexAttention + torch.compile on the GPU: within TOL_BF16; llama also with fp8
+   tensorwise / rowwise (torchao.float8 on the block linears): within TOL_FP8.
 3. Packed vs unpacked on the GPU: every document's loss in a packed row equals its loss alone.
-4. fp32 gradient accumulation fused into the weight-gradient GEMM (models/fused_linear.py): the
+4. (llama) fp32 gradient accumulation fused into the weight-gradient GEMM (models/fused_linear.py): the
    CUDA op against fp64 (rel 1e-5, in place), and two micro-batches of backward through the compiled
    bf16 model: the block weights' fp32 main_grad vs CPU fp32 gradients (within TOL_GRAD, no worse
    than plain bf16 gradients summed in fp32, and within 1% of those).
+One PASS/FAIL line per case, then GPU CHECK PASS or FAIL.
 """
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,18 +27,35 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import llama  # noqa: E402
+from models import get_family, llama  # noqa: E402
 from models.blocks import AttnOptions, BlockBase, LayerOptions  # noqa: E402
-from models.keymap import model_from_hf  # noqa: E402
 from models.pipeline import SequentialModel, float8_blocks, wgrad_fused_blocks  # noqa: E402
 
 TOL_BF16 = 2e-2  # bf16 weights/activations, relative per-document loss
 TOL_FP8 = 5e-2  # float8 (e4m3) matmul inputs with dynamic scales
 TOL_GRAD = 8e-2  # bf16 forward/backward: relative norm of the block weight gradients' error (~5% on CPU)
+LENGTHS = [300, 120, 200, 404]  # one packed row of 1024 tokens
+VOCAB = 512
+_LLAMA_LIKE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, vocab_size=VOCAB,
+                   max_position_embeddings=1024)
+CASES = {  # name: (family, tiny_hf_config overrides); sized for 1024-token rows
+    "llama": ("llama", {**_LLAMA_LIKE, "num_key_value_heads": 4}),
+    "bloom": ("bloom", dict(hidden_size=256, n_head=8, vocab_size=VOCAB)),
+    "bloom head dim 8 (sdpa fallback)": ("bloom", dict(vocab_size=VOCAB)),
+    "baichuan2 rope (7B)": ("baichuan", {**_LLAMA_LIKE, "model_max_length": 1024}),
+    "baichuan2 alibi (13B)": ("baichuan", {**_LLAMA_LIKE, "model_max_length": 1024, "position_embedding": "alibi"}),
+    "chatglm3": ("chatglm", dict(hidden_size=256, ffn_hidden_size=512, kv_channels=32, num_attention_heads=8,
+                                 padded_vocab_size=VOCAB, seq_length=1024)),
+    "mixtral": ("mixtral", {**_LLAMA_LIKE, "num_key_value_heads": 4}),
+}
+
+
+def logits_of(out):
+    return (out[0] if isinstance(out, tuple) else out).float()  # an MoE head also returns its aux/z losses
 
 
 def doc_losses(model, ids, pos, lengths):
-    logits = model(ids, pos).float()
+    logits = logits_of(model(ids, pos))
     out, start = [], 0
     for n in lengths:
         out.append(F.cross_entropy(logits[0, start:start + n - 1], ids[0, start + 1:start + n]).item())
@@ -38,70 +63,120 @@ def doc_losses(model, ids, pos, lengths):
     return out
 
 
-def main():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def reference(family_name: str, overrides: dict, root: Path):
+    """The family's HF model (transformers or our remote code) in fp32 on the CPU with larger
+    weights than HF's init (logits far from uniform; biases nonzero), saved as an HF dir, and our
+    model's (family, args, state dict) loaded from that dir by the product's weight loader."""
+    from transformers import AutoModelForCausalLM
 
-    hf = llama.tiny_hf_config(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
-                              vocab_size=512, max_position_embeddings=1024)
-    args = llama.Args.from_hf_config(hf)
+    from engine.checkpoints.weights import open_weights
+    from models.tiny import make_tiny_hf_model
+
+    path = make_tiny_hf_model(root, family_name, **overrides)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
-    lengths = [300, 120, 200, 404]
-    ids = torch.randint(3, 512, (1, sum(lengths)), generator=g)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    torch.manual_seed(0)
-    hf_model = LlamaForCausalLM(LlamaConfig(**hf)).eval()  # the reference: transformers, CPU fp32
     with torch.no_grad():
-        for p in hf_model.parameters():  # larger weights than HF's init: logits far from uniform
-            p.normal_(0, 0.08) if p.ndim >= 2 else p.fill_(1.0)
-    hf_sd = hf_model.state_dict()
-    state = model_from_hf(llama, args, hf_sd.__getitem__)  # q/k/v and gate/up fused, once
-    with torch.no_grad():
-        cpu = []
-        for n, start in zip(lengths, [0, 300, 420, 620]):
-            logits = hf_model(ids[:, start:start + n]).logits.float()
-            cpu.append(F.cross_entropy(logits[0, :-1], ids[0, start + 1:start + n]).item())
-        ours = SequentialModel(llama, args, LayerOptions(attn=AttnOptions(packed=True, impl="sdpa"))).eval()
-        ours.load_state_dict(state)
-        ours_cpu = doc_losses(ours, ids, pos, lengths)  # fused layers, packed, CPU fp32: = transformers
-        rows = {"cpu fp32 fused (ours, packed)": ours_cpu}
-        for fp8 in ("off", "tensorwise", "rowwise"):
-            fast = SequentialModel(llama, args, LayerOptions(attn=AttnOptions(packed=True, impl="flex"), compile=True))
-            fast.load_state_dict(state)
-            fast = fast.cuda().bfloat16().eval()
-            if fp8 != "off":
-                try:
-                    float8_blocks(fast.children(), fp8)
-                except ImportError as e:
-                    print(f"fp8 {fp8}: skipped ({e})")
-                    continue
-            rows[f"gpu bf16 flex+compile fp8={fp8}"] = doc_losses(fast, ids.cuda(), pos.cuda(), lengths)
-        alone_model = SequentialModel(llama, args, LayerOptions(attn=AttnOptions(packed=False, impl="sdpa")))
-        alone_model.load_state_dict(state)
-        alone_model = alone_model.cuda().bfloat16().eval()
-        alone, start = [], 0
-        for n in lengths:
-            seg = ids[:, start:start + n].cuda()
-            alone += doc_losses(alone_model, seg, torch.arange(n)[None].cuda(), [n])
-            start += n
-    print("per-document loss  transformers cpu fp32:", [round(x, 4) for x in cpu])
-    for name, losses in rows.items():
-        print(f"  {name:38s}", [round(x, 4) for x in losses])
-    print(f"  {'gpu bf16 sdpa (each alone)':38s}", [round(x, 4) for x in alone])
+        for name, p in hf_model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+            else:
+                p.copy_((0.0 if name.endswith("bias") else 1.0) + torch.randn(p.shape, generator=g) * 0.02)
+    hf_model.save_pretrained(path)
+    source = open_weights(path)
+    family, args = source.model.family, source.model.args
+    model = SequentialModel(family, args).eval()
+    for idx, layer in model.owned_layers():
+        layer.load_state_dict(source.layer(idx))
+    return hf_model, family, args, model.state_dict()
 
-    def worst(a, b):
-        return max(abs(x - y) / x for x, y in zip(a, b))
-    ok = worst(cpu, ours_cpu) < 1e-5
-    print(f"max rel diff: ours cpu fp32 vs transformers {worst(cpu, ours_cpu):.2e} (tol 1e-5)")
-    for name, losses in rows.items():
-        if name.startswith("gpu"):
-            tol = TOL_BF16 if name.endswith("off") else TOL_FP8
-            print(f"max rel diff: {name} vs transformers {worst(cpu, losses):.2e} (tol {tol:g})")
-            ok &= worst(cpu, losses) < tol
-    packed_vs_alone = worst(alone, rows["gpu bf16 flex+compile fp8=off"])
-    print(f"max rel diff: packed vs each alone (gpu bf16) {packed_vs_alone:.2e} (tol {TOL_BF16:g})")
-    assert ok and packed_vs_alone < TOL_BF16, "GPU fast path disagrees"
-    grad_check(args, state, ids, pos)
-    print("GPU CHECK PASS")
+
+def worst(a, b):
+    return max(abs(x - y) / x for x, y in zip(a, b))
+
+
+def check_case(name: str, family_name: str, overrides: dict, root: Path, dev: str) -> tuple[bool, tuple | None]:
+    on_gpu = dev == "cuda"
+    fast_impl = "flex" if on_gpu else "sdpa"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (1, sum(LENGTHS)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    hf_model, family, args, state = reference(family_name, overrides, root / "".join(c if c.isalnum() else "_" for c in name))
+
+    def build(packed, impl, compile_=False):
+        model = SequentialModel(family, args, LayerOptions(attn=AttnOptions(packed=packed, impl=impl), compile=compile_))
+        model.load_state_dict(state)
+        return model
+
+    with torch.no_grad():
+        cpu, start = [], 0
+        for n in LENGTHS:
+            logits = hf_model(input_ids=ids[:, start:start + n], use_cache=False).logits.float()
+            cpu.append(F.cross_entropy(logits[0, :-1], ids[0, start + 1:start + n]).item())
+            start += n
+        ours_cpu = doc_losses(build(True, "sdpa").eval(), ids, pos, LENGTHS)  # packed, CPU fp32: = the reference
+        fast_model = build(True, fast_impl, on_gpu).to(dev, torch.bfloat16).eval()
+        impl = next(m for m in fast_model.children() if isinstance(m, BlockBase)).attn_opts.impl
+        label = f"{dev} bf16 {impl}{'+compile' if on_gpu else ''}"
+        rows = {f"{label} fp8=off": doc_losses(fast_model, ids.to(dev), pos.to(dev), LENGTHS)}
+        for fp8 in ("tensorwise", "rowwise") if on_gpu and family is llama else ():
+            fast = build(True, fast_impl, True).cuda().bfloat16().eval()
+            try:
+                float8_blocks(fast.children(), fp8)
+            except ImportError as e:
+                print(f"  fp8 {fp8}: skipped ({e})")
+                continue
+            rows[f"{label} fp8={fp8}"] = doc_losses(fast, ids.cuda(), pos.cuda(), LENGTHS)
+        alone_model = build(False, "sdpa").to(dev, torch.bfloat16).eval()
+        alone, start = [], 0
+        for n in LENGTHS:
+            alone += doc_losses(alone_model, ids[:, start:start + n].to(dev), torch.arange(n)[None].to(dev), [n])
+            start += n
+    print(f"--- {name}: per-document loss, reference cpu fp32:", [round(x, 4) for x in cpu])
+    checks = [("ours cpu fp32 packed", worst(cpu, ours_cpu), 1e-5)]
+    for row, losses in rows.items():
+        checks.append((row, worst(cpu, losses), TOL_BF16 if row.endswith("off") else TOL_FP8))
+    checks.append((f"packed vs each alone ({dev} bf16)", worst(alone, rows[f"{label} fp8=off"]), TOL_BF16))
+    ok = True
+    for what, diff, tol in checks:
+        print(f"  {what:38s} max rel diff {diff:.2e} (tol {tol:g})")
+        ok &= diff < tol
+    print(f"{name}: {'PASS' if ok else 'FAIL'} ({family.__name__.split('.')[-1]}, head dim {family.dims(args).head_dim}, "
+          f"{impl}{', compiled' if on_gpu else ''})")
+    return ok, (args, state, ids, pos) if family is llama else None
+
+
+def main():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        print("no GPU: a dry run on the CPU (bf16, SDPA, no compile)")
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "recompile_limit"):
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)  # several tiny models: keep every block compiled
+    results, llama_case = {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (family_name, overrides) in CASES.items():
+            try:
+                results[name], extra = check_case(name, family_name, overrides, Path(tmp), dev)
+                llama_case = extra or llama_case
+            except Exception as e:  # one family's crash (e.g. a kernel refusing a shape) fails its line only
+                results[name] = False
+                print(f"{name}: FAIL ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    ok = all(results.values())
+    if dev == "cuda" and llama_case is not None:
+        try:
+            grad_check(*llama_case)
+        except AssertionError as e:
+            print(f"wgrad fusion: FAIL ({e})")
+            ok = False
+    else:
+        print("wgrad fusion check: skipped (needs a GPU)")
+    print(f"{'GPU' if dev == 'cuda' else 'CPU DRY'} CHECK {'PASS' if ok else 'FAIL'}: "
+          + ", ".join(f"{n} {'ok' if r else 'FAIL'}" for n, r in results.items()))
+    if not ok:
+        sys.exit(1)
 
 
 def grad_check(args, state, ids, pos) -> None:
