@@ -6,7 +6,9 @@ counts come from the family's layers built on the meta device, so nothing is all
   time    forward FLOPs per token. embedding ~0; block = 2 x active matmul params (MoE: router +
           top_k/num_experts of the experts) + causal attention scores 2*s*d_q (QK^T and PV over
           s/2 keys on average); head = 2*h*vocab + ~10*vocab (softmax/cross-entropy). Training
-          costs 3x forward (4x for blocks under full recompute, ~3.3x selective).
+          costs 3x forward (4x for blocks under full recompute, ~3.3x selective). A block's FLOPs
+          are divided by its family's measured efficiency relative to llama (FAMILY_EFFICIENCY),
+          so every time is in llama-equivalent FLOPs: what llama's kernels would take as long for.
   memory  bytes per GPU of a stage = parameters x bytes/param (precision, ZeRO stage, offload,
           optimizer: see `static_bytes_per_param`) + activations: under 1F1B stage s keeps up to
           min(P - s, M) micro-batches in flight, each micro*seq tokens x the per-token bytes of
@@ -27,6 +29,34 @@ from models.lora import LoraSpec
 
 GiB = 2**30
 GPU_FIXED_GIB = 0.5  # cuBLAS/NCCL workspaces and allocator slack seen by max_memory_allocated
+
+# ---------------------------------------------------------------------- measured efficiency per family
+# How fast each family's blocks train per FLOP relative to llama's: the MFU of the family's
+# stage-sized bench model divided by llama-7B's, measured in the same device call (issue 25):
+#   FAMILIES="bloom-7b1 baichuan2-7b baichuan2-13b chatglm3-6b mixtral-8x7b" bash bench/run_gpu.sh \
+#     "llama-7b 2048 --family llama-7b $C; bloom-7b1 2048 --family bloom-7b1 $C; ..."
+# and the table's "/llama" column (bench/bench_train.py; MFU counts 6 * N_active + attention, so
+# MoE is charged for top_k experts only). llama is the baseline, 1.0 by definition, and every
+# family is 1.0 until measured. The cost model divides a block's FLOPs by this, so `parts: auto`
+# weighs a slower family's blocks against its (GEMM-bound, llama-like) embedding and head, and the
+# dry run's throughput estimate uses the family's own rate.
+# Measured: (not yet: fill in family -> MFU / llama MFU, with the date, machine and bench command)
+FAMILY_EFFICIENCY = {
+    "llama": 1.0,
+    "bloom": 1.0,
+    "baichuan": 1.0,
+    "chatglm": 1.0,
+    "mixtral": 1.0,
+}
+# llama's MFU of one pipeline stage, bubble excluded: the dry run's absolute throughput estimate
+# (bench/README.md, H200 x2, 2026-11-23: 56.5% MFU at pp=2, seq 2048, micro 4 x 16, i.e. with a
+# 5.9% bubble -> ~0.60 per busy stage). Replace with the latest llama-7b row of the same bench.
+LLAMA_STAGE_MFU = 0.60
+
+
+def family_efficiency(family) -> float:
+    """FAMILY_EFFICIENCY of a family module (models.<name>); 1.0 for one not measured."""
+    return FAMILY_EFFICIENCY.get(family.__name__.split(".")[-1], 1.0)
 
 
 # ---------------------------------------------------------------------- the run being planned
@@ -160,6 +190,7 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
     costs = []
     last = len(groups) - 1
     trainable = _group_trainable(family, args, setup.lora) if setup.lora else [None] * len(groups)
+    efficiency = family_efficiency(family)
     for idx, (params, tie, tie_params) in enumerate(groups):
         if idx == 0:
             costs.append(LayerCost("embed", params, flops=0.0, act=8.0, ckpt_act=8.0, tie=tie, tie_params=tie_params))
@@ -169,7 +200,7 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
             costs.append(LayerCost("head", params, flops, act, act, tie, tie_params))
         else:
             active = params - (d.experts - d.top_k) * d.mlp_params  # MoE: top_k of the experts run
-            flops = 2.0 * active + 2.0 * setup.seq * d.q_dim
+            flops = (2.0 * active + 2.0 * setup.seq * d.q_dim) / efficiency  # llama-equivalent FLOPs
             costs.append(LayerCost("block", params, flops, block_act_bytes(d, setup, "none"),
                                    block_act_bytes(d, setup, setup.ckpt)))
         costs[-1].trainable = trainable[idx]
@@ -390,7 +421,20 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
                          "use more stages, grad ckpt (selective/full), a smaller micro-batch or offload")
     if not any(s.peak > gpu_mem_gib * GiB for s in stages):
         lines.append(f"  fits: largest stage ~{gib(max(s.peak for s in stages))} GiB of {gpu_mem_gib:g} GiB")
+    lines.append(f"  throughput estimate: ~{tokens_per_s_per_gpu(stages, setup):,.0f} tok/s/GPU on H100/H200 (llama "
+                 f"stage MFU {LLAMA_STAGE_MFU:.2f} x {name} efficiency {family_efficiency(family):.2f}, "
+                 f"engine/plan.py FAMILY_EFFICIENCY; slowest stage, bubble included)")
     return "\n".join(lines), stages
+
+
+def tokens_per_s_per_gpu(stages: list[StageEstimate], setup: Setup) -> float:
+    """Training tokens/s per GPU of a pipeline whose slowest stage sets the pace: each stage runs
+    llama-equivalent FLOPs (stage `time`, per token) at llama's measured stage MFU; the bubble
+    leaves M/(M+P-1) of the time busy; the P stages of a pipeline share its tokens."""
+    from engine.training.metrics import PEAK_FLOPS
+
+    pace = PEAK_FLOPS * LLAMA_STAGE_MFU / max(s.time for s in stages)  # tokens/s through the slowest stage
+    return pace * (1.0 - setup.bubble) / setup.pp
 
 
 def _zero_report(cfg, name, total, setup: Setup, rank: StageEstimate, costs, world_size, gpu_mem_gib, opt) -> str:

@@ -156,3 +156,22 @@ def test_resolve_auto_parts_returns_the_split_and_leaves_cfg_alone(tiny_pp):
     parts = resolve_auto_parts(cfg, model, log=said.append)
     assert cfg.model_topo.parts == "auto" and len(parts) == 2 and sum(parts) == model.n_layers and said
     assert resolve_auto_parts(cfg, model, kind="zero") == "auto"
+
+
+def test_family_efficiency_scales_block_time_only(monkeypatch):
+    """FAMILY_EFFICIENCY (measured MFU / llama's): every family has an entry, llama is the 1.0
+    baseline; a family's blocks cost FLOPs / efficiency, its embedding and head do not change, and
+    the dry run's throughput estimate follows (stage time and tok/s)."""
+    from engine import plan
+    from models import family_names
+
+    assert set(plan.FAMILY_EFFICIENCY) == set(family_names()) and plan.FAMILY_EFFICIENCY["llama"] == 1.0
+    base, s = _plan("llama", LLAMA_7B, seq=2048, micro=1, n_micro=16, pp=2)
+    monkeypatch.setitem(plan.FAMILY_EFFICIENCY, "llama", 0.5)
+    slow, _ = _plan("llama", LLAMA_7B, seq=2048, micro=1, n_micro=16, pp=2)
+    for a, b in zip(base, slow):
+        assert b.flops == pytest.approx(a.flops * (2.0 if a.kind == "block" else 1.0))
+    parts = [17, 17]
+    rate = plan.tokens_per_s_per_gpu(estimate(base, parts, s), s)
+    assert plan.tokens_per_s_per_gpu(estimate(slow, parts, s), s) == pytest.approx(rate / 2, rel=0.02)
+    assert 5_000 < rate < 30_000  # llama-7B at pp=2 on H100/H200: ~12.8k measured (bench/README.md)
