@@ -121,10 +121,10 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(args.hidden_size, args.intermediate_size) for _ in range(args.num_experts))
         if hasattr(self.gate.weight, "ds_id"):  # built under deepspeed.zero.Init (ZeRO-3): see the class docstring
-            from deepspeed.zero import register_external_parameter
+            import deepspeed
 
             for p in self.experts.parameters():
-                register_external_parameter(self, p)
+                deepspeed.zero.register_external_parameter(self, p)
 
     def forward(self, x):
         shape = x.shape
