@@ -96,7 +96,16 @@ class TrainConfig:
     compile_blocks: bool = doc("torch.compile each transformer block and the loss (GPU; fixed shapes)", default=False)
     fp8: str = doc("FP8 training of the transformer blocks' linears through torchao.float8: tensorwise (fastest), "
                    "rowwise (finer scales) or off; needs bf16, a GPU with FP8 tensor cores (H100/H200, "
-                   "compute capability >= 8.9) and torchao; the pipeline path only", default="off")
+                   "compute capability >= 8.9) and torchao; the pipeline path only; rowwise_with_gw_hp: rowwise with "
+                   "the weight-gradient GEMM kept in bf16 (torchao's most accurate recipe); auto: tensorwise where "
+                   "the GPU and torchao support it, else off (bf16) with a note", default="off")
+    fp8_head: bool = doc("with fp8 on: also train the head's projection (lm_head; an untied head whose dims are "
+                         "multiples of 16) in FP8, same recipe; default false (torchao advises bf16 for the last "
+                         "layer)", default=False)
+    kernels: str = doc("elementwise kernels of the blocks and the loss: inductor (torch.compile's generated "
+                       "kernels) or liger (liger-kernel's Triton kernels: RMSNorm, SwiGLU, llama rotary, and the "
+                       "head + cross-entropy fused without logits); liger needs a GPU, `pip install liger-kernel`, "
+                       "the pipeline path", default="inductor")
     wgrad_fusion: bool = doc("bf16 pipeline runs with fp32 gradient accumulation (fp8 off): the blocks' linears add "
                              "their weight gradients into the fp32 buffers inside the wgrad GEMM (+4.1% tok/s on an "
                              "H200); false: DeepSpeed's separate bf16 gradient + add", default=True)
@@ -213,6 +222,7 @@ def _type_ok(value, tp) -> bool:
 
 
 INT64_MAX = 2**63 - 1  # what torch and numpy hold (seeds, counts, sizes)
+FP8_VALUES = ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp", "auto")  # auto: resolved per machine
 PATH_KEYS = ("model_path", "data_path", "save_path", "cache_dir", "eval_data_path")
 
 
@@ -615,11 +625,21 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     for key in ("save_every_steps", "save_every_minutes", "keep_last", "max_steps", "profile_step"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
-    if cfg.fp8 not in ("off", "tensorwise", "rowwise"):
-        raise ConfigError(f"{where}: fp8 must be tensorwise, rowwise or off, got {cfg.fp8!r}")
-    if cfg.fp8 != "off" and not pipeline:
+    if cfg.fp8 not in FP8_VALUES:
+        raise ConfigError(f"{where}: fp8 must be one of {', '.join(FP8_VALUES)}, got {cfg.fp8!r}")
+    if cfg.fp8 not in ("off", "auto") and not pipeline:
         raise ConfigError(f"{where}: fp8: {cfg.fp8} is supported on the pipeline path (train_ds.py) only; set fp8: off")
-    if cfg.fp8 != "off" and cfg.dtype != "bf16":
+    if cfg.fp8_head and cfg.fp8 == "off":
+        raise ConfigError(f"{where}: fp8_head: true needs fp8 on (tensorwise, rowwise, rowwise_with_gw_hp or auto)")
+    if cfg.kernels not in ("inductor", "liger"):
+        raise ConfigError(f"{where}: kernels must be inductor or liger, got {_show(cfg.kernels)}")
+    if cfg.kernels == "liger" and not pipeline:
+        raise ConfigError(f"{where}: kernels: liger is supported on the pipeline path (train_ds.py) only; "
+                          f"set kernels: inductor")
+    if cfg.kernels == "liger" and cfg.fp8_head:
+        raise ConfigError(f"{where}: fp8_head and kernels: liger both claim the head projection (liger fuses it "
+                          f"with the cross-entropy in bf16); pick one")
+    if cfg.fp8 not in ("off", "auto") and cfg.dtype != "bf16":
         raise ConfigError(f"{where}: fp8: {cfg.fp8} needs bf16: {{enabled: true}} (its parameters and "
                           f"gradients stay bf16), got {cfg.dtype}")
     if cfg.on_nonfinite_loss not in ("stop", "skip"):

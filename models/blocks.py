@@ -21,12 +21,17 @@ from torch import nn
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as llama/baichuan/chatglm/mixtral do."""
 
+    liger = False  # kernels: liger (models.pipeline.liger_blocks): liger's Triton RMSNorm, llama casting
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.liger:  # same numerics (fp32 rstd, cast back, times weight); in_place=False: dY is not reused
+            from liger_kernel.ops import LigerRMSNormFunction
+            return LigerRMSNormFunction.apply(x, self.weight, self.eps, 0.0, "llama", False)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -565,6 +570,8 @@ def _fuse_on_load(mapping, module, state_dict, prefix, *_):
 class GatedMLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x)); gate and up are one fused projection (rows [gate; up])."""
 
+    liger = False  # kernels: liger: liger's SwiGLU kernel reads the fused [gate | up] output as it is
+
     def __init__(self, hidden: int, ffn: int, bias: bool = False):
         super().__init__()
         self.gate_up_proj = fused_linear(hidden, (ffn, ffn), bias=bias)
@@ -572,6 +579,9 @@ class GatedMLP(nn.Module):
         accept_unfused(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.liger:
+            from liger_kernel.ops import LigerFusedGateUpSiLUMulFunction
+            return self.down_proj(LigerFusedGateUpSiLUMulFunction.apply(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -625,6 +635,8 @@ class LayerOptions:
     compile: bool = False  # torch.compile each block (fixed shapes, one graph per block)
     max_z_loss: float = 0.0  # weight of gdGPT's max-z term (models.loss.MaxZLoss); read by the loss only
     fp8: str = "off"  # float8 training of the block linears (FP8_MODES; models.pipeline.float8_blocks)
+    fp8_head: bool = False  # also the head's lm_head (models.pipeline.float8_blocks)
+    kernels: str = "inductor"  # KERNELS: liger swaps in liger-kernel's ops (models.pipeline.liger_blocks)
 
     @property
     def ckpt_mode(self) -> str:
@@ -635,7 +647,8 @@ class LayerOptions:
 
 
 CKPT_MODES = ("none", "full", "selective")
-FP8_MODES = ("off", "tensorwise", "rowwise")  # torchao.float8 recipes
+FP8_MODES = ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao.float8 recipes (engine resolves auto)
+KERNELS = ("inductor", "liger")
 # Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else in a block
 # (norms, rotary, activations, residual adds) is recomputed from them in backward.
 _SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",

@@ -13,6 +13,7 @@ from . import Dims
 from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, accept_unfused,
                      apply_rotary, attend, decoder_layers, fused_linear, gated_mlp_keys, rope_parameters)
 from .keymap import Fused, with_prefix
+from .loss import HeadInput
 
 MODEL_TYPES = ("llama",)
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -73,6 +74,8 @@ class Embed(nn.Module):
 
 
 class Attention(nn.Module):
+    liger_rope = False  # kernels: liger (models.pipeline.liger_blocks): liger's rotary kernel in training
+
     def __init__(self, args: Args, attn: AttnOptions):
         super().__init__()
         h, d = args.hidden_size, args.head_dim
@@ -103,7 +106,11 @@ class Attention(nn.Module):
             v = v.contiguous()
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.liger_rope:  # llama's half-split layout, cos/sin [B, S, D]; q, k come back as new tensors
+            from liger_kernel.ops import LigerRopeFunction
+            q, k = LigerRopeFunction.apply(q, k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend(q, k, v, mask, self.attn, cache=cache))
 
 
@@ -145,7 +152,11 @@ class FinalNorm(nn.Module):
 
 
 class Head(FinalNorm):
-    """Final norm + lm_head (untied)."""
+    """Final norm + lm_head (untied). With `fused_loss` set (kernels: liger, models.pipeline.liger_blocks)
+    it returns HeadInput(normed hidden, lm_head weight) and the loss fuses the projection with the
+    cross-entropy (no logits)."""
+
+    fused_loss = False
 
     def __init__(self, args: Args, opts: LayerOptions):
         super().__init__(args, opts)
@@ -153,6 +164,8 @@ class Head(FinalNorm):
 
     def forward(self, inputs):
         x, _ = super().forward(inputs)
+        if self.fused_loss:
+            return HeadInput((x, self.lm_head.weight))
         return self.lm_head(x)
 
 

@@ -19,6 +19,27 @@ def causal_lm_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tenso
     return ce * scale.to(ce.dtype)
 
 
+class HeadInput(tuple):
+    """(hidden [B, S, H], head weight [V, H]): what a head returns instead of logits under
+    `kernels: liger`, so the loss projects and takes the cross-entropy in one fused pass."""
+
+
+def liger_causal_lm_loss(outputs, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """causal_lm_loss through liger-kernel's fused linear cross-entropy when the head handed over
+    HeadInput: sum of the token losses (-100 ignored) times the loader's scale, as causal_lm_loss;
+    the vocabulary is walked in chunks, so no [B*S, V] logits exist. Logits (a head that was not
+    swapped, e.g. a tied one) go to causal_lm_loss."""
+    if not isinstance(outputs, HeadInput):
+        return causal_lm_loss(outputs, target)
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    hidden, weight = outputs
+    labels, scale = target
+    ce = liger_fused_linear_cross_entropy(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index=IGNORE,
+                                          reduction="sum", accum_dtype=torch.float32)
+    return ce.float() * scale.to(torch.float32)
+
+
 def max_z(logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of (max_v log_softmax(logits))^2 = (max logit - logsumexp)^2 (fp32)."""
     logits = logits.float()

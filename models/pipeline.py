@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockBase, LayerDef, LayerOptions, options_for_head_dim
-from .loss import MaxZLoss, causal_lm_loss
+from .loss import MaxZLoss, causal_lm_loss, liger_causal_lm_loss
 
 
 def layer_groups(family: ModuleType, args) -> list[list[LayerDef]]:
@@ -57,9 +57,18 @@ def make_loss(family: ModuleType, args):
     return family.make_loss(args) if hasattr(family, "make_loss") else causal_lm_loss
 
 
+def liger_loss(family: ModuleType, opts: LayerOptions) -> bool:
+    """kernels: liger fuses head + cross-entropy when the loss is the plain causal-LM loss on logits
+    (no family loss of its own, no max-z term, which needs the logits)."""
+    return opts.kernels == "liger" and not hasattr(family, "make_loss") and opts.max_z_loss <= 0
+
+
 def training_loss(family: ModuleType, args, opts: LayerOptions):
     """make_loss, compiled with the blocks on GPU (fused cross-entropy: no fp32 copy of the logits);
-    plus gdGPT's max-z term when opts.max_z_loss > 0."""
+    plus gdGPT's max-z term when opts.max_z_loss > 0. kernels: liger: liger's fused linear
+    cross-entropy (not compiled: its own Triton kernels), for heads that hand over HeadInput."""
+    if liger_loss(family, opts):
+        return liger_causal_lm_loss
     loss = make_loss(family, args)
     if opts.compile and torch.cuda.is_available() and not hasattr(loss, "pop_metrics"):
         loss = torch.compile(loss)
@@ -89,7 +98,9 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
     module = _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology,
                        loss_fn=training_loss(family, args, opts), seed_layers=True, base_seed=int(seed),
                        partition_method="manual")
-    float8_blocks(module.forward_funcs, opts.fp8)
+    float8_blocks(module.forward_funcs, opts.fp8, head=opts.fp8_head)
+    if opts.kernels == "liger":
+        liger_blocks(module.forward_funcs, fused_loss=liger_loss(family, opts))
     if wgrad_fusion:
         wgrad_fused_blocks(module.forward_funcs)
     return module
@@ -106,21 +117,55 @@ def wgrad_fused_blocks(layers) -> list[nn.Parameter]:
     return [w for layer in layers if isinstance(layer, BlockBase) for w in fuse_wgrad(layer)]
 
 
-def float8_blocks(layers, mode: str) -> None:
+def liger_blocks(layers, fused_loss: bool = True) -> int:
+    """kernels: liger: the blocks' RMSNorms, SwiGLU MLPs and llama-style rotary run liger-kernel's
+    Triton autograd Functions instead of the ops inductor fuses; with fused_loss, a head with a
+    `fused_loss` switch (llama's untied Head) returns HeadInput for liger's fused linear
+    cross-entropy. The blocks stay compiled around the liger Functions (dynamo traces autograd
+    Functions that launch user Triton kernels; liger keeps its scalars fp32 for that). Call before the
+    blocks first run (compile traces the swap). Returns the number of modules switched. Families
+    whose blocks are not built from these pieces (bloom's LayerNorm/GELU, chatglm's MLP and
+    interleaved rotary, baichuan's W_pack rotary) keep their ops there."""
+    from .blocks import GatedMLP, RMSNorm
+    from .llama import Attention, Head
+
+    n = 0
+    for layer in layers:
+        if not isinstance(layer, nn.Module):
+            continue
+        for m in layer.modules():
+            if isinstance(m, (RMSNorm, GatedMLP)) and isinstance(layer, BlockBase):
+                m.liger = True
+            elif isinstance(m, Attention) and isinstance(layer, BlockBase):
+                m.liger_rope = True
+            elif isinstance(m, Head) and fused_loss:
+                m.fused_loss = True
+            else:
+                continue
+            n += 1
+    return n
+
+
+def float8_blocks(layers, mode: str, head: bool = False) -> None:
     """FP8 training (`fp8: tensorwise | rowwise`): torchao.float8 swaps each transformer block's
     linears (q/k/v, o, gate/up, down) for its Float8Linear, which casts inputs, weights and
     gradients to float8 with dynamic scales for the three matmuls and keeps the bf16 parameters
     (checkpoints and the optimizer see no change). Embedding and head stay in bf16, as torchao
-    advises for the first and last layers. Call before the blocks first run (compile traces the swap)."""
+    advises for the first and last layers. Call before the blocks first run (compile traces the swap).
+    head (fp8_head): the head's `lm_head` linear too, same recipe (an untied head; a tied one
+    projects through the embedding's weight and stays bf16)."""
     if mode == "off":
         return
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(mode)
+    dims_ok = lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0  # noqa: E731 (fp8 GEMM shapes)
     for layer in layers:
-        if isinstance(layer, BlockBase):  # the fp8 GEMMs need both dimensions divisible by 16
-            convert_to_float8_training(layer, config=config,
-                                       module_filter_fn=lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0)
+        if isinstance(layer, BlockBase):
+            convert_to_float8_training(layer, config=config, module_filter_fn=dims_ok)
+        elif head and isinstance(getattr(layer, "lm_head", None), nn.Linear):
+            convert_to_float8_training(layer, config=config, module_filter_fn=lambda m, fqn: fqn == "lm_head"
+                                       and dims_ok(m, fqn))
 
 
 def init_layer(layer: nn.Module, seed: int, idx: int, std: float = 0.02) -> None:

@@ -70,7 +70,7 @@ def test_parse_errors_name_the_key(raw, message):
     ({"zero_optimization": {"stage": 3}}, 2, "use train_ds_zero.py"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 2, "bf16 and fp16 are both enabled"),
     ({"use_grad_ckpt": "yes"}, 2, "use_grad_ckpt must be true, false, full or selective"),
-    ({"fp8": "e4m3"}, 2, "fp8 must be tensorwise, rowwise or off, got 'e4m3'"),
+    ({"fp8": "e4m3"}, 2, "fp8 must be one of off, tensorwise, rowwise, rowwise_with_gw_hp, auto, got 'e4m3'"),
     ({"fp8": "tensorwise"}, 2, "fp8: tensorwise needs bf16: {enabled: true}"),
 ])
 def test_cross_field_rules(over, world, message):

@@ -131,8 +131,8 @@ class ZeroBackend:
         cfg, model = self.cfg, self.model
         ds = deepspeed_config(cfg, pipeline=False)
         with deepspeed.zero.Init(enabled=self.stage == 3, config_dict_or_path=ds):
-            module = SequentialModel(model.family, model.args, layer_options(cfg))
-        module.loss_fn = training_loss(model.family, model.args, layer_options(cfg))
+            module = SequentialModel(model.family, model.args, layer_options(cfg, pipeline=False))
+        module.loss_fn = training_loss(model.family, model.args, layer_options(cfg, pipeline=False))
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
         if self.stage == 3:
             self._register_tied_weights(module)

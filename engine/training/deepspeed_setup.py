@@ -1,22 +1,70 @@
 """What DeepSpeed is given: its config dict (our keys removed, our defaults added) and layer options."""
 from __future__ import annotations
 
+import sys
+
 from models.blocks import AttnOptions, LayerOptions, attn_impl
 
 from engine import distributed as D
 from engine.config import SCHEDULER_TOTAL, ConfigError, TrainConfig
 
 
-def layer_options(cfg: TrainConfig) -> LayerOptions:
+def layer_options(cfg: TrainConfig, pipeline: bool = True) -> LayerOptions:
     impl = attn_impl(cfg.packing, cfg.use_flash_attn, D.on_gpu())
-    if cfg.fp8 != "off":
+    fp8 = resolved_fp8(cfg, say=True, pipeline=pipeline)
+    if fp8 != "off":
         check_fp8(cfg)
+    if cfg.kernels == "liger":
+        check_liger(cfg)
     return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
-                        compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight, fp8=cfg.fp8)
+                        compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight, fp8=fp8,
+                        fp8_head=cfg.fp8_head and fp8 != "off", kernels=cfg.kernels)
+
+
+_SAID: set = set()
+
+
+def resolved_fp8(cfg: TrainConfig, say: bool = False, pipeline: bool = True) -> str:
+    """The recipe `fp8` means on this machine: `auto` is tensorwise where it can run (bf16, the pipeline
+    path, a GPU of compute capability >= 8.9, torchao importable) and off elsewhere (say=True: one note
+    line why, once per run); any other value is itself (check_fp8 refuses one that cannot run)."""
+    if cfg.fp8 != "auto":
+        return cfg.fp8
+    import torch
+
+    why = None
+    if cfg.dtype != "bf16":
+        why = f"the run is {cfg.dtype}, fp8 needs bf16"
+    elif not pipeline:
+        why = "fp8 runs on the pipeline path (train_ds.py) only"
+    elif not (D.on_gpu() and torch.cuda.get_device_capability() >= (8, 9)):
+        why = "no GPU with FP8 tensor cores (compute capability >= 8.9)"
+    else:
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            why = "torchao is not installed (pip install torchao)"
+    if say and "fp8" not in _SAID and D.rank() == 0:
+        _SAID.add("fp8")
+        print(f"note: fp8: auto -> {'off (bf16): ' + why if why else 'tensorwise'}", file=sys.stderr, flush=True)
+    return "off" if why else "tensorwise"
+
+
+def check_liger(cfg: TrainConfig) -> None:
+    """What `kernels: liger` needs from this machine: liger-kernel and a GPU (its kernels are Triton)."""
+    try:
+        import liger_kernel.ops  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{cfg.source}: kernels: liger needs liger-kernel (pip install liger-kernel); "
+                          f"set kernels: inductor") from None
+    if not D.on_gpu():
+        raise ConfigError(f"{cfg.source}: kernels: liger needs a GPU (liger's kernels are Triton); "
+                          f"set kernels: inductor")
 
 
 def check_fp8(cfg: TrainConfig) -> None:
-    """What `fp8` needs from this machine (validate checked the value): torchao and FP8 tensor cores."""
+    """What `fp8` needs from this machine (validate checked the value): torchao and FP8 tensor cores.
+    (`auto` never fails here: resolved_fp8 turned it off where it cannot run.)"""
     import torch
 
     try:

@@ -32,7 +32,9 @@ def wgrad_fusion(cfg: TrainConfig) -> bool:
     if OLD_ENV in os.environ:
         raise ConfigError(f"environment: {OLD_ENV}={os.environ[OLD_ENV]!r} is no longer read: the fusion is the "
                           "config key wgrad_fusion (default true; --set wgrad_fusion=false turns it off)")
-    return cfg.wgrad_fusion and cfg.dtype == "bf16" and cfg.bf16_grad_accum == "fp32" and cfg.fp8 == "off"
+    from engine.training.deepspeed_setup import resolved_fp8  # fp8: auto is off or tensorwise per machine
+
+    return cfg.wgrad_fusion and cfg.dtype == "bf16" and cfg.bf16_grad_accum == "fp32" and resolved_fp8(cfg) == "off"
 
 
 def link(engine) -> int:
