@@ -204,7 +204,8 @@ def table(out: Path, warmup: int, pp_micro: int = 16) -> None:
         vs_llama = f"{r['mfu'] / ref_llama:6.3f}" if ref_llama and "mfu" in r else f"{'':6s}"
         print(f"{name:34s} {r.get('family', 'llama-7b'):14s} {r['tok_s']:10.0f} {mfu} {vs_llama} {r['step_s']:7.2f} {r['loss']:6.2f} {'(ref)':>7s} "
               f"{pp_rate(r['tok_s'], pp_micro):8.0f}  [{r['peak_gib']}]  micro {r['micro']} x {r['accum']}, "
-              f"attn {r['attn']}, fp8 {r['fp8']}, accum {r['accum_dtype']}")
+              f"attn {r['attn']}, fp8 {r['fp8']}{' +head' if r.get('fp8_head') else ''}, "
+              f"kernels {r.get('kernels', 'inductor')}, accum {r['accum_dtype']}")
     print(f"pp2 est = stage tok/s x M/(M+P-1) / P with P=2, M={pp_micro} micro-batches: per-GPU rate of a pp=2 run "
           f"whose two stages each run at the measured rate")
 

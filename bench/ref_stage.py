@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_train import FAMILY_SHAPES, SHAPES, family_config  # noqa: E402
 from models import family_for_hf_config  # noqa: E402
 from models.blocks import AttnOptions, LayerOptions  # noqa: E402
-from models.pipeline import SequentialModel, float8_blocks, training_loss  # noqa: E402
+from models.pipeline import SequentialModel, float8_blocks, liger_blocks, liger_loss, training_loss  # noqa: E402
 
 
 def positions(rows: int, seq: int, packed: bool, rng: random.Random) -> torch.Tensor:
@@ -59,7 +59,7 @@ def run(a) -> dict:
     on_gpu = torch.cuda.is_available()
     dev = "cuda" if on_gpu else "cpu"
     opts = LayerOptions(attn=AttnOptions(packed=packed, impl=a.attn if packed and on_gpu else "sdpa"),
-                        compile=on_gpu, fp8=a.fp8)
+                        compile=on_gpu, fp8=a.fp8, fp8_head=a.fp8_head, kernels=a.kernels)
     with torch.device(dev):  # built and initialised where it runs (a CPU init of 3.4B weights is slow)
         model = SequentialModel(fam, args, opts)
         gen = torch.Generator(dev).manual_seed(1)
@@ -67,7 +67,9 @@ def run(a) -> dict:
             for p in model.parameters():
                 p.normal_(0, 0.02, generator=gen) if p.ndim >= 2 else p.fill_(1.0)
     model = model.to(torch.bfloat16 if on_gpu else torch.float32)  # as DeepSpeed's bf16 engine casts it
-    float8_blocks(model.children(), a.fp8)
+    float8_blocks(model.children(), a.fp8, head=a.fp8_head)
+    if a.kernels == "liger":  # the product's `kernels: liger` (models.pipeline.build_pipeline does the same)
+        liger_blocks(model.children(), fused_loss=liger_loss(fam, opts))
     loss_fn = training_loss(fam, args, opts)
     params = [p for p in model.parameters() if p.requires_grad]
     masters = [p.detach().float().clone().requires_grad_() for p in params]
@@ -118,7 +120,7 @@ def run(a) -> dict:
     n_params = sum(p.numel() for p in model.parameters())  # a tied twin counts once (one Parameter)
     mfu = tokens / dt * flops_per_token(fam.dims(args), n_params, a.seq) / PEAK_FLOPS
     return {"name": a.name, "family": a.family, "mfu": mfu, "params": n_params, "tok_s": tokens / dt, "step_s": dt, "peak_gib": round(peak, 1), "loss": losses[-1],
-            "micro": a.micro, "accum": a.accum, "seq": a.seq, "fp8": a.fp8, "attn": a.attn,
+            "micro": a.micro, "accum": a.accum, "seq": a.seq, "fp8": a.fp8, "fp8_head": a.fp8_head, "kernels": a.kernels, "attn": a.attn,
             "accum_dtype": a.accum_dtype, "layers": args.num_layers, "unfused": a.unfused}
 
 
@@ -134,7 +136,10 @@ def main():
     p.add_argument("--accum", type=int, default=8)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--fp8", choices=["off", "tensorwise", "rowwise"], default="off")
+    p.add_argument("--fp8", choices=["off", "tensorwise", "rowwise", "rowwise_with_gw_hp"], default="off")
+    p.add_argument("--fp8-head", action="store_true", help="the head's lm_head in FP8 too (config key fp8_head)")
+    p.add_argument("--kernels", choices=["inductor", "liger"], default="inductor",
+                   help="liger: liger-kernel's RMSNorm, SwiGLU, rotary and fused linear cross-entropy (config key kernels)")
     p.add_argument("--attn", choices=["causal", "flex"], default="causal")
     p.add_argument("--accum-dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--unfused", action="store_true", help="q/k/v and gate/up as separate GEMMs (bench/unfused.py)")
