@@ -129,41 +129,29 @@ class SparseMoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.gate(x).float()
-        probs = F.softmax(logits, dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        flat = chosen.flatten()
-        # slots per expert, on the device (bincount's output size would depend on the data)
-        routed = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
+        logits, probs, weights, flat, routed = self.route(x)
         if grouped_mm(x, self.experts[0].w1.weight):
-            out = self._grouped(x, flat, routed, weights)
+            w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)])  # [2E, ffn, h]
+            w13 = w13.view(len(self.experts), 2 * w13.shape[1], w13.shape[2])  # per expert [w1; w3]
+            w2 = torch.stack([e.w2.weight for e in self.experts])  # [E, h, ffn]
+            out = grouped_experts(x, flat, routed, weights, w13, w2, self.top_k)
         else:
             out = self._loop(x, flat, routed, weights)
         stats = torch.stack((routed.to(probs.dtype), probs.sum(dim=0))) / x.shape[0]
         return out.view(shape), stats, logits.logsumexp(dim=-1).square()
 
-    def _grouped(self, x, flat, routed, weights):
-        n_exp, k = len(self.experts), self.top_k
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        rows = x[order // k]
-        ends = routed.cumsum(0).to(torch.int32)
-        pad = -rows.shape[0] % (16 // x.element_size())  # rows 16-byte aligned (the weight-gradient GEMM reads rows^T)
-        if pad:  # zero rows in the last group: zero outputs, zero weight-gradient terms; cut off below
-            rows = torch.cat((rows, rows.new_zeros(pad, rows.shape[1])))
-            ends = torch.cat((ends[:-1], ends[-1:] + pad))
-        w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)])  # [2E, ffn, h]
-        w13 = w13.view(n_exp, 2 * w13.shape[1], w13.shape[2])  # per expert [w1; w3]
-        gate, up = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
-        w2 = torch.stack([e.w2.weight for e in self.experts])  # [E, h, ffn]
-        y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=ends)
-        if pad:
-            y = y[:-pad]
-        y = y * weights.flatten()[order, None]  # fp32, as the loop's expert(x) * weight
-        # back to (token, slot) order, then the top_k slots summed: no atomics, deterministic
-        y = y.new_empty(y.shape).index_copy(0, order, y)
-        return y.view(x.shape[0], k, x.shape[1]).sum(dim=1).to(x.dtype)
+    def route(self, x):
+        """Router logits and probabilities (fp32), the renormalised top-k weights [T, k], the chosen
+        expert per (token, slot) [T*k], and the slots per expert [E], counted on the device
+        (bincount's output size would depend on the data: a graph break)."""
+        logits = self.gate(x).float()
+        probs = F.softmax(logits, dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.flatten()
+        routed = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        return logits, probs, weights, flat, routed
 
     def _loop(self, x, flat, routed, weights):
         """One expert at a time (grouped_mm's fallback); one host sync for the group sizes."""
@@ -175,6 +163,27 @@ class SparseMoE(nn.Module):
             token, slot = pairs // self.top_k, pairs % self.top_k
             out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
         return out
+
+
+def grouped_experts(x, flat, routed, weights, w13, w2, k: int):
+    """SwiGLU experts as two grouped GEMMs. x [T, h]; flat [T*k] chosen expert per (token, slot);
+    routed [E] slots per expert; weights [T, k] fp32 routing weights; w13 [E, 2*ffn, h] (rows
+    [w1; w3] per expert), w2 [E, h, ffn]. Returns [T, h] in x's dtype."""
+    order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+    rows = x.index_select(0, order // k)  # backward: index_add (x[idx]'s index_put may sync on CUDA)
+    ends = routed.cumsum(0).to(torch.int32)
+    pad = -rows.shape[0] % (16 // x.element_size())  # rows 16-byte aligned (the weight-gradient GEMM reads rows^T)
+    if pad:  # zero rows in the last group: zero outputs, zero weight-gradient terms; cut off below
+        rows = torch.cat((rows, rows.new_zeros(pad, rows.shape[1])))
+        ends = torch.cat((ends[:-1], ends[-1:] + pad))
+    gate, up = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=ends)
+    if pad:
+        y = y[:-pad]
+    y = y * weights.flatten().index_select(0, order)[:, None]  # fp32, as the loop's expert(x) * weight
+    # back to (token, slot) order, then the top_k slots summed: no atomics, deterministic
+    y = y.new_empty(y.shape).index_copy(0, order, y)
+    return y.view(x.shape[0], k, x.shape[1]).sum(dim=1).to(x.dtype)
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
