@@ -78,12 +78,13 @@ FAMILY_SHAPES = {
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # the block count's name per family
 
 
-def family_config(family: str, shape: str = "7b", layers: int | None = None) -> dict:
-    """config.json of a bench model: FAMILY_SHAPES[family] (llama-7b: the `--shape` preset) with
-    `layers` blocks (default: the family's stage-sized count; llama --shape presets: their own)."""
+def family_config(family: str, shape: str | None = None, layers: int | None = None) -> dict:
+    """config.json of a bench model: FAMILY_SHAPES[family] with `layers` blocks (default: the
+    family's stage-sized count). llama-7b with a `--shape` preset (7b/13b/1b/tiny): the preset,
+    whole (7b: all 32 blocks, what the pp=2 recipes and run_gpu.sh prepare) unless `layers`."""
     base, default_layers = FAMILY_SHAPES[family]
-    cfg = {**base, **SHAPES[shape]} if family == "llama-7b" else dict(base)
-    if family == "llama-7b" and shape != "7b":
+    cfg = {**base, **SHAPES[shape]} if family == "llama-7b" and shape else dict(base)
+    if family == "llama-7b" and shape:
         default_layers = cfg["num_hidden_layers"]
     key = next(k for k in LAYER_KEYS if k in cfg)
     cfg[key] = layers or default_layers
@@ -99,7 +100,7 @@ WORDS = ("the model learns from data while pipeline stages pass activations forw
          "every token counts and packing keeps rows full so no compute is wasted on padding at all").split()
 
 
-def prepare(out: Path, n_samples: int, shape: str, layers: int | None, family: str = "llama-7b") -> None:
+def prepare(out: Path, n_samples: int, shape: str | None, layers: int | None, family: str = "llama-7b") -> None:
     import shutil
 
     from models import family_for_hf_config
@@ -217,7 +218,8 @@ if __name__ == "__main__":
     p.add_argument("--name", default="case")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--samples", type=int, default=6000)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="llama-7b presets (old; --family llama-7b)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="llama-7b presets, whole model unless --layers (run_gpu.sh passes 7b: all 32 blocks)")
     p.add_argument("--family", choices=list(FAMILY_SHAPES), default="llama-7b",
                    help="model shape per family (FAMILY_SHAPES); prepare writes <out>/<family>, run trains it")
     p.add_argument("--layers", type=int, default=None, help="override the shape's block count")

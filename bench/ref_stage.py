@@ -52,7 +52,8 @@ def run(a) -> dict:
     if a.unfused:  # the 'before' of the fused-projection A/B (bench/unfused.py)
         from bench.unfused import patch
         patch()
-    cfg = family_config(a.family, a.shape, a.layers)
+    # llama: 16 blocks unless --layers, whatever the --shape preset (this script's default so far)
+    cfg = family_config(a.family, a.shape, a.layers or (16 if a.family == "llama-7b" else None))
     fam = family_for_hf_config(cfg)
     args = fam.Args.from_hf_config(cfg)
     packed = a.attn != "causal"
@@ -128,7 +129,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--name", default="ref")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="llama-7b presets (old)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="llama-7b presets (16 blocks unless --layers)")
     p.add_argument("--family", choices=list(FAMILY_SHAPES), default="llama-7b")
     p.add_argument("--layers", type=int, default=None, help="blocks (default: the family's stage-sized count)")
     p.add_argument("--seq", type=int, default=2048)

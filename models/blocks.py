@@ -651,7 +651,7 @@ FP8_MODES = ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao.fl
 KERNELS = ("inductor", "liger")
 # Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else in a block
 # (norms, rotary, activations, residual adds) is recomputed from them in backward.
-_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+_SAVED_OPS = ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
               "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward")
 
 
