@@ -76,3 +76,37 @@ def test_small_head_dim_falls_back_from_flex():
     pos = torch.cat([torch.arange(n) for n in (15, 25)])[None]
     with torch.no_grad():
         assert torch.equal(fast(ids, pos), ref(ids, pos))
+
+
+@pytest.mark.parametrize("case", ["bloom", "baichuan-alibi"])
+def test_alibi_on_flex_keeps_the_document_block_mask(case, monkeypatch):
+    """ALiBi runs on FlexAttention as a score_mod next to the document BlockMask, so flex still
+    skips the tiles between documents (the mask is sparse and is what flex gets), and the result
+    equals SDPA with the bias and the dense document mask (CPU, no grad: flex has no CPU backward)."""
+    import models.blocks as blocks
+
+    family_name, overrides = CASES[case]
+    fam = get_family(family_name)
+    hf = fam.tiny_hf_config(**overrides, **({"hidden_size": 128, "n_head": 4} if family_name == "bloom" else {}))
+    args = fam.Args.from_hf_config(hf)
+    assert fam.dims(args).positional == "alibi" and fam.dims(args).head_dim >= 16
+    flex = SequentialModel(fam, args, LayerOptions(attn=AttnOptions(packed=True, impl="flex"))).eval()
+    sdpa = SequentialModel(fam, args, LayerOptions(attn=AttnOptions(packed=True, impl="sdpa"))).eval()
+    sdpa.load_state_dict(flex.state_dict())
+    seen = []
+    real_flex = blocks._flex()
+
+    def spy(q, k, v, score_mod=None, block_mask=None, **kw):
+        seen.append((score_mod, block_mask))
+        return real_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, **kw)
+
+    monkeypatch.setattr(blocks, "_flex", lambda: spy)
+    ids = torch.randint(3, 300, (1, 384))
+    pos = torch.arange(128).repeat(3)[None]  # three 128-token documents: one 128 x 128 tile each
+    with torch.no_grad():
+        out_flex, out_sdpa = flex(ids, pos), sdpa(ids, pos)
+    assert len(seen) == args.num_layers
+    for score_mod, block_mask in seen:
+        assert score_mod is not None and block_mask is not None
+        assert block_mask.sparsity() > 50  # 3 of 6 causal tiles are cross-document: skipped
+    assert (out_flex - out_sdpa).abs().max() < 1e-4 * out_sdpa.abs().max()
