@@ -12,6 +12,7 @@ Cases (CASES): every family, baichuan2 with rotary (7B) and ALiBi (13B), and blo
 2. bf16 + FlexAttention + torch.compile on the GPU: within TOL_BF16; llama also with fp8
    tensorwise / rowwise (torchao.float8 on the block linears): within TOL_FP8.
 3. Packed vs unpacked on the GPU: every document's loss in a packed row equals its loss alone.
+   And one block as the fast path runs it traces with 0 graph breaks (torch._dynamo.explain, on the device).
 4. (llama) fp32 gradient accumulation fused into the weight-gradient GEMM (models/fused_linear.py): the
    CUDA op against fp64 (rel 1e-5, in place), and two micro-batches of backward through the compiled
    bf16 model: the block weights' fp32 main_grad vs CPU fp32 gradients (within TOL_GRAD, no worse
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import get_family, llama  # noqa: E402
-from models.blocks import AttnOptions, BlockBase, LayerOptions  # noqa: E402
+from models.blocks import AttnOptions, BlockBase, LayerOptions, attention_mask  # noqa: E402
 from models.pipeline import SequentialModel, float8_blocks, wgrad_fused_blocks  # noqa: E402
 
 TOL_BF16 = 2e-2  # bf16 weights/activations, relative per-document loss
@@ -131,12 +132,20 @@ def check_case(name: str, family_name: str, overrides: dict, root: Path, dev: st
         for n in LENGTHS:
             alone += doc_losses(alone_model, ids[:, start:start + n].to(dev), torch.arange(n)[None].to(dev), [n])
             start += n
+    # graph breaks in one block as the fast path runs it (the class's method: the uncompiled original)
+    blk = next(m for m in fast_model.children() if isinstance(m, BlockBase))
+    p = pos.to(dev)
+    xb = torch.randn(1, p.shape[1], family.dims(args).hidden, device=dev, dtype=torch.bfloat16)
+    with torch.set_grad_enabled(on_gpu or impl != "flex"):  # flex has no CPU backward
+        breaks = torch._dynamo.explain(type(blk).block.__get__(blk))(
+            xb, p, attention_mask(p, blk.attn_opts, blk.window)).graph_break_count
     print(f"--- {name}: per-document loss, reference cpu fp32:", [round(x, 4) for x in cpu])
+    print(f"  {'graph breaks in a block':38s} {breaks} (must be 0)")
     checks = [("ours cpu fp32 packed", worst(cpu, ours_cpu), 1e-5)]
     for row, losses in rows.items():
         checks.append((row, worst(cpu, losses), TOL_BF16 if row.endswith("off") else TOL_FP8))
     checks.append((f"packed vs each alone ({dev} bf16)", worst(alone, rows[f"{label} fp8=off"]), TOL_BF16))
-    ok = True
+    ok = breaks == 0
     for what, diff, tol in checks:
         print(f"  {what:38s} max rel diff {diff:.2e} (tol {tol:g})")
         ok &= diff < tol

@@ -14,7 +14,7 @@ BENCH=${BENCH:-/tmp/bench}
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
-[ -n "${SKIP_CHECK:-}" ] || python3 bench/gpu_check.py 2>&1 | grep -v Warning | grep -E "rel diff|PASS|FAIL|skipped|wgrad|weight grads" | tail -60
+[ -n "${SKIP_CHECK:-}" ] || python3 bench/gpu_check.py 2>&1 | grep -v Warning | grep -E "rel diff|graph breaks|PASS|FAIL|skipped|wgrad|weight grads" | tail -70
 [ -d $BENCH/llama7b ] || python3 bench/bench_train.py prepare --out $BENCH --samples ${SAMPLES:-4000} --shape ${SHAPE:-7b} ${LAYERS:+--layers $LAYERS} | tail -1
 # other families' stage-sized models (bench_train.py FAMILY_SHAPES): FAMILIES="bloom-7b1 mixtral-8x7b ..."; a case
 # or REF entry then names one with --family NAME
