@@ -118,8 +118,62 @@ def default_model(p) -> str:
     return GDGPT_SAVE_PATH
 
 
+def take_ctrl_c() -> None:
+    """Python installs its KeyboardInterrupt handler only when SIGINT is not ignored at start, and
+    some starters pass it on ignored (a background job of a non-interactive shell, several test
+    runners and IDE consoles): Ctrl-C then did nothing, an answer ran on to --max-new-tokens. Run
+    in the foreground of its terminal, the demo is the one Ctrl-C is meant for: take it back
+    there. A real background job (not the terminal's foreground) keeps it ignored."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return
+    try:
+        foreground = os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return
+    if foreground:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def terminal_input(prompt: str) -> str:
+    """input() for a terminal, without its window for a lost Ctrl-C: input() writes the prompt and
+    then blocks in read(); a SIGINT that lands between the two (a Ctrl-C pressed as the prompt
+    appears) has its handler wait for the next line, so nothing happened. Here the signal's wakeup
+    byte ends the wait, and its KeyboardInterrupt follows at once. The terminal stays in its own
+    line mode (its editing keys, Ctrl-D for end of input)."""
+    import select
+    import signal
+
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    previous = signal.set_wakeup_fd(wake_w)
+    try:
+        data = b""
+        while not data.endswith(b"\n"):
+            ready, _, _ = select.select([0, wake_r], [], [])  # a handler's exception propagates (PEP 475)
+            if wake_r in ready:  # a signal came in: its handler runs before the next line of Python
+                os.read(wake_r, 512)
+                continue
+            chunk = os.read(0, 4096)
+            if not chunk:  # Ctrl-D: end of input at the start of a line, else the end of that line
+                if not data:
+                    raise EOFError
+                break
+            data += chunk
+        return data.decode("utf-8", errors="replace").removesuffix("\n")
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
 @user_errors
 def main(argv=None):
+    take_ctrl_c()
     p = parser()
     a = p.parse_args(argv)
     if a.type == "ref_qa" and not a.reference or a.type == "conver_has_api" and not a.api_desc:
@@ -154,7 +208,8 @@ def main(argv=None):
                         log=lambda s: print(s, file=sys.stderr))
         print(f"{n} answers -> {out}", file=sys.stderr)
         return
-    interactive(Chat(lm, tokenizer, a.type, sampling, a.template, a.reference, a.api_desc, lm.max_len, a.system))
+    interactive(Chat(lm, tokenizer, a.type, sampling, a.template, a.reference, a.api_desc, lm.max_len, a.system),
+                read=terminal_input if os.isatty(0) else input)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ PPLLM_TEST_NAN_AT_STEP=<step>[,<step>...]  the loss of those global steps (1-bas
 PPLLM_TEST_ENOSPC_IN_SAVE=<step>:<rank>  that rank's checkpoint writes of that step fail with ENOSPC.
 PPLLM_TEST_HOLD_AFTER_STEP=<step>  after that step, before deciding whether to stop or save, rank 0
     creates `<save_path>/.held-<step>` and waits until the test deletes it (the other ranks wait
-    in the next collective): the run is parked at a known step while a test acts on it.
+    in the next collective): the run is parked at a known step while a test acts on it. While
+    parked, the stop signals rank 0 has taken in (RunControl's handler ran) are written to
+    `<save_path>/.held-<step>.signals`, space-separated: a test signals, waits for the names to
+    appear there, then lets the run go, so no signal can arrive after the stop was decided.
+PPLLM_TEST_HOLD_ANSWER=<n>  demo.py's generation, once the text of its n-th new token has been
+    written, prints `[held]` to stderr and waits, Python-level (a signal's handler runs), until
+    interrupted: an answer a test Ctrl-Cs cannot end before the Ctrl-C arrives.
 """
 from __future__ import annotations
 
@@ -62,11 +68,30 @@ def write_error(path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-def hold_after_step(root, step: int) -> None:
+def hold_after_step(root, step: int, received=lambda: ()) -> None:
+    """`received()`: the names of the stop signals taken in so far (reported while parked)."""
     spec = os.environ.get("PPLLM_TEST_HOLD_AFTER_STEP")
     if not spec or int(spec) != step or os.environ.get("RANK", "0") != "0":
         return
     flag = Path(root) / f".held-{step}"
+    report, reported = Path(root) / f".held-{step}.signals", None
     flag.write_text(str(os.getpid()))
     while flag.exists():
+        names = " ".join(received())
+        if names != reported:
+            tmp = report.with_name(report.name + ".tmp")
+            tmp.write_text(names)
+            os.replace(tmp, report)  # the test never reads half a list
+            reported = names
+        time.sleep(0.05)
+
+
+def hold_answer(n_tokens: int) -> None:
+    spec = os.environ.get("PPLLM_TEST_HOLD_ANSWER")
+    if not spec or int(spec) != n_tokens:
+        return
+    import sys
+
+    print("[held]", file=sys.stderr, flush=True)
+    while True:  # ended by the KeyboardInterrupt of the Ctrl-C the test sends
         time.sleep(0.05)

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -250,13 +251,16 @@ def _read_until(fd, marker: bytes, timeout=90.0) -> bytes:
 
 
 @contextlib.contextmanager
-def demo_in_terminal(*args: str):
+def demo_in_terminal(*args: str, sigint=signal.SIG_DFL, env=None):
     """demo.py with `args` in a pseudo-terminal; yields the terminal's fd. The body ends the
-    session; on leaving, demo.py must have exited 0 (it is killed if the body failed)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    session; on leaving, demo.py must have exited 0 (it is killed if the body failed). `sigint`:
+    the SIGINT disposition it starts with, set here rather than inherited from whatever runs the
+    tests (a background job's is SIG_IGN)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     pid, fd = pty.fork()
     if pid == 0:  # child: the demo in the terminal
         os.chdir(ROOT)
+        signal.signal(signal.SIGINT, sigint)  # SIG_IGN survives exec
         os.execve(sys.executable, [sys.executable, "demo.py", *args], env)
     try:
         yield fd
@@ -420,23 +424,61 @@ def test_cuda_graphs_equal_eager_every_family(family_model, dtype):
         assert (got - ref).abs().max() <= 0.05 * ref.abs().max(), name
 
 
-def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tmp_path):
-    """A long answer (KV cache, 4000 new tokens) interrupted with Ctrl-C in the terminal: the
-    answer stops, the prompt comes back, the session goes on; Ctrl-C at the prompt does not end it."""
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored-by-the-starter"])
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(tmp_path, sigint):
+    """An answer interrupted with Ctrl-C in the terminal: the answer stops, the prompt comes back,
+    the session goes on; Ctrl-C at the prompt does not end it. The answer is held after its first
+    token (test hook, `[held]` on stderr) until the Ctrl-C ends it, so it cannot finish first. Also
+    when the demo was started with SIGINT ignored (as a background job's starter passes it on):
+    in the foreground of its terminal it takes Ctrl-C back (Python alone would leave it ignored
+    and the answer would run on to --max-new-tokens)."""
     from models.tiny import make_tiny_hf_model, sample_texts
 
     hf = make_tiny_hf_model(tmp_path / "hf", "llama", sample_texts(DATA), seed=3, max_position_embeddings=8192)
-    with demo_in_terminal("--model", str(hf), "--max-new-tokens", "4000") as fd:
+    with demo_in_terminal("--model", str(hf), "--max-new-tokens", "4000", sigint=sigint,
+                          env={"PPLLM_TEST_HOLD_ANSWER": "1"}) as fd:
         _read_until(fd, b">>> ")
         os.write(fd, b"Hello\n")
-        _read_until(fd, b"Hello\r\n")
-        streamed = _read_until(fd, b" ")  # the answer is being written
+        streamed = _read_until(fd, b"[held]")  # the answer is being written, and waits
         os.write(fd, b"\x03")  # Ctrl-C, as the terminal sends it (SIGINT to the foreground process)
         stopped = _read_until(fd, b">>> ")
         assert b"[stopped" in stopped and b"Traceback" not in streamed + stopped
         os.write(fd, b"\x03")
         assert b"/quit leaves" in _read_until(fd, b">>> ")
         os.write(fd, b"/quit\n")
+
+
+def test_ctrl_c_anywhere_in_an_exchange_keeps_the_session(tok):
+    """A Ctrl-C during the prompt's prefill stops that answer (not kept); one that lands outside the
+    generation (as the answer ends, while a command replies) returns to the prompt too: it used to
+    escape the loop and end the demo (exit 130). An answer that had ended before it is kept."""
+    from engine.inference.generate import interactive
+
+    class Interrupted(FakeLM):
+        first = True
+
+        def next_logits(self, new_ids):
+            if self.first:  # Ctrl-C just after Enter: during the prefill
+                self.first = False
+                raise KeyboardInterrupt
+            return super().next_logits(new_ids)
+
+    word = tok("hello", add_special_tokens=False)["input_ids"]
+    chat = Chat(Interrupted(word * 3), tok, "conversation", SamplingConfig(max_new_tokens=3))
+    lines, out = iter(["Hi", "Hi", "/help", "Hi", "/quit"]), []
+    interrupt_at = {" [cut at", "commands:"}  # while the cut marker / the help text is written
+
+    def write(text):
+        hit = next((m for m in interrupt_at if text.startswith(m)), None)
+        if hit:
+            interrupt_at.discard(hit)
+            raise KeyboardInterrupt
+        out.append(text)
+
+    interactive(chat, read=lambda prompt: next(lines), write=write)
+    text = "".join(out)
+    assert text.count("[stopped; this exchange is not kept]") == 1 and not interrupt_at, text
+    assert [r[0] for r in chat.rounds] == ["ask", "ans", "ask", "ans"], chat.rounds  # 2nd and 4th line kept
 
 
 # ----------------------------------------------------------------------------- chat templates in the demo

@@ -30,11 +30,26 @@ def write_config(tiny_pp, save, **over) -> Path:
     return path
 
 
+def default_signals() -> None:
+    """In the launched job: the stop signals as a terminal leaves them, not as whatever runs the
+    tests does (`nohup` ignores SIGHUP, a background job's starter SIGINT; ignored ones survive exec
+    and the run rightly keeps them ignored, so a test signalling it would wait in vain)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def launch(cfg: Path, log: Path, env=None, launcher_args=None):
     args = launcher_args or ["--num_gpus", "2", "--master_port", str(free_port())]
     return subprocess.Popen([DEEPSPEED, *args, "train_ds.py", "--config", str(cfg)], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
-                            stdout=open(log, "a"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT, preexec_fn=default_signals)
+
+
+def wait_signals(save: Path, step: int, names: set[str], proc) -> None:
+    """Wait until rank 0, parked after `step` (PPLLM_TEST_HOLD_AFTER_STEP), reports having taken
+    in every signal of `names` (engine/fault_hooks.py): only then may the test let the run go."""
+    report = save / f".held-{step}.signals"
+    wait_for(lambda: report.exists() and names <= set(report.read_text().split()), proc, f"rank 0 to take in {names}")
 
 
 def wait_group(proc, timeout=240) -> int:
@@ -121,16 +136,19 @@ def test_kill9_anywhere_then_same_command_resumes_bitwise(tiny_pp, tmp_path, ref
 
 
 def test_sigterm_saves_and_exits_then_resumes_bitwise(tiny_pp, tmp_path, reference):
+    """SIGTERM to the whole job while it is parked after step 3: it cannot finish before the signal
+    is in; then it saves step 3, exits, and the same command resumes bitwise."""
     save, log = tmp_path / "run", tmp_path / "log"
     cfg = write_config(tiny_pp, save, save_every_steps=0)
-    proc = launch(cfg, log)
-    wait_for(lambda: max(steps_logged(save), default=0) >= 3, proc, "step 3")
+    proc = launch(cfg, log, env={"PPLLM_TEST_HOLD_AFTER_STEP": "3"})
+    wait_for(lambda: (save / ".held-3").exists(), proc, "step 3")
     os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler's preemption sends to the job
+    wait_signals(save, 3, {"SIGTERM"}, proc)
+    (save / ".held-3").unlink()
     wait_group(proc)
-    stopped = max(steps_logged(save))
-    assert stopped < STEPS, "the run finished before the signal; nothing was tested"
-    assert (save / "latest").read_text() == f"global_step{stopped}"
-    assert f"SIGTERM received: saved {save / f'global_step{stopped}'}" in log.read_text()
+    assert max(steps_logged(save)) == 3
+    assert (save / "latest").read_text() == "global_step3"
+    assert f"SIGTERM received: saved {save / 'global_step3'}" in log.read_text()
     proc = launch(cfg, log)
     assert wait_group(proc) == 0, log.read_text()[-3000:]
     assert losses(save) == reference

@@ -19,7 +19,7 @@ import pytest
 
 from engine.checkpoints.lock import LOCK, LockHeld, RunLock, refuse_if_held_here
 from tests.dist import free_port
-from tests.test_kill_resume import launch, losses, steps_logged, wait_for, wait_group, write_config
+from tests.test_kill_resume import launch, losses, steps_logged, wait_for, wait_group, wait_signals, write_config
 
 
 def digest(root) -> dict[str, str]:
@@ -37,6 +37,20 @@ def rank0_pid(launcher: subprocess.Popen, rank: int = 0) -> int:
         if f"--local_rank={rank}" in child.cmdline():
             return child.pid
     raise AssertionError(f"no rank {rank} under the launcher")
+
+
+class Running:
+    """A rank's process as wait_for watches a launcher: poll() is None while it runs."""
+
+    def __init__(self, pid: int):
+        self.process, self.returncode = psutil.Process(pid), None
+
+    def poll(self):
+        try:
+            alive = self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        return None if alive else "gone"
 
 
 def dead_pid() -> int:
@@ -64,10 +78,8 @@ def parked(tiny_pp, tmp_path_factory):
 
     os.kill(first.pid, signal.SIGTERM)  # `kill <pid>` of the deepspeed command: its ranks are not signalled
     first.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while "has ended" not in log.read_text():  # the ranks' watcher (polls every second)
-        assert time.monotonic() < deadline, "the ranks did not notice that their launcher ended"
-        time.sleep(0.1)
+    # the ranks' watcher (polls every second) notices and SIGTERMs its own rank; rank 0 reports it
+    wait_signals(save, 3, {"SIGTERM"}, Running(holder))
     (save / ".held-3").unlink()  # let the parked step go on to its stop/save decision
     wait_group(first)
     return {"work": work, "save": save, "log": log, "cfg": cfg, "holder": holder, "before": before,
@@ -240,9 +252,10 @@ def test_hangup_and_slurm_warning_signal_save_and_exit(tiny_pp, tmp_path):
     proc = launch(cfg, log, env={"PPLLM_TEST_HOLD_AFTER_STEP": "3"})
     wait_for(lambda: (save / ".held-3").exists(), proc, "step 3")
     os.kill(rank0_pid(proc, 0), signal.SIGHUP)
+    wait_signals(save, 3, {"SIGHUP"}, proc)  # the first one in names the stop
     os.kill(rank0_pid(proc, 0), signal.SIGUSR1)
-    os.kill(rank0_pid(proc, 1), signal.SIGUSR1)
-    time.sleep(0.5)  # delivered before the step goes on
+    os.kill(rank0_pid(proc, 1), signal.SIGUSR1)  # rank 1 waits in a collective: it takes it in later
+    wait_signals(save, 3, {"SIGHUP", "SIGUSR1"}, proc)
     (save / ".held-3").unlink()
     assert wait_group(proc) == 0, log.read_text()[-3000:]
     text = log.read_text()

@@ -31,6 +31,7 @@ import torch
 
 from data.templates import ACTION_RESULT, parse_api_call
 
+from engine import fault_hooks
 from engine.checkpoints.files import LayoutError, locate
 
 API_STOP = "Observation:"  # an api call ends here: the tool, not the model, writes the result
@@ -137,6 +138,7 @@ def generate(lm, tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
         piece = stream.push(token)
         if piece:
             emit(piece)
+            fault_hooks.hold_answer(len(out.ids))
         if cfg.stop and any(stream.emitted.endswith(s) for s in cfg.stop):
             out.stop_reason = "stop"
             break
@@ -683,24 +685,25 @@ def interactive(chat: Chat, read=input, write=None) -> None:
         except KeyboardInterrupt:
             write("\n(Ctrl-D or /quit leaves)\n")
             continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit", "quit", "exit"):
-            return
-        if text == "/reset":
-            chat.reset()
-            write("(history cleared)\n")
-            continue
-        if text == "/help":
-            write(HELP + "\n")
-            continue
-        try:
+        g, asked = None, False
+        try:  # a Ctrl-C anywhere from here to the next prompt stops this answer, never the session
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit", "quit", "exit"):
+                return
+            if text == "/reset":
+                chat.reset()
+                write("(history cleared)\n")
+                continue
+            if text == "/help":
+                write(HELP + "\n")
+                continue
+            asked = True
             g = chat.ask(text, on_text=write, observe=lambda call: read(" [tool result] ").strip() or None)
-        except KeyboardInterrupt:
-            write("\n[stopped; this exchange is not kept]\n")
-            continue
-        if g.stop_reason == "length":
-            write(f" [cut at {chat.sampling.max_new_tokens} new tokens: --max-new-tokens]\n")
-        else:
-            write("\n" if g.text else "(empty answer)\n")
+            if g.stop_reason == "length":
+                write(f" [cut at {chat.sampling.max_new_tokens} new tokens: --max-new-tokens]\n")
+            else:
+                write("\n" if g.text else "(empty answer)\n")
+        except KeyboardInterrupt:  # once ask has returned, the exchange is complete and kept
+            write("\n[stopped; this exchange is not kept]\n" if asked and g is None else "\n")

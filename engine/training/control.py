@@ -36,6 +36,7 @@ class RunControl:
         self.is_rank0 = is_rank0
         self.last_save = time.monotonic()
         self.signal: str | None = None
+        self.received: list[str] = []  # every stop signal taken in, in order (tests read it)
         self._previous = {}
         for sig in STOP_SIGNALS:
             try:
@@ -63,6 +64,7 @@ class RunControl:
         # A repeated SIGTERM is not an escalation: the deepspeed launcher relays the one the job
         # got to every rank (and SIGKILLs them 30 s later), so ranks often see two at once.
         self.signal = self.signal or signal.Signals(signum).name
+        self.received.append(signal.Signals(signum).name)
 
     def restore(self) -> None:
         for sig, prev in self._previous.items():

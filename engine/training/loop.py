@@ -157,7 +157,7 @@ def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
             if skipped and cfg.on_nonfinite_loss == "stop":
                 raise NonFiniteLoss(f"step {step}: loss is {loss}; its update was not applied; stopping (set "
                                     f"on_nonfinite_loss: skip to go on; the last checkpoint is kept)")
-            fault_hooks.hold_after_step(cfg.save_path, step)
+            fault_hooks.hold_after_step(cfg.save_path, step, lambda: control.received)
             stop, timed = control.poll()
             if (stop or timed or cfg.save_every_steps and step % cfg.save_every_steps == 0) and step < total:
                 result.checkpoint = save()
