@@ -691,6 +691,26 @@ def layer_content_case(w, cid: str, make, expect: str, via: str) -> Case:
     return w.demo(cid, expect, model=pp)
 
 
+def bin_content_case(w, cid: str, make, expect: str, via: str) -> Case:
+    """The same contents as an HF dir's pytorch_model.bin (its only weights file)."""
+    import torch
+
+    def mutate(d: Path) -> None:
+        (d / "model.safetensors").unlink()
+        torch.save(make(torch), d / "pytorch_model.bin")
+
+    hf = w.hf_variant(cid, mutate)
+    expect = [str(hf / "pytorch_model.bin"), expect]
+    return w.convert(cid, "hg_to_pp", hf, expect) if via == "hg2pp" else w.demo(cid, expect, model=hf)
+
+
+for name in ("list", "non-str-key"):
+    for via in ("hg2pp", "demo"):
+        case(f"bin-content-{name}-{via}")(lambda w, make=LAYER_CONTENT_BAD[name][0], expect=LAYER_CONTENT_BAD[name][1],
+                                          via=via, cid=f"bin-content-{name}-{via}": bin_content_case(w, cid, make,
+                                                                                                    expect, via))
+
+
 for name, (make, expect) in LAYER_CONTENT_BAD.items():
     for via in ("pp2hg", "demo", "verify") + (("train",) if name in ("list", "non-str-key") else ()):
         case(f"layer-content-{name}-{via}")(lambda w, make=make, expect=expect, via=via,

@@ -50,10 +50,14 @@ def safe_checkpoint_engine():
         def load(self, path: str, map_location=None):
             try:
                 with torch.serialization.safe_globals(_ds_globals()):
-                    return torch.load(path, map_location=map_location, weights_only=True)
+                    state = torch.load(path, map_location=map_location, weights_only=True)
             except Exception as e:  # damaged, or a pickled object weights-only refuses: name the file
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 raise LayoutError(f"{path}: cannot be read ({type(e).__name__}: {first})") from None
+            if not isinstance(state, dict):  # DeepSpeed indexes it by key: a list would be a TypeError there
+                raise LayoutError(f"{path}: holds {'None' if state is None else 'a ' + type(state).__name__}, "
+                                  "not a DeepSpeed checkpoint dict")
+            return state
 
     return WeightsOnlyCheckpointEngine()
 

@@ -18,7 +18,7 @@ from models.keymap import from_hf, hf_shapes, upgrade_layer
 from models.pipeline import flat_layers
 
 from engine.checkpoints.files import (INDEX_NAMES, LayoutError, ModelDir, check_layer, check_safetensors,
-                                      find_layer_file, load_layer, locate, read_json)
+                                      check_tensor_dict, find_layer_file, load_layer, locate, read_json)
 from engine.checkpoints.gdgpt import GdgptWeights
 from engine.model import Model, expected_shapes
 
@@ -113,9 +113,10 @@ class HFWeights:
     def _bin(self, f: Path) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != f:  # one shard mapped at a time
             try:
-                self._bin_cache = (f, torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise LayoutError(f"{f}: cannot be read ({type(e).__name__})") from None
+            self._bin_cache = (f, check_tensor_dict(f, state, kind="an HF weights file"))
         return self._bin_cache[1]
 
 
