@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -43,6 +44,27 @@ def launch(cfg: Path, log: Path, env=None, launcher_args=None):
     return subprocess.Popen([DEEPSPEED, *args, "train_ds.py", "--config", str(cfg)], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, preexec_fn=default_signals)
+
+
+def rank0_pid(launcher: subprocess.Popen, rank: int = 0) -> int:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in child.cmdline():
+            return child.pid
+    raise AssertionError(f"no rank {rank} under the launcher")
+
+
+class Running:
+    """A rank's process as wait_for watches a launcher: poll() is None while it runs."""
+
+    def __init__(self, pid: int):
+        self.process, self.returncode = psutil.Process(pid), None
+
+    def poll(self):
+        try:
+            alive = self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        return None if alive else "gone"
 
 
 def wait_signals(save: Path, step: int, names: set[str], proc) -> None:
@@ -142,8 +164,9 @@ def test_sigterm_saves_and_exits_then_resumes_bitwise(tiny_pp, tmp_path, referen
     cfg = write_config(tiny_pp, save, save_every_steps=0)
     proc = launch(cfg, log, env={"PPLLM_TEST_HOLD_AFTER_STEP": "3"})
     wait_for(lambda: (save / ".held-3").exists(), proc, "step 3")
+    rank0 = Running(rank0_pid(proc))  # the launcher itself dies of the signal; rank 0 lives on to save
     os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler's preemption sends to the job
-    wait_signals(save, 3, {"SIGTERM"}, proc)
+    wait_signals(save, 3, {"SIGTERM"}, rank0)
     (save / ".held-3").unlink()
     wait_group(proc)
     assert max(steps_logged(save)) == 3

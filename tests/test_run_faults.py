@@ -19,7 +19,8 @@ import pytest
 
 from engine.checkpoints.lock import LOCK, LockHeld, RunLock, refuse_if_held_here
 from tests.dist import free_port
-from tests.test_kill_resume import launch, losses, steps_logged, wait_for, wait_group, wait_signals, write_config
+from tests.test_kill_resume import (Running, launch, losses, rank0_pid, steps_logged, wait_for, wait_group,
+                                   wait_signals, write_config)
 
 
 def digest(root) -> dict[str, str]:
@@ -30,27 +31,6 @@ def digest(root) -> dict[str, str]:
 
 def error_lines(log) -> list[str]:
     return [l for l in log.read_text().splitlines() if l.startswith("error:")]
-
-
-def rank0_pid(launcher: subprocess.Popen, rank: int = 0) -> int:
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        if f"--local_rank={rank}" in child.cmdline():
-            return child.pid
-    raise AssertionError(f"no rank {rank} under the launcher")
-
-
-class Running:
-    """A rank's process as wait_for watches a launcher: poll() is None while it runs."""
-
-    def __init__(self, pid: int):
-        self.process, self.returncode = psutil.Process(pid), None
-
-    def poll(self):
-        try:
-            alive = self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            alive = False
-        return None if alive else "gone"
 
 
 def dead_pid() -> int:
