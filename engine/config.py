@@ -636,6 +636,10 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     if cfg.kernels == "liger" and not pipeline:
         raise ConfigError(f"{where}: kernels: liger is supported on the pipeline path (train_ds.py) only; "
                           f"set kernels: inductor")
+    if cfg.kernels == "liger" and cfg.compile_blocks:  # measured: one H100, torch 2.11, liger-kernel 0.8.5
+        raise ConfigError(f"{where}: kernels: liger with compile_blocks: true fails to compile (torch 2.11 cannot trace "
+                          f"liger's SwiGLU Triton kernel inside a compiled block); set compile_blocks: false to run "
+                          f"liger's kernels eagerly, or kernels: inductor")
     if cfg.kernels == "liger" and cfg.fp8_head:
         raise ConfigError(f"{where}: fp8_head and kernels: liger both claim the head projection (liger fuses it "
                           f"with the cross-entropy in bf16); pick one")

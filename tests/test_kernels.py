@@ -18,6 +18,7 @@ from tests.test_config import base
     ({"kernels": "triton"}, True, "kernels must be inductor or liger, got 'triton'"),
     ({"kernels": "liger"}, False, "kernels: liger is supported on the pipeline path (train_ds.py) only"),
     ({"fp8_head": True}, True, "fp8_head: true needs fp8 on"),
+    ({"kernels": "liger", "compile_blocks": True}, True, "kernels: liger with compile_blocks: true fails to compile"),
     ({"fp8": "tensorwise", "fp8_head": True, "kernels": "liger", "bf16": {"enabled": True}}, True,
      "fp8_head and kernels: liger both claim the head projection"),
     ({"fp8": "delayed"}, True, "fp8 must be one of off, tensorwise, rowwise, rowwise_with_gw_hp, auto, got 'delayed'"),
