@@ -1,10 +1,14 @@
 """The MoE layer against the dense MLP it replaces (issue 25's MoE target).
 
-models.mixtral.SparseMoE (grouped GEMM, the default path) and its per-expert loop fallback vs
-one dense SwiGLU MLP (models.blocks.GatedMLP, fused gate/up) of the same hidden/ffn run on
+models.mixtral.SparseMoE (grouped GEMM on the experts stored stacked, the default path) and its
+per-expert loop fallback vs one dense SwiGLU MLP (models.blocks.GatedMLP, fused gate/up) of the same hidden/ffn run on
 top_k x tokens tokens: the same matmul FLOPs as the experts do, so dense time / MoE time is the
 MoE layer's efficiency (target >= 0.95 at 4 x 2048 tokens, >= 0.85 at 1 x 2048). Mixtral-8x7B
 shape (h 4096, ffn 14336, 8 experts, top 2), bf16, forward + backward, eager and torch.compile.
+
+The `perfwd` column is the grouped path with the previous layout's cost added back: expert weights
+held per expert and stacked on every forward (a copy of the layer's expert weights, ~2.8 GB at
+this shape, and the split of their gradients in backward), for comparison.
 
 Also checks that a forward + backward of the grouped layer never syncs with the host
 (torch.cuda.set_sync_debug_mode("error") raises on any sync), and that grouped and loop agree.
@@ -51,22 +55,25 @@ class Loop(torch.nn.Module):
             mixtral.grouped_mm = orig
 
 
-class PreStacked(torch.nn.Module):
-    """The grouped path with the expert weights held stacked ([E, 2*ffn, h], [E, h, ffn]
-    parameters) instead of stacked from the Expert modules per forward: what storing them fused
-    (a checkpoint layout change) would save over SparseMoE's per-forward copy."""
+class PerForwardStack(torch.nn.Module):
+    """The grouped path as it ran before the experts were stored stacked: one w1/w3/w2 parameter
+    per expert, stacked into [E, 2*ffn, h] and [E, h, ffn] on every forward."""
 
     def __init__(self, moe: mixtral.SparseMoE):
         super().__init__()
         self.moe = moe
+        experts = moe.experts
         with torch.no_grad():
-            w13 = torch.stack([w for e in moe.experts for w in (e.w1.weight, e.w3.weight)])
-            self.w13 = torch.nn.Parameter(w13.view(len(moe.experts), -1, w13.shape[-1]))
-            self.w2 = torch.nn.Parameter(torch.stack([e.w2.weight for e in moe.experts]))
+            w1, w3 = experts.gate_up_proj.detach().chunk(2, dim=1)
+            self.w1, self.w3, self.w2 = (torch.nn.ParameterList(torch.nn.Parameter(t.clone()) for t in w)
+                                         for w in (w1, w3, experts.down_proj.detach()))
 
     def forward(self, x):
         logits, probs, weights, flat, routed = self.moe.route(x)
-        return mixtral.grouped_experts(x, flat, routed, weights, self.w13, self.w2, self.moe.top_k)
+        w13 = torch.stack([w for pair in zip(self.w1, self.w3) for w in pair])  # [2E, ffn, h]
+        w13 = w13.view(len(self.w1), 2 * w13.shape[1], w13.shape[2])
+        w2 = torch.stack(list(self.w2))
+        return mixtral.grouped_experts(x, flat, routed, weights, w13, w2, self.moe.top_k)
 
 
 def step_fn(layer, compiled: bool):
@@ -120,7 +127,7 @@ def main():
                     w.normal_(0, 0.02)
     print(f"device {torch.cuda.get_device_name() if on_gpu else 'cpu'}, torch {torch.__version__}, "
           f"h {hidden} ffn {ffn} experts {experts} top {top_k} {dtype}, fwd+bwd, median of {a.iters}")
-    print(f"grouped GEMM path taken: {mixtral.grouped_mm(torch.zeros(1, hidden, dtype=dtype, device=dev), moe.experts[0].w1.weight)}")
+    print(f"grouped GEMM path taken: {mixtral.grouped_mm(torch.zeros(1, hidden, dtype=dtype, device=dev), moe.experts.gate_up_proj)}")
 
     # agreement: grouped vs loop on the same inputs (forward)
     x = torch.randn(tokens[0], hidden, device=dev, dtype=dtype)
@@ -146,8 +153,7 @@ def main():
         grads.append([xg.grad.float()] + [p.grad.float() for p in moe.parameters()])
     hook.remove()
     grel = max(((a - b).norm() / b.norm().clamp(min=1e-12)).item() for a, b in zip(*grads) if b.norm() > 0)
-    empty = moe.experts[-1]
-    empty_zero = all(not p.grad.any() for p in empty.parameters())
+    empty_zero = all(not p.grad[-1].any() for p in moe.experts.parameters())  # the last expert's slices
     print(f"grouped vs loop backward: max grad rel {grel:.2e}; unpicked expert's weight grads all zero: {empty_zero}")
     ok &= grel < (5e-2 if dtype == torch.bfloat16 else 1e-5) and empty_zero
     for p in moe.parameters():
@@ -171,11 +177,11 @@ def main():
         sync()
 
     modes = [False] if a.no_compile else [False, True]
-    stacked = PreStacked(moe)
-    print(f"{'tokens':>7s} {'mode':9s} {'dense ms':>9s} {'grouped ms':>11s} {'loop ms':>8s} {'prestk ms':>10s} "
-          f"{'grouped/dense':>14s} {'loop/dense':>11s} {'prestk/dense':>13s}")
+    stacked = PerForwardStack(moe)
+    print(f"{'tokens':>7s} {'mode':9s} {'dense ms':>9s} {'grouped ms':>11s} {'loop ms':>8s} {'perfwd ms':>10s} "
+          f"{'grouped/dense':>14s} {'loop/dense':>11s} {'perfwd/dense':>13s}")
     print("  ratio = dense time / MoE time, the dense MLP on top_k x tokens (target >= 0.95 at 8192, >= 0.85 at 2048); "
-          "prestk = grouped with the expert weights held stacked (no per-forward copy)")
+          "perfwd = grouped with the expert weights stacked per forward (the previous layout)")
     for n in tokens:
         x = torch.randn(n, hidden, device=dev, dtype=dtype, requires_grad=True)
         g = torch.randn_like(x)
@@ -191,7 +197,7 @@ def main():
             mode = "compiled" if compiled else "eager"
             print(f"{n:7d} {mode:9s} {t_dense:9.2f} {t_grouped:11.2f} {t_loop:8.2f} {t_pre:10.2f} "
                   f"{t_dense / t_grouped:14.3f} {t_dense / t_loop:11.3f} {t_dense / t_pre:13.3f}", flush=True)
-            for p in [*stacked.parameters(), *dense.parameters()]:
+            for p in [*moe.parameters(), *stacked.parameters(), *dense.parameters()]:
                 p.grad = None
     print("MOE BENCH", "PASS" if ok else "FAIL")
 

@@ -2,7 +2,8 @@
 
 A family's `hf_keys(args)` gives, per pipeline layer, {our parameter name: HF key} or
 {our parameter name: Fused(...)} for a parameter that stacks several HF tensors (q/k/v, gate/up
-projections run as one matmul). The stacking happens here, once, when a checkpoint is converted
+projections run as one matmul; an MoE layer's experts held as one [experts, rows, cols] tensor
+per projection, `Fused.stack`). The stacking happens here, once, when a checkpoint is converted
 or read from an HF dir; the layers never see the HF split.
 """
 from __future__ import annotations
@@ -15,7 +16,11 @@ import torch
 
 @dataclass(frozen=True)
 class Fused:
-    """One of our tensors = the HF tensors `keys` concatenated along dim 0, `sizes[i]` rows each.
+    """One of our tensors = the HF tensors `keys` concatenated along dim 0, `sizes[i]` rows each;
+    with `stack` > 0, that concatenation viewed as [stack, rows / stack, ...] (an MoE layer's
+    experts stored stacked: keys expert by expert, e.g. w1, w3 of expert 0, then of expert 1, ...).
+    Either way the tensor's memory is the parts one after the other, so a flat view of it is the
+    parts' flat views concatenated (optimizer state of old checkpoints is joined that way).
 
     `old` names the separate parameters a pipeline checkpoint written before the fusion holds
     (same order), so such a checkpoint still loads (see `fuse_old_layout`).
@@ -24,9 +29,24 @@ class Fused:
     keys: tuple[str, ...]
     sizes: tuple[int, ...]
     old: tuple[str, ...]
+    stack: int = 0
 
     def prefixed(self, prefix: str) -> "Fused":
-        return Fused(tuple(prefix + k for k in self.keys), self.sizes, self.old)
+        return Fused(tuple(prefix + k for k in self.keys), self.sizes, self.old, self.stack)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Our tensor from its parts (HF's or the old checkpoint's, in `keys` order)."""
+        t = torch.cat(parts)
+        return t.view(self.stack, -1, *t.shape[1:]) if self.stack else t
+
+    def split(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parts of our tensor (views), in `keys` order."""
+        return torch.split(t.flatten(0, 1) if self.stack else t, list(self.sizes))
+
+    def part_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The parts' shapes, from our tensor's shape."""
+        cols = shape[2:] if self.stack else shape[1:]
+        return [(n, *cols) for n in self.sizes]
 
 
 Source = Union[str, Fused]
@@ -49,15 +69,16 @@ def hf_shapes(names: Mapping[str, Source], shapes: Mapping[str, torch.Size]) -> 
     for ours, theirs in names.items():
         shape = tuple(shapes[ours])
         if isinstance(theirs, Fused):
-            out.update({k: (n, *shape[1:]) for k, n in zip(theirs.keys, theirs.sizes)})
+            out.update(zip(theirs.keys, theirs.part_shapes(shape)))
         else:
             out[theirs] = shape
     return out
 
 
 def from_hf(names: Mapping[str, Source], get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One layer's state in our layout from HF tensors (`get(HF key)`), fused parts concatenated."""
-    return {ours: torch.cat([get(k) for k in theirs.keys]) if isinstance(theirs, Fused) else get(theirs)
+    """One layer's state in our layout from HF tensors (`get(HF key)`), fused parts concatenated
+    (stacked: then viewed per expert)."""
+    return {ours: theirs.join([get(k) for k in theirs.keys]) if isinstance(theirs, Fused) else get(theirs)
             for ours, theirs in names.items()}
 
 
@@ -67,25 +88,28 @@ def to_hf(names: Mapping[str, Source], state: Mapping[str, torch.Tensor]) -> dic
     out = {}
     for ours, theirs in names.items():
         if isinstance(theirs, Fused):
-            out.update(zip(theirs.keys, (t.clone() for t in torch.split(state[ours], list(theirs.sizes)))))
+            out.update(zip(theirs.keys, (t.clone() for t in theirs.split(state[ours]))))
         else:
             out[theirs] = state[ours]
     return out
 
 
-def fuse_old_layout(state: dict, parts: Mapping[str, tuple[str, ...]], prefix: str = "") -> dict:
-    """Concatenate, in place, the separate tensors of a checkpoint written before the fusion:
-    parts = {fused name: (old name, ...)}; a state without them is left as it is."""
-    for fused, old in parts.items():
+def fuse_old_layout(state: dict, parts: Mapping[str, Union[tuple[str, ...], Fused]], prefix: str = "") -> dict:
+    """Join, in place, the separate tensors of a checkpoint written before the fusion:
+    parts = {fused name: (old name, ...)} (concatenated along dim 0) or {fused name: Fused} (its
+    `old` names, joined as `Fused.join`: stacked experts); a state without them is left as it is."""
+    for fused, spec in parts.items():
+        old = spec.old if isinstance(spec, Fused) else spec
         keys = [prefix + k for k in old]
         if prefix + fused not in state and keys and all(k in state for k in keys):
-            state[prefix + fused] = torch.cat([state.pop(k) for k in keys])
+            tensors = [state.pop(k) for k in keys]
+            state[prefix + fused] = spec.join(tensors) if isinstance(spec, Fused) else torch.cat(tensors)
     return state
 
 
-def old_layout_parts(names: Mapping[str, Source]) -> dict[str, tuple[str, ...]]:
-    """{fused name: old separate names} of one layer's key map (for `fuse_old_layout`)."""
-    return {ours: theirs.old for ours, theirs in names.items() if isinstance(theirs, Fused)}
+def old_layout_parts(names: Mapping[str, Source]) -> dict[str, Fused]:
+    """{fused name: its Fused entry} of one layer's key map (for `fuse_old_layout`)."""
+    return {ours: theirs for ours, theirs in names.items() if isinstance(theirs, Fused)}
 
 
 def upgrade_layer(names: Mapping[str, Source], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,7 +140,8 @@ def unfused_names(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     out = {}
     params = dict(module.named_parameters())
     for prefix, m in module.named_modules():
-        for fused, old in getattr(m, "unfused_parts", {}).items():
+        for fused, spec in getattr(m, "unfused_parts", {}).items():
+            old = spec.old if isinstance(spec, Fused) else spec
             dot = f"{prefix}." if prefix else ""
             if dot + fused in params:
                 out[dot + fused] = tuple(dot + o for o in old)

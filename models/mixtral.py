@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims, llama
-from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, decoder_layers, document_ids
+from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, accept_old_layout, decoder_layers, document_ids
+from .keymap import Fused
 from .llama import Attention, attention_keys  # same GQA + rotary attention; the sliding window comes with the mask
 from .loss import causal_lm_loss
 
@@ -29,6 +30,7 @@ MODEL_TYPES = ("mixtral",)
 HF_ARCHITECTURE = "MixtralForCausalLM"
 TIED_WEIGHTS = ["embed_tokens.weight"]  # shared by embedding and head when tie_word_embeddings
 HF_NOT_LINEAR = ("block_sparse_moe.",)  # experts + router are no nn.Linear in transformers 5: no LoRA targets (models/lora.py)
+# (our experts are no nn.Linear either: stacked parameters, class Experts; the router is one)
 
 
 @dataclass(kw_only=True)
@@ -82,17 +84,48 @@ def real_tokens(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Te
     return (~(tail & uniform)).to(torch.int32)
 
 
-class Expert(nn.Module):
-    """SwiGLU expert with Mixtral's names: w2(silu(w1 x) * w3 x)."""
+class Experts(nn.Module):
+    """A layer's SwiGLU experts (Mixtral's w2(silu(w1 x) * w3 x)), stored stacked as transformers
+    5's MixtralExperts holds them in memory: `gate_up_proj` [E, 2*ffn, h] (rows [w1; w3] of each
+    expert, as GatedMLP's gate_up_proj) and `down_proj` [E, h, ffn] (w2). The grouped GEMMs read
+    them through transposed views: no copy per forward. On disk (HF) they stay one w1/w2/w3 per
+    expert: the key map stacks and splits them (`expert_keys`, keymap.Fused with `stack`), and a
+    pipeline checkpoint written before the stacking (`experts.{e}.w1.weight`, ...) is stacked on
+    load (state dict hook; optimizer state by name: keymap.unfused_names).
 
-    def __init__(self, hidden: int, ffn: int):
+    `forward(x, flat, routed, weights, k)` runs every routed (token, slot) pair through its
+    expert. It is the module whose forward reads the expert weights, so ZeRO-3 gathers them
+    (all experts, on every rank whatever the routing) in its forward and again for its backward.
+    The weights are no nn.Linear: the pipeline's module swaps (fp8's Float8Linear, the wgrad
+    fusion) leave them alone; they run in the training dtype and get DeepSpeed's normal gradient
+    accumulation, and LoRA does not adapt them (transformers has no linear there either).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, ffn, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+        with torch.no_grad():  # nn.Linear's default init, per expert
+            self.gate_up_proj.uniform_(-hidden ** -0.5, hidden ** -0.5)
+            self.down_proj.uniform_(-ffn ** -0.5, ffn ** -0.5)
+        accept_old_layout(self, expert_keys(num_experts, hidden, ffn, prefix=""))
 
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x, flat, routed, weights, k: int):
+        if grouped_mm(x, self.gate_up_proj):
+            return grouped_experts(x, flat, routed, weights, self.gate_up_proj, self.down_proj, k)
+        return looped_experts(x, flat, routed, weights, self.gate_up_proj, self.down_proj, k)
+
+
+def expert_keys(num_experts: int, hidden: int, ffn: int, prefix: str = "block_sparse_moe.experts.") -> dict:
+    """hf_keys entries of the stacked experts: each the per-expert HF tensors (`{e}.w1.weight`,
+    which are also the names our layer files had before the stacking) in memory order: w1, w3 of
+    expert 0, w1, w3 of expert 1, ...; w2 of each expert."""
+    def names(*ws):
+        return tuple(f"{prefix}{e}.{w}.weight" for e in range(num_experts) for w in ws)
+
+    up, down = names("w1", "w3"), names("w2")
+    return {f"{prefix}gate_up_proj": Fused(up, (ffn,) * len(up), up, num_experts),
+            f"{prefix}down_proj": Fused(down, (hidden,) * len(down), down, num_experts)}
 
 
 class SparseMoE(nn.Module):
@@ -100,43 +133,28 @@ class SparseMoE(nn.Module):
     this layer's routing statistics [2, experts], per token: routed slots, router probability,
     and each token's router z term logsumexp(router logits)^2 [tokens] (ST-MoE's z-loss, fp32).
 
-    The experts run as grouped GEMMs (`torch._grouped_mm`): the (token, slot) pairs sorted by
-    expert, group ends = cumsum of the routed counts (int32, on the device), one grouped GEMM for
-    every expert's w1 and w3 (stacked [E, 2*ffn, hidden]) and one for w2. Nothing reads a value
-    back to the host, so the step never syncs and a compiled block is one graph. The expert
-    weights stay one Expert module each (checkpoint and HF key names unchanged); they are stacked
-    per forward (a copy of the layer's expert weights; stack's backward is free views). Under ZeRO-3
-    the Expert forwards never run, so every expert parameter is registered as an external parameter
-    of this module: DeepSpeed gathers all of them, on every rank whatever the routing, in this
-    module's forward and again in its backward.
+    The experts (`Experts`, stored stacked) run as grouped GEMMs (`torch._grouped_mm`): the
+    (token, slot) pairs sorted by expert, group ends = cumsum of the routed counts (int32, on the
+    device), one grouped GEMM for every expert's [w1; w3] and one for w2. Nothing reads a value
+    back to the host, so the step never syncs and a compiled block is one graph.
 
     Where `_grouped_mm` refuses (a GPU dtype other than bf16, rows not 16-byte aligned), the
-    per-expert loop runs instead (`grouped_mm(x) is False`, a host-side choice from dtype, device
-    and shape): it reads the group sizes back to the host once per layer.
+    per-expert loop runs instead (`grouped_mm(x, w) is False`, a host-side choice from dtype,
+    device and shape) on slices of the same stacked weights: it reads the group sizes back to the
+    host once per layer.
     """
 
     def __init__(self, args: Args):
         super().__init__()
-        self.top_k = args.top_k
+        self.top_k, self.num_experts = args.top_k, args.num_experts
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(args.hidden_size, args.intermediate_size) for _ in range(args.num_experts))
-        if hasattr(self.gate.weight, "ds_id"):  # built under deepspeed.zero.Init (ZeRO-3): see the class docstring
-            import deepspeed
-
-            for p in self.experts.parameters():
-                deepspeed.zero.register_external_parameter(self, p)
+        self.experts = Experts(args.num_experts, args.hidden_size, args.intermediate_size)
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, probs, weights, flat, routed = self.route(x)
-        if grouped_mm(x, self.experts[0].w1.weight):
-            w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)])  # [2E, ffn, h]
-            w13 = w13.view(len(self.experts), 2 * w13.shape[1], w13.shape[2])  # per expert [w1; w3]
-            w2 = torch.stack([e.w2.weight for e in self.experts])  # [E, h, ffn]
-            out = grouped_experts(x, flat, routed, weights, w13, w2, self.top_k)
-        else:
-            out = self._loop(x, flat, routed, weights)
+        out = self.experts(x, flat, routed, weights, self.top_k)
         stats = torch.stack((routed.to(probs.dtype), probs.sum(dim=0))) / x.shape[0]
         return out.view(shape), stats, logits.logsumexp(dim=-1).square()
 
@@ -149,20 +167,25 @@ class SparseMoE(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         flat = chosen.flatten()
-        routed = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
+        routed = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         return logits, probs, weights, flat, routed
 
-    def _loop(self, x, flat, routed, weights):
-        """One expert at a time (grouped_mm's fallback); one host sync for the group sizes."""
-        order = flat.argsort(stable=True)
-        out = torch.zeros_like(x)
-        for expert, pairs in zip(self.experts, order.split(routed.tolist())):
-            # every expert runs, on an empty slice if no token chose it: ZeRO-3 gathers each
-            # module's parameters in its forward, which must stay collective on every rank
-            token, slot = pairs // self.top_k, pairs % self.top_k
-            out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
-        return out
+
+def looped_experts(x, flat, routed, weights, w13, w2, k: int):
+    """grouped_experts one expert at a time, on slices of the stacked weights (the fallback where
+    `_grouped_mm` refuses); one host sync for the group sizes. Experts no token chose are skipped
+    (their slices of the stacked gradients stay zero)."""
+    order = flat.argsort(stable=True)
+    out = torch.zeros_like(x)
+    for e, pairs in enumerate(order.split(routed.tolist())):
+        if not len(pairs):
+            continue
+        token, slot = pairs // k, pairs % k
+        gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e])
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
+    return out
 
 
 def grouped_experts(x, flat, routed, weights, w13, w2, k: int):
@@ -187,11 +210,11 @@ def grouped_experts(x, flat, routed, weights, w13, w2, k: int):
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether SparseMoE can run `torch._grouped_mm` on these tensors (host-side: dtype, device,
-    shape). CUDA (torch 2.11, Hopper): bf16 only; every dim's stride 16-byte aligned, i.e. hidden and
-    ffn multiples of 8 in bf16 (the token count is padded). CPU eager: fp32 and bf16; compiled: bf16 (the op's
-    meta function refuses fp32 whatever the device). float8 or other
-    weight wrappers (no plain tensor weight) take the loop."""
+    """Whether Experts can run `torch._grouped_mm` on x and its stacked `gate_up_proj` weight
+    [E, 2*ffn, h] (host-side: dtype, device, shape). CUDA (torch 2.11, Hopper): bf16 only; every
+    dim's stride 16-byte aligned, i.e. hidden and ffn multiples of 8 in bf16 (the token count is
+    padded). CPU eager: fp32 and bf16; compiled: bf16 (the op's meta function refuses fp32 whatever
+    the device). Weight wrappers (no plain tensor) take the loop."""
     if not hasattr(torch, "_grouped_mm") or type(weight) not in (torch.Tensor, nn.Parameter):
         return False
     if x.dtype != weight.dtype or x.device.type not in ("cuda", "cpu"):
@@ -200,7 +223,8 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False  # CUDA kernels and the op's meta function (what compile traces) take bf16 only
     if x.dtype not in (torch.bfloat16, torch.float32):
         return False
-    return all(n * x.element_size() % 16 == 0 for n in weight.shape)
+    ffn, hidden = weight.shape[-2] // 2, weight.shape[-1]
+    return all(n * x.element_size() % 16 == 0 for n in (ffn, hidden))
 
 
 class Block(BlockBase):
@@ -314,10 +338,10 @@ def make_loss(args: Args) -> MoELoss:
 
 def hf_keys(args: Args) -> list[dict]:
     """Per pipeline layer: {our parameter name: HF checkpoint key or Fused} (the on-disk names,
-    with one w1/w2/w3 per expert; transformers 5 fuses experts only in memory; our q/k/v are one
-    fused projection, models/keymap.py)."""
-    block = {k: k for k in ["input_layernorm.weight", "post_attention_layernorm.weight", "block_sparse_moe.gate.weight"]
-             + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(args.num_experts) for w in ("w1", "w2", "w3")]}
+    with one w1/w2/w3 per expert, stacked into our [experts, ...] tensors: `expert_keys`; our q/k/v
+    are one fused projection, models/keymap.py)."""
+    block = {k: k for k in ["input_layernorm.weight", "post_attention_layernorm.weight", "block_sparse_moe.gate.weight"]}
+    block.update(expert_keys(args.num_experts, args.hidden_size, args.intermediate_size))
     block.update(attention_keys(args))
     return llama.decoder_keys(args, block)
 

@@ -111,7 +111,8 @@ def wgrad_fused_blocks(layers) -> list[nn.Parameter]:
     nn.Linear becomes a models.fused_linear.WgradFusedLinear (same parameters). Returns their
     weights; each behaves as a plain linear until its `main_grad` is attached (the engine points it
     at the optimizer's fp32 gradient buffer). Embedding, norms and head keep the normal path.
-    Call before the blocks first run (compile traces the swap)."""
+    Call before the blocks first run (compile traces the swap). Mixtral's experts are stacked
+    parameters, no nn.Linear (models.mixtral.Experts): they keep DeepSpeed's gradient accumulation."""
     from .fused_linear import fuse_wgrad
 
     return [w for layer in layers if isinstance(layer, BlockBase) for w in fuse_wgrad(layer)]
@@ -153,7 +154,8 @@ def float8_blocks(layers, mode: str, head: bool = False) -> None:
     (checkpoints and the optimizer see no change). Embedding and head stay in bf16, as torchao
     advises for the first and last layers. Call before the blocks first run (compile traces the swap).
     head (fp8_head): the head's `lm_head` linear too, same recipe (an untied head; a tied one
-    projects through the embedding's weight and stays bf16)."""
+    projects through the embedding's weight and stays bf16). Mixtral's experts are stacked
+    parameters, no nn.Linear (models.mixtral.Experts): they stay bf16 grouped GEMMs."""
     if mode == "off":
         return
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training

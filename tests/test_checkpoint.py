@@ -164,3 +164,80 @@ def test_reshape_agrees_with_deepspeed_universal_checkpoint(tiny_pp, tmp_path):
     assert sorted(ours) == [4, 5, 6]
     for s in (4, 5, 6):
         assert ours[s] == pytest.approx(theirs[s], rel=2e-5, abs=2e-5), (ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def mixtral_pp(tmp_path_factory):
+    from engine.checkpoints.convert import hf_to_pp
+    from models.tiny import make_tiny_hf_model, sample_texts
+    from tests.conftest import EXAMPLE_DATA
+
+    root = tmp_path_factory.mktemp("mixtral")
+    make_tiny_hf_model(root / "hf", "mixtral", sample_texts(EXAMPLE_DATA))
+    return hf_to_pp(root / "hf", root / "pp")
+
+
+def unstack_experts(tag: Path, keys: list[dict]) -> None:
+    """Rewrite a tag's layer files and optimizer state as written before the experts were stored
+    stacked (per-expert `block_sparse_moe.experts.{e}.w1.weight`, ... names), sizes and hashes
+    recorded in meta.json as the old version wrote them."""
+    from engine.checkpoints import integrity
+    from engine.checkpoints.files import layer_file
+    from models.keymap import Fused
+
+    meta = json.loads((tag / "meta.json").read_text())
+    for idx, names in enumerate(keys):
+        weights = torch.load(layer_file(tag, idx), weights_only=True)
+        stacked = {ours: f for ours, f in names.items() if isinstance(f, Fused) and f.stack}
+        if not stacked:
+            continue
+        optim = tag / "optim" / f"layer_{idx:02d}.pt"
+        moments = torch.load(optim, weights_only=True)
+        for ours, f in stacked.items():
+            shape = weights[ours].shape
+            weights.update(zip(f.old, (t.clone() for t in f.split(weights.pop(ours)))))
+            state = moments.pop(ours)
+            for old, *parts in zip(f.old, *(f.split(v.reshape(shape)) for v in state.values())):
+                moments[old] = {k: t.clone() for k, t in zip(state, parts)}
+        for path, obj in ((layer_file(tag, idx), weights), (optim, moments)):
+            torch.save(obj, path)
+            rel = str(path.relative_to(tag))
+            meta["files"][rel] = path.stat().st_size
+            meta["hashes"][rel] = integrity.hash_file(path, meta["hash"])
+    (tag / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("zero", [{}, {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}],
+                         ids=["fp32", "bf16-zero1"])
+def test_mixtral_old_per_expert_layout_loads_and_resumes(mixtral_pp, tmp_path, zero):
+    """A mixtral tag written before the experts were stored stacked (per-expert w1/w2/w3 in its
+    layer and optimizer files) loads (open_weights, a layer's strict load_state_dict) and resumes
+    exactly as the same tag in today's layout: weights, fp32 masters and Adam moments by name."""
+    from engine.checkpoints.files import layer_file
+    from engine.checkpoints.weights import open_weights
+    from engine.model import Model
+    from models.pipeline import SequentialModel
+
+    run(config(mixtral_pp, tmp_path / "base", steps=3, **LAYOUTS["pp2"], **zero))
+    model = Model.from_dir(mixtral_pp)
+    keys = model.family.hf_keys(model.args)
+    for name in ("new", "old"):
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+    tag = tmp_path / "old" / "global_step3"
+    unstack_experts(tag, keys)
+    old = torch.load(layer_file(tag, 1), weights_only=True)
+    assert "block_sparse_moe.experts.3.w2.weight" in old and "block_sparse_moe.experts.down_proj" not in old
+
+    new_source, old_source = open_weights(tmp_path / "new"), open_weights(tmp_path / "old")
+    seq = SequentialModel(model.family, model.args)
+    for idx, layer in seq.owned_layers():
+        want = new_source.layer(idx)
+        assert want.keys() == old_source.layer(idx).keys()
+        assert all(torch.equal(old_source.layer(idx)[k], v) for k, v in want.items())
+        layer.load_state_dict(torch.load(layer_file(tag, idx), weights_only=True))  # strict: stacked by the hook
+        assert all(torch.equal(layer.state_dict()[k], v) for k, v in want.items())
+
+    losses = {name: run(config(mixtral_pp, tmp_path / name, steps=5, **LAYOUTS["pp2"], **zero))
+              for name in ("new", "old")}
+    assert sorted(losses["old"]) == [4, 5]  # resumed, not restarted
+    assert losses["old"] == losses["new"]

@@ -147,7 +147,7 @@ def test_layer_files_hold_fused_projections_and_old_unfused_files_still_load(tmp
         old = {}
         for ours, t in fused[idx].items():
             if isinstance(names[ours], Fused):
-                old.update({k: p.clone() for k, p in zip(names[ours].old, t.split(names[ours].sizes))})
+                old.update({k: p.clone() for k, p in zip(names[ours].old, names[ours].split(t))})
             else:
                 old[ours] = t
         torch.save(old, layer_file(tag, idx))

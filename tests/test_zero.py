@@ -152,10 +152,9 @@ def test_offload_uses_deepspeed_cpu_adam(tiny_pp, pipeline_losses, tmp_path):
 
 
 def test_zero3_mixtral_gathers_every_expert(tmp_path):
-    """MoE under ZeRO-3: SparseMoE's grouped GEMM reads every expert's weights without calling
-    the Expert modules, so they are registered as external parameters of the MoE module and
-    DeepSpeed gathers all of them on every rank in its forward and backward. Same losses as the
-    pipeline path (aux loss included)."""
+    """MoE under ZeRO-3: the experts are stored stacked in one Experts module whose forward runs
+    the grouped GEMMs, so DeepSpeed's module hooks gather all of them on every rank (whatever the
+    routing) in its forward and backward. Same losses as the pipeline path (aux loss included)."""
     from engine.checkpoints.convert import hf_to_pp
     from models.tiny import make_tiny_hf_model, sample_texts
     from tests.conftest import EXAMPLE_DATA

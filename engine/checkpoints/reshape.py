@@ -248,6 +248,10 @@ class _Source:
         if self.fmt >= FORMAT:
             path = layer_file(self.tag_dir, where)
             state = self._get(path, weights=True)
+            if key not in state and name in self.unfused:  # written before the fusion / the expert stacking
+                parts = [state.get(self.where(old)[1]) for old in self.unfused[name]]
+                if all(part is not None for part in parts):  # flat: the caller reshapes to the parameter's shape
+                    return torch.cat([part.reshape(-1) for part in parts])
             if key not in state:
                 raise LayoutError(f"{path}: no weights for '{key}'")
             return state[key]
@@ -259,7 +263,7 @@ class _Source:
         if self.fmt >= FORMAT and not path.is_file():
             return {}  # a layer without optimizer state (e.g. never stepped)
         entries = self._get(path)
-        if key not in entries and name in self.unfused:  # written before q/k/v, gate/up were fused
+        if key not in entries and name in self.unfused:  # written before q/k/v, gate/up, experts were fused
             parts = [entries.get(self.where(old)[1]) for old in self.unfused[name]]
             if all(parts):
                 entries[key] = {k: torch.cat([part[k].reshape(-1) for part in parts]) for k in parts[0]}
