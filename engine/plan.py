@@ -51,6 +51,7 @@ FAMILY_EFFICIENCY = {
 # llama's MFU of one pipeline stage, bubble excluded: the dry run's absolute throughput estimate
 # (bench/README.md, H200 x2, 2026-11-23: 56.5% MFU at pp=2, seq 2048, micro 4 x 16, i.e. with a
 # 5.9% bubble -> ~0.60 per busy stage). Replace with the latest llama-7b row of the same bench.
+PEAK_FLOPS = 989e12  # H100/H200 dense bf16: what MFU is a share of (training/metrics.py too)
 LLAMA_STAGE_MFU = 0.60
 
 
@@ -431,7 +432,6 @@ def tokens_per_s_per_gpu(stages: list[StageEstimate], setup: Setup) -> float:
     """Training tokens/s per GPU of a pipeline whose slowest stage sets the pace: each stage runs
     llama-equivalent FLOPs (stage `time`, per token) at llama's measured stage MFU; the bubble
     leaves M/(M+P-1) of the time busy; the P stages of a pipeline share its tokens."""
-    from engine.training.metrics import PEAK_FLOPS
 
     pace = PEAK_FLOPS * LLAMA_STAGE_MFU / max(s.time for s in stages)  # tokens/s through the slowest stage
     return pace * (1.0 - setup.bubble) / setup.pp

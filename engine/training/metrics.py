@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-PEAK_FLOPS = 989e12  # H100/H200 dense bf16
+from engine.plan import PEAK_FLOPS  # noqa: F401 (loop.py and bench read it here)
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TB_DIR = "tensorboard"
