@@ -774,9 +774,7 @@ def _check_lora(cfg: TrainConfig) -> None:
     where, lora = cfg.source, cfg.lora
     if lora.r < 0:
         raise ConfigError(f"{where}: lora.r must be >= 0 (0 = off), got {lora.r}")
-    if not lora.r:
-        return
-    if not 0 < lora.alpha < math.inf:
+    if not 0 < lora.alpha < math.inf:  # checked with r 0 too: a bad value is an error wherever it stands
         raise ConfigError(f"{where}: lora.alpha must be a finite number > 0, got {lora.alpha}")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {lora.dropout}")
