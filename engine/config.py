@@ -778,6 +778,8 @@ def _check_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: lora.alpha must be a finite number > 0, got {lora.alpha}")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.r:
+        return
     targets = lora.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         raise ConfigError(f"{where}: lora.target_modules must be a list of module names or all-linear, got "
