@@ -788,9 +788,6 @@ def _check_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: lora.target_modules must name at least one module (or all-linear), got {targets}")
     if any(not m.strip() for m in lora.modules_to_save or []):
         raise ConfigError(f"{where}: lora.modules_to_save has an empty name")
-    if cfg.zero_stage == 3:
-        raise ConfigError(f"{where}: lora with zero_optimization.stage 3 is not supported (the adapters are added "
-                          "after ZeRO-3 partitions the model); use stage 1 or 2, or train_ds.py")
 
 
 def owned_fields(cls=None, prefix: str = "") -> list[tuple[str, object, dataclasses.Field]]:

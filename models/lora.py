@@ -199,7 +199,7 @@ def add_lora(layers, family: ModuleType, args, spec: LoraSpec, seed: int) -> int
     for idx, layer in layers:
         for name, p in layer.named_parameters():
             p.requires_grad_(is_trainable(name, keys[idx], spec))
-            n += p.numel() if p.requires_grad else 0
+            n += getattr(p, "ds_numel", p.numel()) if p.requires_grad else 0  # ZeRO-3: the full size
     return n
 
 

@@ -1,6 +1,7 @@
 """LoRA (models/lora.py, engine/checkpoints/lora.py): every family's adapters export as a PEFT
 adapter that peft itself loads with our logits, merged exports equal peft's merge; training
-under pp=2 changes only the adapters, saves only them, resumes on another layout; ZeRO; config errors."""
+under pp=2 changes only the adapters, saves only them, resumes on another layout; ZeRO-2 and ZeRO-3
+(same losses, adapter-only tags, resume); config errors."""
 import json
 from pathlib import Path
 
@@ -84,6 +85,8 @@ BF16 = {"bf16": {"enabled": True}}
 def _train_keeping_engine(raw, zero=False):
     """train / train_zero on this rank; returns its losses and what the engine holds after training:
     {layer: {param: tensor}} of the frozen parameters, trainable count, fp32 master elements."""
+    import deepspeed
+
     from engine.training import backends, loop
 
     kept = {}
@@ -100,11 +103,15 @@ def _train_keeping_engine(raw, zero=False):
     module = engine.module
     layers = [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, torch.nn.Module)] \
         if hasattr(module, "forward_funcs") else module.owned_layers()
-    frozen = {idx: {n: p.detach().float().clone() for n, p in layer.named_parameters() if not p.requires_grad}
-              for idx, layer in layers}
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = {}
+    for idx, layer in layers:  # ZeRO-3: each layer's partitions gathered in turn (every rank, same order)
+        with deepspeed.zero.GatheredParameters(list(layer.parameters())):
+            frozen[idx] = {n: p.detach().float().clone() for n, p in layer.named_parameters() if not p.requires_grad}
+    numel = (lambda p: getattr(p, "ds_numel", p.numel()))  # noqa: E731  ZeRO-3: the full size, not the partition
+    trainable = sum(numel(p) for p in module.parameters() if p.requires_grad)
     opt = engine.optimizer
-    masters = sum(p.numel() for g in getattr(opt, "bf16_groups", getattr(opt, "bit16_groups", [])) for p in g)
+    groups = next((getattr(opt, a) for a in ("bf16_groups", "bit16_groups", "fp16_groups") if hasattr(opt, a)), [])
+    masters = sum(numel(p) for g in groups for p in g)
     grads = [n for n, p in module.named_parameters() if not p.requires_grad and p.grad is not None]
     dtypes = {str(p.dtype) for p in module.parameters() if not p.requires_grad}
     return result.losses, frozen, trainable, masters, grads, dtypes
@@ -264,20 +271,86 @@ def test_cli_set_help_config_and_names_the_model_lacks(tiny_pp, capsys):
         == {"q_proj", "k_proj", "v_proj", "o_proj"}  # as PEFT's all-linear on transformers' Mixtral
 
 
-def test_zero2_trains_only_the_adapters(tiny_pp, tmp_path):
-    raw = config(tiny_pp, tmp_path / "z", dims=(1, 2), parts=None, steps=3, lora=LORA,
-                 zero_optimization={"stage": 2}, **BF16)
-    ranks = run_keeping(raw, zero=True)
+def zero_lora_config(tiny_pp, save, stage, steps=6):
+    """fp32, as tests/test_zero.py compares the stages: bf16 rounds ZeRO-2's and ZeRO-3's
+    differently ordered gradient sums apart."""
+    raw = config(tiny_pp, save, dims=(1, 2), parts=None, steps=steps, lora=LORA, zero_optimization={"stage": stage})
+    raw["optimizer"]["params"]["lr"] = 3e-2
+    return raw
+
+
+@pytest.fixture(scope="module")
+def zero2_lora(tiny_pp, tmp_path_factory):
+    """One ZeRO-2 fp32 LoRA run of 6 steps on 2 ranks: (save_path, each rank's _train_keeping_engine result)."""
+    save = tmp_path_factory.mktemp("zero2_lora") / "z"
+    return save, run_keeping(zero_lora_config(tiny_pp, save, 2), zero=True)
+
+
+def _check_adapters_only(tiny_pp, ranks, tag):
     base = _base_layers(tiny_pp)
     for _, frozen, trainable, masters, grads, dtypes in ranks:
-        assert masters == trainable and not grads and dtypes == {"torch.bfloat16"}
-        for idx, params in frozen.items():
+        assert trainable and masters == trainable and not grads and dtypes == {"torch.float32"}
+        assert sorted(frozen) == sorted(base) and all(frozen.values())
+        for idx, params in frozen.items():  # the base is bitwise what model_path holds
             for n, t in params.items():
-                assert torch.equal(t, base[idx][n].to(torch.bfloat16).float()), (idx, n)
-    meta = json.loads((tmp_path / "z" / "global_step3" / "meta.json").read_text())
-    assert meta["lora"]["r"] == 4 and meta["layout"]["engine"] == "zero"
-    assert all(".lora_" in k for f in (tmp_path / "z" / "global_step3").glob("layer_*-model_states.pt")
-               for k in torch.load(f, weights_only=True))
+                assert torch.equal(t, base[idx][n].float()), (idx, n)
+    meta = json.loads((tag / "meta.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["layout"]["engine"] == "zero" and meta["n_params"] == ranks[0][2]
+    files = list(tag.glob("layer_*-model_states.pt"))
+    assert len(files) == 4 and all(".lora_" in k for f in files for k in torch.load(f, weights_only=True))
+    return meta
+
+
+def test_zero2_trains_only_the_adapters(tiny_pp, zero2_lora):
+    save, ranks = zero2_lora
+    _check_adapters_only(tiny_pp, ranks, save / "global_step6")
+
+
+def _zero3_then_resume(first, second):
+    """This rank's _train_keeping_engine result of `first`, then the losses of `second` resuming a copy
+    of its save_path (this process holds the first one's run lock until it exits)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from engine.config import from_dict
+    from engine.training.loop import train_zero
+
+    kept = _train_keeping_engine(first, zero=True)
+    if dist.get_rank() == 0:
+        shutil.copytree(first["save_path"], second["save_path"], ignore=shutil.ignore_patterns(".lock"))
+    dist.barrier()
+    return kept, train_zero(from_dict(second)).losses
+
+
+def test_zero3_trains_only_the_adapters_like_zero2_and_resumes(tiny_pp, zero2_lora, tmp_path):
+    """Adapters made before the engine partitions them: ZeRO-3 parameters like the base, which
+    stays frozen (no fp32 master, grad or state). The same losses as ZeRO-2, adapter-only tags
+    gathered a parameter at a time, and a resume from step 3 continues the run."""
+    from tests.dist import run_ranks
+
+    save = tmp_path / "z3"
+    out = run_ranks(_zero3_then_resume, 2, zero_lora_config(tiny_pp, save, 3, steps=3),
+                    zero_lora_config(tiny_pp, tmp_path / "resumed", 3, steps=6))
+    ranks, resumed = [kept for kept, _ in out], out[0][1]
+    assert ranks[0][0] == ranks[1][0] and resumed == out[1][1]
+    meta = _check_adapters_only(tiny_pp, ranks, save / "global_step3")
+    z2_tag = zero2_lora[0] / "global_step6"
+    assert meta["n_params"] == json.loads((z2_tag / "meta.json").read_text())["n_params"]
+    assert sorted(f.relative_to(save / "global_step3") for f in (save / "global_step3").rglob("*.pt")) == \
+        sorted(f.relative_to(z2_tag) for f in z2_tag.rglob("*.pt"))  # the same adapter-only files, optim/ included
+    assert sorted(resumed) == [4, 5, 6]  # resumed, did not restart
+    losses, ref = {**ranks[0][0], **resumed}, zero2_lora[1][0][0]
+    for s in range(1, 7):
+        assert losses[s] == pytest.approx(ref[s], rel=1e-5), (losses, ref)
+    # the loss falls: step 1's batches (per-step losses differ more by batch than by 6 steps of
+    # training) score lower on the base with the trained adapters merged in than on the base
+    from engine.checkpoints.convert import pp_to_hg
+    from tests.test_zero import _first_step_loss
+    merged = pp_to_hg(tmp_path / "resumed", tmp_path / "merged", dtype="float32", merge_lora=True)
+    raw = zero_lora_config(tiny_pp, save, 3)
+    trained, start = _first_step_loss(merged, raw, 2), _first_step_loss(tiny_pp, raw, 2)
+    assert start == pytest.approx(losses[1], rel=1e-5) and trained < start - 0.02, (trained, start)
 
 
 def test_kill9_then_same_command_resumes_bitwise(tiny_pp, lora_run, tmp_path):

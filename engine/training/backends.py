@@ -142,7 +142,7 @@ class ZeroBackend:
         elif weights:
             self._load(weights)
         if self.lora:
-            self.trainable = with_lora(self.lora, module.owned_layers(), model, cfg.seed, adapters)
+            self.trainable = self._with_lora(adapters)
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
         return self.engine
@@ -169,6 +169,38 @@ class ZeroBackend:
         if self._pop_metrics is None:
             return {}
         return {k: v / self.cfg.grad_accum for k, v in self._pop_metrics().items()}
+
+    def _with_lora(self, adapters) -> int:
+        """with_lora on the whole model. ZeRO-3: the adapters are made (the same on every rank, seeded
+        by layer) as plain tensors in the dtype of the linear they adapt, then partitioned like the
+        base before the optimizer and engine see them (DeepSpeed's own conversion, one parameter at a
+        time: rank 0's copy broadcast, each rank keeps its slice), so they are ZeRO-3 parameters, the
+        optimizer holds fp32 partitions of the adapters only, and checkpoints gather them one at a time
+        (reshape.save). A LoRA tag's adapters (and modules_to_save, partitioned from the start) are
+        then set gathered layer by layer, rank 0's values kept."""
+        from models.lora import LoraLinear
+
+        module, model, cfg = self.module, self.model, self.cfg
+        if self.stage != 3:
+            return with_lora(self.lora, module.owned_layers(), model, cfg.seed, adapters)
+        n = with_lora(self.lora, module.owned_layers(), model, cfg.seed, None)
+        fresh = []
+        for m in module.modules():
+            if isinstance(m, LoraLinear):
+                dtype = getattr(m.weight, "ds_tensor", m.weight).dtype  # the base's (bf16 / fp16 / fp32)
+                for p in (*m.lora_A.values(), *m.lora_B.values()):
+                    p.data = p.data.to(dtype)
+                    fresh.append(p)
+        base = next(p for p in module.parameters() if hasattr(p, "ds_id"))
+        base.convert_to_zero_parameters(param_list=fresh)
+        if adapters is not None:
+            import deepspeed
+
+            for idx, layer in module.owned_layers():
+                params = [p for p in layer.parameters() if p.requires_grad]
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    load_adapters([(idx, layer)], adapters)
+        return n
 
     # ------------------------------------------------------------------ weights, layer by layer
     def _each_layer(self, fn, modifier_rank: int | None) -> None:
