@@ -93,6 +93,17 @@ def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
     return train_and_export(cfg, train_fn, getattr(a, "export_hf", None))
 
 
+def plot_or_argv(argv, script: str) -> list[str]:
+    """A training script's `plot <save_path> [--out file.png]` subcommand (redraws loss.png from
+    metrics.jsonl: no config, no launcher) runs and exits here; any other argv is returned."""
+    from engine.training.metrics import plot_command
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        sys.exit(plot_command(argv[1:], prog=f"python {os.path.basename(script)} plot"))
+    return argv
+
+
 def parse_config(p: argparse.ArgumentParser, argv=None):
     a = p.parse_args(argv)
     if a.help_config:

@@ -12,21 +12,10 @@ from engine.config import ConfigError, from_dict, validate
 from models import family_names, get_family
 from models.lora import LoraSpec, add_lora, merge
 from models.pipeline import SequentialModel
-from tests.test_families import load_reference, logits_of, make_hf_dir, ours
+from tests.test_families import hf_dir, load_reference, logits_of, ours  # noqa: F401 (hf_dir: fixture)
 from tests.test_train import config, run
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("lora_families"), {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = make_hf_dir(name, root / name)
-        return built[name]
-    return get
 
 
 def _adapted(path: Path, spec: LoraSpec):
