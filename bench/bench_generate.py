@@ -84,7 +84,7 @@ def our_lm(hf, a):
     """An OurLM holding the same tensors as `hf` (no copy through disk), all layers on a.device."""
     from engine.inference.generate import OurLM
     from models import family_for_hf_config
-    from models.blocks import LayerOptions
+    from models.block_base import LayerOptions
     from models.keymap import from_hf
     from models.pipeline import SequentialModel
 

@@ -6,7 +6,7 @@ The reference is the family's HF model in fp32 on the CPU, each document run alo
 own class (llama, bloom, mixtral) or our remote code (baichuan2, chatglm3; models/hf_remote/).
 Cases (CASES): every family, baichuan2 with rotary (7B) and ALiBi (13B), and bloom twice: head dim
 32 on FlexAttention, and the default tiny bloom's head dim 8, which FlexAttention cannot run
-(models.blocks.options_for_head_dim: SDPA with the dense document mask instead).
+(models.attention.options_for_head_dim: SDPA with the dense document mask instead).
 1. Our layers (fused q/k/v and gate/up, weights loaded by the product's loader) on a packed row in
    CPU fp32 give the same per-document losses (rel 1e-5).
 2. bf16 + FlexAttention + torch.compile on the GPU: within TOL_BF16; llama also with fp8
@@ -29,7 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import get_family, llama  # noqa: E402
-from models.blocks import AttnOptions, BlockBase, LayerOptions, attention_mask  # noqa: E402
+from models.attention import AttnOptions  # noqa: E402
+from models.block_base import BlockBase, LayerOptions  # noqa: E402
+from models.masks import attention_mask  # noqa: E402
 from models.pipeline import SequentialModel, float8_blocks, wgrad_fused_blocks  # noqa: E402
 
 TOL_BF16 = 2e-2  # bf16 weights/activations, relative per-document loss

@@ -1,7 +1,7 @@
 """The MoE layer against the dense MLP it replaces (issue 25's MoE target).
 
 models.mixtral.SparseMoE (grouped GEMM on the experts stored stacked, the default path) and its
-per-expert loop fallback vs one dense SwiGLU MLP (models.blocks.GatedMLP, fused gate/up) of the same hidden/ffn run on
+per-expert loop fallback vs one dense SwiGLU MLP (models.norm_mlp.GatedMLP, fused gate/up) of the same hidden/ffn run on
 top_k x tokens tokens: the same matmul FLOPs as the experts do, so dense time / MoE time is the
 MoE layer's efficiency (target >= 0.95 at 4 x 2048 tokens, >= 0.85 at 1 x 2048). Mixtral-8x7B
 shape (h 4096, ffn 14336, 8 experts, top 2), bf16, forward + backward, eager and torch.compile.
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import mixtral  # noqa: E402
-from models.blocks import GatedMLP  # noqa: E402
+from models.norm_mlp import GatedMLP  # noqa: E402
 
 
 def moe_args(hidden: int, ffn: int, experts: int, top_k: int) -> mixtral.Args:

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_train import FAMILY_SHAPES, SHAPES, family_config  # noqa: E402
 from models import family_for_hf_config  # noqa: E402
-from models.blocks import AttnOptions, LayerOptions  # noqa: E402
+from models.attention import AttnOptions  # noqa: E402
+from models.block_base import LayerOptions  # noqa: E402
 from models.pipeline import SequentialModel, float8_blocks, liger_blocks, liger_loss, training_loss  # noqa: E402
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from models import blocks, llama
+from models import llama
+from models.attention import attend
+from models.norm_mlp import GatedMLP
+from models.positions import apply_rotary
 
 
 def _attention_forward(self, x, position_ids, mask, cache=None):
@@ -17,8 +20,8 @@ def _attention_forward(self, x, position_ids, mask, cache=None):
     k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
     v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
     cos, sin = self.rotary(position_ids, q.dtype)
-    q, k = blocks.apply_rotary(q, cos, sin), blocks.apply_rotary(k, cos, sin)
-    return self.o_proj(blocks.attend(q, k, v, mask, self.attn, cache=cache))
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return self.o_proj(attend(q, k, v, mask, self.attn, cache=cache))
 
 
 def _mlp_forward(self, x):
@@ -29,4 +32,4 @@ def _mlp_forward(self, x):
 
 def patch() -> None:
     llama.Attention.forward = _attention_forward
-    blocks.GatedMLP.forward = _mlp_forward
+    GatedMLP.forward = _mlp_forward

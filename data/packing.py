@@ -1,6 +1,6 @@
 """Assign documents to fixed-length rows, and lay a row out for the model.
 
-Row layout (what models/blocks.py expects): documents back to back, position ids restarting
+Row layout (what models/masks.py expects): documents back to back, position ids restarting
 at 0 for each (the model numbers documents by position_ids == 0 and masks attention across
 them), then padding that forms its own "document" (positions 0, 1, ... so it never attends into
 real text). Labels: labels[t] = ids[t+1] when token t+1 is a target of the same document, else

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from models import Dims
-from models.blocks import BlockBase
+from models.block_base import BlockBase
 from models.lora import LoraSpec
 
 GiB = 2**30

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims, UnsupportedModel
-from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, alibi_bias,
-                     alibi_slopes, apply_rotary, attend, decoder_layers, gated_mlp_keys)
+from .attention import AttnOptions, attend
+from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .norm_mlp import GatedMLP, RMSNorm, gated_mlp_keys
+from .positions import Rotary, alibi_bias, alibi_slopes, apply_rotary
 from .keymap import with_prefix
 from .llama import Embed, FinalNorm
 

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims
-from .blocks import AttnOptions, BlockBase, LayerDef, LayerOptions, alibi_bias, alibi_slopes, attend, decoder_layers
+from .attention import AttnOptions, attend
+from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .positions import alibi_bias, alibi_slopes
 
 MODEL_TYPES = ("bloom",)
 HF_ARCHITECTURE = "BloomForCausalLM"

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims, UnsupportedModel
-from .blocks import (AttnOptions, BlockBase, LayerDef, LayerOptions, RMSNorm, Rotary, apply_rotary_interleaved, attend,
-                     decoder_layers)
+from .attention import AttnOptions, attend
+from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .norm_mlp import RMSNorm
+from .positions import Rotary, apply_rotary_interleaved
 from .bloom import Embed  # the same word_embeddings layer
 
 MODEL_TYPES = ("chatglm",)

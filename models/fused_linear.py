@@ -13,7 +13,7 @@ backward: whoever attached `main_grad` reads the gradient there. Bias gradients 
 linear, negligible traffic) take the normal path.
 
 The accumulate is a `torch.library.custom_op` that mutates `main_grad`, so torch.compile keeps it
-opaque and functionalizes it correctly: the blocks are compiled (models/blocks.py).
+opaque and functionalizes it correctly: the blocks are compiled (models/block_base.py).
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def _check_args(args, where: str) -> None:
         raise UnsupportedModel(f"{where}: num_experts_per_tok {top_k} > num_local_experts {experts}")
     rope = getattr(args, "rope", None)
     if isinstance(rope, dict):
-        from .blocks import rope_inv_freq
+        from .positions import rope_inv_freq
 
         try:  # the layer reads these when it is built; check them now, by the same code
             rope_inv_freq(2 * max(1, getattr(args, "head_dim", 2) // 2), rope, args.max_position_embeddings)

@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from . import Dims
-from .blocks import (AttnOptions, BlockBase, GatedMLP, LayerDef, LayerOptions, RMSNorm, Rotary, accept_unfused,
-                     apply_rotary, attend, decoder_layers, fused_linear, gated_mlp_keys, rope_parameters)
+from .attention import AttnOptions, attend
+from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .norm_mlp import GatedMLP, RMSNorm, fused_linear, gated_mlp_keys
+from .old_layouts import accept_unfused
+from .positions import Rotary, apply_rotary, rope_parameters
 from .keymap import Fused, with_prefix
 from .loss import HeadInput
 

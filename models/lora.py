@@ -2,7 +2,7 @@
 
 An adapted linear computes `base(x) + scaling * B_t(A_t(dropout(x)))` on the output rows of each
 HF target t it holds (scaling = alpha / r, PEFT's default). Our blocks fuse q/k/v and gate/up
-into one linear (models/blocks.py `fused_linear`); in the HF model those are separate modules,
+into one linear (models/norm_mlp.py `fused_linear`); in the HF model those are separate modules,
 each with its own A/B pair in a PEFT adapter. PEFT's LoraLayer wraps one whole linear with one
 pair, so it cannot express that: here one small wrapper serves both kinds, a plain linear (one
 target covering all rows) and a fused one (one target per HF slice, `keymap.Fused`'s order and
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import BlockBase, LayerOptions
+from .block_base import BlockBase, LayerOptions
 from .keymap import Fused
 
 ALL_LINEAR = "all-linear"

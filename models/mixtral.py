@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Dims, llama
-from .blocks import BlockBase, LayerDef, LayerOptions, RMSNorm, accept_old_layout, decoder_layers, document_ids
+from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .masks import document_ids
+from .norm_mlp import RMSNorm
+from .old_layouts import accept_old_layout
 from .keymap import Fused
 from .llama import Attention, attention_keys  # same GQA + rotary attention; the sliding window comes with the mask
 from .loss import causal_lm_loss

@@ -11,7 +11,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .blocks import BlockBase, LayerDef, LayerOptions, options_for_head_dim
+from .attention import options_for_head_dim
+from .block_base import BlockBase, LayerDef, LayerOptions
 from .loss import MaxZLoss, causal_lm_loss, liger_causal_lm_loss
 
 
@@ -127,7 +128,7 @@ def liger_blocks(layers, fused_loss: bool = True) -> int:
     blocks first run (compile traces the swap). Returns the number of modules switched. Families
     whose blocks are not built from these pieces (bloom's LayerNorm/GELU, chatglm's MLP and
     interleaved rotary, baichuan's W_pack rotary) keep their ops there."""
-    from .blocks import GatedMLP, RMSNorm
+    from .norm_mlp import GatedMLP, RMSNorm
     from .llama import Attention, Head
 
     n = 0

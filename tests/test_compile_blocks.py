@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from models import get_family
-from models.blocks import AttnOptions, BlockBase, LayerOptions, attention_mask, options_for_head_dim
+from models.attention import AttnOptions, options_for_head_dim
+from models.block_base import BlockBase, LayerOptions
+from models.masks import attention_mask
 from models.pipeline import SequentialModel
 
 CASES = {  # name: (family, tiny_hf_config overrides)
@@ -83,7 +85,7 @@ def test_alibi_on_flex_keeps_the_document_block_mask(case, monkeypatch):
     """ALiBi runs on FlexAttention as a score_mod next to the document BlockMask, so flex still
     skips the tiles between documents (the mask is sparse and is what flex gets), and the result
     equals SDPA with the bias and the dense document mask (CPU, no grad: flex has no CPU backward)."""
-    import models.blocks as blocks
+    import models.attention as attention
 
     family_name, overrides = CASES[case]
     fam = get_family(family_name)
@@ -94,13 +96,13 @@ def test_alibi_on_flex_keeps_the_document_block_mask(case, monkeypatch):
     sdpa = SequentialModel(fam, args, LayerOptions(attn=AttnOptions(packed=True, impl="sdpa"))).eval()
     sdpa.load_state_dict(flex.state_dict())
     seen = []
-    real_flex = blocks._flex()
+    real_flex = attention._flex()
 
     def spy(q, k, v, score_mod=None, block_mask=None, **kw):
         seen.append((score_mod, block_mask))
         return real_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, **kw)
 
-    monkeypatch.setattr(blocks, "_flex", lambda: spy)
+    monkeypatch.setattr(attention, "_flex", lambda: spy)
     ids = torch.randint(3, 300, (1, 384))
     pos = torch.arange(128).repeat(3)[None]  # three 128-token documents: one 128 x 128 tile each
     with torch.no_grad():

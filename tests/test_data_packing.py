@@ -45,7 +45,8 @@ def test_packing_keeps_every_token_and_label(packed):
 
 def tiny_llama(packed_attention: bool):
     from models import llama
-    from models.blocks import AttnOptions, LayerOptions
+    from models.attention import AttnOptions
+    from models.block_base import LayerOptions
     from models.pipeline import SequentialModel
 
     torch.manual_seed(0)

@@ -556,7 +556,7 @@ def test_step_memo_is_recomputed_every_static_decode_step(tiny):
     """The rotary tables all layers share within a step (OurLM.step) are computed anew each step:
     the static decode step's position is one tensor refilled in place, so tables kept from the
     previous step would rotate every later token at a stale position."""
-    from models.blocks import Rotary
+    from models.positions import Rotary
 
     hf, _ = tiny
     lm = load_ours(hf, ["cpu"], static=True)
@@ -580,7 +580,7 @@ def test_v_copy_only_with_grad_under_compile():
     """Attention copies v out of the fused q/k/v output only when autograd would keep it (training);
     torch.compile guards on grad mode, so a compiled training block still traces the copy."""
     from models import llama
-    from models.blocks import AttnOptions
+    from models.attention import AttnOptions
 
     graphs = []
 

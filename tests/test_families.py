@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from models import family_names, get_family
-from models.blocks import AttnOptions, LayerOptions
+from models.attention import AttnOptions
+from models.block_base import LayerOptions
 from models.keymap import model_from_hf
 from models.pipeline import SequentialModel, flat_layers, layer_groups, make_loss
 from tests.dist import run_ranks

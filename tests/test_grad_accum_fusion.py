@@ -124,7 +124,7 @@ def test_block_main_grads_equal_plain_weight_grads(ckpt):
     """A whole llama block with biases (fp32 here, so both sides are fp32 sums), under each
     activation-checkpointing mode, eager and compiled (aot_eager, no graph breaks)."""
     from models import llama
-    from models.blocks import LayerOptions
+    from models.block_base import LayerOptions
     from models.pipeline import wgrad_fused_blocks
 
     args = llama.Args.from_hf_config(llama.tiny_hf_config(attention_bias=True, mlp_bias=True))

@@ -94,7 +94,7 @@ def test_fp8_auto_is_tensorwise_only_where_fp8_runs(monkeypatch, capsys):
 
 def _tiny_llama_layers():
     from models import llama
-    from models.blocks import LayerOptions
+    from models.block_base import LayerOptions
     from models.pipeline import SequentialModel
 
     args = llama.Args.from_hf_config(llama.tiny_hf_config())
@@ -102,7 +102,8 @@ def _tiny_llama_layers():
 
 
 def test_liger_blocks_switches_block_ops_and_the_untied_head():
-    from models.blocks import BlockBase, GatedMLP, RMSNorm
+    from models.block_base import BlockBase
+    from models.norm_mlp import GatedMLP, RMSNorm
     from models.llama import Attention, Head
     from models.loss import HeadInput, causal_lm_loss, liger_causal_lm_loss
     from models.pipeline import liger_blocks
@@ -134,7 +135,7 @@ def test_fp8_head_swaps_lm_head_only_when_asked():
     pytest.importorskip("torchao.float8")
     from torchao.float8.float8_linear import Float8Linear
 
-    from models.blocks import BlockBase
+    from models.block_base import BlockBase
     from models.pipeline import float8_blocks
 
     for head in (False, True):
@@ -155,7 +156,7 @@ def test_liger_wiring_with_torch_stand_ins_matches_the_inductor_path(monkeypatch
     CPU: same loss and gradients as the plain path. The kernels' own numerics: bench/gpu_check.py."""
     import torch.nn.functional as F
 
-    from models.blocks import apply_rotary
+    from models.positions import apply_rotary
     from models.loss import causal_lm_loss, liger_causal_lm_loss
     from models.pipeline import liger_blocks
 

@@ -66,7 +66,8 @@ def reference_eval_loss(ckpt_dir: Path, raw: dict) -> float:
 
     from data.dataset import build_dataset
     from engine.checkpoints.weights import open_weights
-    from models.blocks import AttnOptions, LayerOptions
+    from models.attention import AttnOptions
+    from models.block_base import LayerOptions
     from models.pipeline import SequentialModel
 
     source = open_weights(ckpt_dir)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.blocks import AttnOptions, attend, attention_mask
+from models.attention import AttnOptions, attend
+from models.masks import attention_mask
 
 
 def packed_positions(b: int, lengths: list[int]) -> torch.Tensor:

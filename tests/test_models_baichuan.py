@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from models import baichuan
-from models.blocks import AttnOptions, LayerOptions, alibi_slopes
+from models.attention import AttnOptions
+from models.block_base import LayerOptions
+from models.positions import alibi_slopes
 from models.keymap import hf_names
 from models.pipeline import SequentialModel
 from tests.hf_remote_check import (check_generate, hf_forward, hf_state, load_remote, random_state, round_trip,

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from models import get_family
-from models.blocks import AttnOptions, LayerOptions
+from models.attention import AttnOptions
+from models.block_base import LayerOptions
 from models.pipeline import SequentialModel, make_loss
 from tests.model_check import shifted_labels
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models import chatglm
-from models.blocks import Rotary, apply_rotary_interleaved
+from models.positions import Rotary, apply_rotary_interleaved
 from models.hf_remote.chatglm import modeling_chatglm as remote
 from tests.hf_remote_check import (check_generate, hf_forward, hf_state, load_remote, random_state, round_trip,
                                    write_hf_dir, write_public_dir, written_tensors)

@@ -6,7 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models import llama
-from models.blocks import AttnOptions, LayerOptions
+from models.attention import AttnOptions
+from models.block_base import LayerOptions
 from models.keymap import model_from_hf
 from models.pipeline import SequentialModel
 from tests.model_check import sequential_forward, shifted_labels

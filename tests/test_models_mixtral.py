@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from models import get_family, mixtral
-from models.blocks import AttnOptions, LayerOptions
+from models.attention import AttnOptions
+from models.block_base import LayerOptions
 from engine.model import expected_shapes
 from models.keymap import model_from_hf
 from models.pipeline import SequentialModel, make_loss

@@ -55,7 +55,8 @@ def test_memory_estimate_matches_counted_bytes(family, micro, seq):
     """One fp32 AdamW step of the whole tiny model on CPU: parameters, grads, optimizer states and
     the tensors autograd saves for backward (+ the logits, whose gradient coexists with them)
     counted byte by byte; the estimate must be within 15%."""
-    from models.blocks import AttnOptions, LayerOptions
+    from models.attention import AttnOptions
+    from models.block_base import LayerOptions
     from models.pipeline import SequentialModel, make_loss
 
     fam = get_family(family)

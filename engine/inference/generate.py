@@ -7,7 +7,7 @@ at a time):
   OurLM   our own `SequentialModel`, loaded layer file by layer file from a pipeline checkpoint
           dir (<dir>/latest + layer files + <dir>/hf) or from an HF dir (key map of the family),
           its contiguous layers placed on one or several devices (activations move between
-          them). KV cache: each block's attention keeps its keys/values (models.blocks.KVCache,
+          them). KV cache: each block's attention keeps its keys/values (models.kv_cache.KVCache,
           on that block's device), so a step runs only the new token through the layers, and
           only the last position through the head. On one CUDA device the cache is static
           (StaticKVCache) and a token is one replay of a captured CUDA graph (OurLM).
@@ -216,7 +216,7 @@ class OurLM:
     Two cache paths. Eager (the reference; CPU default): KVCache buffers grow as tokens come,
     every step runs the layers from Python. Static (`static=True`): StaticKVCache buffers sized
     for the whole generation (capacity rounded up to CAPACITY_STEP, capped by the model's
-    positions) and a decode step with static shapes (models.blocks.DecodeCursor); with `graphs`
+    positions) and a decode step with static shapes (models.kv_cache.DecodeCursor); with `graphs`
     that step is captured once per capacity as a CUDA graph and each token is one replay.
     graphs=None (demo.py's `--cuda-graphs auto`, the default): on when the layers sit on one CUDA
     device and the model has no MoE routing (its expert dispatch has data-dependent shapes); False
@@ -238,7 +238,7 @@ class OurLM:
         self.head_start = len(model.defs) - len(layer_groups(family, args)[-1])  # final norm + head from here
         self.ids: list[int] = []
         self.caches: list = []
-        self.step: dict = {}  # the caches' per-step memo (models.blocks.Rotary's tables), cleared by _layers
+        self.step: dict = {}  # the caches' per-step memo (models.positions.Rotary's tables), cleared by _layers
         if graphs is None:
             graphs = self.graphs_possible()
         elif graphs and not self.graphs_possible():
@@ -247,7 +247,7 @@ class OurLM:
         self.static = graphs if static is None else static
         if graphs and not self.static:
             raise ValueError("CUDA graphs replay the static-cache decode step (static=True)")
-        self.cursor = None  # models.blocks.DecodeCursor of the static caches
+        self.cursor = None  # models.kv_cache.DecodeCursor of the static caches
         self.graph = None  # (CUDAGraph, its static logits) for the cursor's capacity
         # the captured step is first compiled whole by inductor (norms, rotary, SiLU*up and residual
         # adds fused: about half the kernels of the eager step, which on a GPU are what a decode step
@@ -284,14 +284,15 @@ class OurLM:
     def reset(self) -> None:
         """Forget the tokens fed so far. Static buffers (and the captured graph) are kept for the
         next generation: only the cursor goes back to 0."""
-        from models.blocks import BlockBase, KVCache, StaticKVCache
+        from models.block_base import BlockBase
+        from models.kv_cache import KVCache, StaticKVCache
 
         self.ids, self.reserved = [], 0
         if self.static and self.cursor is not None:
             self.cursor.length = 0
             return
         if self.static:
-            from models.blocks import DecodeCursor
+            from models.kv_cache import DecodeCursor
 
             self.cursor = DecodeCursor(0)  # sized by the first next_logits
         blocks = [isinstance(self.model._modules[str(i)], BlockBase) for i in range(len(self.model.defs))]
@@ -402,7 +403,7 @@ def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "
     file (memory-mapped), so no process ever holds the whole model on one device or in RAM.
     A LoRA run's dir: its base model with the adapters beside the frozen weights (not merged).
     """
-    from models.blocks import LayerOptions
+    from models.block_base import LayerOptions
     from models.lora import add_lora
     from models.pipeline import SequentialModel
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from models.blocks import AttnOptions, LayerOptions, attn_impl
+from models.attention import AttnOptions, attn_impl
+from models.block_base import LayerOptions
 
 from engine import distributed as D
 from engine.config import SCHEDULER_TOTAL, ConfigError, TrainConfig
