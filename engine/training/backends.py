@@ -72,8 +72,9 @@ class PipelineBackend:
         elif weights:
             load_stage(module, weights, model)
         if self.lora:
-            self.trainable = with_lora(self.lora, [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs)
-                                                   if isinstance(f, torch.nn.Module)], model, cfg.seed, adapters)
+            owned = [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, torch.nn.Module)]
+            self.trainable = with_lora(self.lora, owned, model, cfg.seed, adapters)
+            freeze_tied_twins(module, self.lora, model, adapters is not None)
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
@@ -255,6 +256,24 @@ def with_lora(spec: LoraSpec, layers: list, model: Model, seed: int, adapters) -
     if adapters is not None:
         load_adapters(layers, adapters)
     return n
+
+
+def freeze_tied_twins(module, spec: LoraSpec, model: Model, resumed: bool) -> None:
+    """A tied head borrows the embedding's module as a forward_fn (no nn.Module of its own in
+    forward_funcs), so with_lora never sees it on a stage that holds only the twin. Give its weight
+    the owner's trainable state: DeepSpeed's ReduceTiedGrads all-reduces the tied weight's gradient
+    over the stages that hold it only where that gradient exists, so a weight frozen on one stage and
+    trained on the other leaves the stages in different collectives (a hang). A resumed modules_to_save
+    embedding is then copied from its owner's stage (only the owner's layer file holds it)."""
+    from models.lora import is_trainable
+
+    keys = model.family.hf_keys(model.args)
+    for key, comm in getattr(module, "tied_comms", {}).items():
+        owner = min(i for i, s in enumerate(module._layer_specs) if getattr(s, "key", None) == key)
+        for name, p in comm["module"].named_parameters():
+            p.requires_grad_(is_trainable(name, keys[owner], spec))
+    if resumed and getattr(module, "tied_comms", None):
+        module._synchronize_tied_weights()  # a collective of every stage holding a tied module, in key order
 
 
 def describe_lora(spec: LoraSpec | None) -> str:
