@@ -17,6 +17,11 @@ Cases (CASES): every family, baichuan2 with rotary (7B) and ALiBi (13B), and blo
    CUDA op against fp64 (rel 1e-5, in place), and two micro-batches of backward through the compiled
    bf16 model: the block weights' fp32 main_grad vs CPU fp32 gradients (within TOL_GRAD, no worse
    than plain bf16 gradients summed in fp32, and within 1% of those).
+5. (mixtral) the experts' grouped weight gradient accumulated in fp32 (models/grouped_wgrad.py; the
+   Triton kernel on CUDA): the op against fp64 with an empty group and sizes off the block grid (rel
+   1e-5, in place, the empty expert's slice unchanged), and a bf16 MoE layer's fused expert main_grads
+   over two micro-batches against CPU fp32 gradients (no worse than plain bf16 grads summed in fp32),
+   its input gradient equal to the unfused one, and no host sync in its forward + backward.
 One PASS/FAIL line per case, then GPU CHECK PASS or FAIL.
 """
 import sys
@@ -184,6 +189,11 @@ def main():
             ok = False
     else:
         print("wgrad fusion check: skipped (needs a GPU)")
+    try:
+        expert_wgrad_check(dev)
+    except AssertionError as e:
+        print(f"expert wgrad fusion: FAIL ({e})")
+        ok = False
     if dev == "cuda" and llama_case is not None:
         ok &= liger_check(*llama_case)
     else:
@@ -244,6 +254,76 @@ def grad_check(args, state, ids, pos) -> None:
           f"fused vs plain {rel(fused, plain):.2e} (tol 1e-2)")
     assert rel(fused, ref) < TOL_GRAD and rel(fused, ref) <= rel(plain, ref) * 1.05 and rel(fused, plain) < 1e-2, \
         "fused weight-gradient accumulation disagrees"
+
+
+def expert_wgrad_check(dev: str) -> None:
+    """Check 5 (module docstring); on the CPU the torch fallback runs (a dry run of the check)."""
+    import copy
+
+    from models import grouped_wgrad, mixtral
+    from models.fused_linear import fuse_wgrad
+
+    g = torch.Generator().manual_seed(2)
+    counts = [700, 0, 1333, 15]  # an expert no token picks; groups off the 64-row block grid
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32).to(dev)
+    dy, x = (torch.randn(sum(counts), n, generator=g).to(dev, torch.bfloat16) for n in (392, 264))
+    acc = torch.randn(len(counts), 392, 264, generator=g).to(dev)
+    exact, start = acc.double().clone(), 0
+    for e, c in enumerate(counts):
+        exact[e] += dy[start:start + c].double().t() @ x[start:start + c].double()
+        start += c
+    before, ptr = acc[1].clone(), acc.data_ptr()
+    grouped_wgrad.grouped_wgrad_accumulate(acc, dy, x, ends)
+    err = ((acc.double() - exact).norm() / exact.norm()).item()
+    kernel = "triton" if dev == "cuda" and grouped_wgrad.available() else "torch fallback"
+    print(f"grouped_wgrad_accumulate ({dev}, {kernel}) vs fp64: rel {err:.2e} (tol 1e-5); "
+          f"empty expert unchanged: {torch.equal(acc[1], before)}")
+    assert err < 1e-5 and acc.data_ptr() == ptr and torch.equal(acc[1], before), "grouped wgrad accumulate is wrong"
+
+    args = mixtral.Args.from_hf_config(mixtral.tiny_hf_config(hidden_size=256, intermediate_size=512))
+    torch.manual_seed(0)
+    ref_moe = mixtral.SparseMoE(args)
+    xs = [torch.randn(1000, 256, generator=g) for _ in range(2)]
+
+    def expert_grads(device, dtype, fused):
+        moe = copy.deepcopy(ref_moe).to(device, dtype)
+        weights = fuse_wgrad(moe) if fused else list(moe.experts.parameters())
+        acc = [torch.zeros(w.shape, device=device) for w in weights]
+        if fused:
+            for w, buf in zip(weights, acc):
+                w.main_grad = buf
+        xgrads = []
+        for i, xb in enumerate(xs):
+            xb = xb.to(device, dtype).detach().requires_grad_()
+            if device == "cuda" and fused and i == 1:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")  # raises on any host sync
+            try:
+                out = moe(xb)[0]
+                (out.float() * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+            xgrads.append(xb.grad.float().cpu())
+            if not fused:
+                for w, buf in zip(weights, acc):
+                    buf += w.grad.float()
+                    w.grad = None
+        assert not fused or all(w.grad is None for w in weights)
+        experts = [buf for w, buf in zip(weights, acc) if w.dim() == 3]
+        return torch.cat([t.flatten().double().cpu() for t in experts]), xgrads
+
+    ref, _ = expert_grads("cpu", torch.float32, False)
+    (fused, xg_f), (plain, xg_p) = expert_grads(dev, torch.bfloat16, True), expert_grads(dev, torch.bfloat16, False)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    xrel = max(rel(a, b) for a, b in zip(xg_f, xg_p))  # the same dgrad GEMM: equal up to kernel choice
+    print(f"mixtral experts' grads, 2 micro-batches, {dev} bf16 vs cpu fp32: fused fp32 accumulation "
+          f"{rel(fused, ref):.2e}, plain bf16 grads summed in fp32 {rel(plain, ref):.2e} (tol {TOL_GRAD:g}); "
+          f"input grads fused vs plain rel {xrel:.1e} (tol 1e-3)" + ("; no host sync" if dev == "cuda" else ""))
+    assert rel(fused, ref) < TOL_GRAD and rel(fused, ref) <= rel(plain, ref) * 1.05 and xrel < 1e-3, \
+        "fused expert weight-gradient accumulation disagrees"
 
 
 def liger_check(args, state, ids, pos) -> bool:

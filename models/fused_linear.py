@@ -6,6 +6,9 @@ bytes per parameter per micro-batch). Here the weight-gradient GEMM itself accum
 fp32 buffer (cuBLAS with an fp32 C and beta = 1), as Megatron's `gradient_accumulation_fusion`
 does; it is also more exact, since no micro-batch's gradient is rounded to bf16.
 
+Mixtral's stacked experts (no nn.Linear) join through `WGRAD_PARAMS`: their grouped GEMMs' weight
+gradient accumulates the same way (models/grouped_wgrad.py).
+
 `main_grad` is an fp32 tensor of the weight's shape that the owner of the buffer attaches
 (engine/training/grad_accum.py points it at DeepSpeed's fp32 gradient views). A WgradFusedLinear
 whose weight has no `main_grad` is a plain nn.Linear. The weight then gets no `.grad` from
@@ -81,11 +84,25 @@ class WgradFusedLinear(nn.Linear):
 
 
 def fuse_wgrad(module: nn.Module) -> list[nn.Parameter]:
-    """Make every plain nn.Linear under `module` a WgradFusedLinear; returns their weights (the
-    parameters whose `main_grad` the caller attaches)."""
-    weights = []
+    """Make every plain nn.Linear under `module` a WgradFusedLinear and mark every module that
+    declares `WGRAD_PARAMS` (mixtral's stacked experts, whose grouped GEMMs accumulate through
+    models/grouped_wgrad.py) as fused; returns their weights (the parameters whose `main_grad` the
+    caller attaches), as `fused_weights` finds them again."""
     for m in module.modules():
         if type(m) is nn.Linear:
             WgradFusedLinear.from_linear(m)
+        elif getattr(m, "WGRAD_PARAMS", None):
+            m.wgrad_fused = True
+    return fused_weights(module)
+
+
+def fused_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weights under `module` whose gradient goes into `main_grad` once one is attached:
+    WgradFusedLinear weights and the `WGRAD_PARAMS` of modules fuse_wgrad marked."""
+    weights = []
+    for m in module.modules():
+        if isinstance(m, WgradFusedLinear):
             weights.append(m.weight)
+        elif getattr(m, "wgrad_fused", False):
+            weights.extend(getattr(m, name) for name in m.WGRAD_PARAMS)
     return weights

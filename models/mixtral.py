@@ -25,6 +25,7 @@ from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
 from .masks import document_ids
 from .norm_mlp import RMSNorm
 from .old_layouts import accept_old_layout
+from .grouped_wgrad import grouped_linear
 from .keymap import Fused
 from .llama import Attention, attention_keys  # same GQA + rotary attention; the sliding window comes with the mask
 from .loss import causal_lm_loss
@@ -99,9 +100,10 @@ class Experts(nn.Module):
     `forward(x, flat, routed, weights, k)` runs every routed (token, slot) pair through its
     expert. It is the module whose forward reads the expert weights, so ZeRO-3 gathers them
     (all experts, on every rank whatever the routing) in its forward and again for its backward.
-    The weights are no nn.Linear: the pipeline's module swaps (fp8's Float8Linear, the wgrad
-    fusion) leave them alone; they run in the training dtype and get DeepSpeed's normal gradient
-    accumulation, and LoRA does not adapt them (transformers has no linear there either).
+    The weights are no nn.Linear: fp8's Float8Linear swap leaves them alone (they run in the
+    training dtype) and LoRA does not adapt them (transformers has no linear there either). The
+    wgrad fusion does take them (`WGRAD_PARAMS`): with an fp32 `main_grad` attached, the grouped
+    weight-gradient GEMMs add into it (models/grouped_wgrad.py), as every block nn.Linear's does.
     """
 
     def __init__(self, num_experts: int, hidden: int, ffn: int):
@@ -113,9 +115,15 @@ class Experts(nn.Module):
             self.down_proj.uniform_(-ffn ** -0.5, ffn ** -0.5)
         accept_old_layout(self, expert_keys(num_experts, hidden, ffn, prefix=""))
 
+    # the wgrad fusion (models/fused_linear.py fuse_wgrad, engine/training/grad_accum.py link) attaches an
+    # fp32 `main_grad` to these; the grouped path then adds their weight gradients straight into it
+    WGRAD_PARAMS = ("gate_up_proj", "down_proj")
+
     def forward(self, x, flat, routed, weights, k: int):
         if grouped_mm(x, self.gate_up_proj):
-            return grouped_experts(x, flat, routed, weights, self.gate_up_proj, self.down_proj, k)
+            main_grads = tuple(getattr(w, "main_grad", None) for w in (self.gate_up_proj, self.down_proj))
+            return grouped_experts(x, flat, routed, weights, self.gate_up_proj, self.down_proj, k, main_grads)
+        # the loop leaves a fused weight's gradient to DeepSpeed's hook, which adds it into the same fp32 buffer
         return looped_experts(x, flat, routed, weights, self.gate_up_proj, self.down_proj, k)
 
 
@@ -191,10 +199,11 @@ def looped_experts(x, flat, routed, weights, w13, w2, k: int):
     return out
 
 
-def grouped_experts(x, flat, routed, weights, w13, w2, k: int):
+def grouped_experts(x, flat, routed, weights, w13, w2, k: int, main_grads=(None, None)):
     """SwiGLU experts as two grouped GEMMs. x [T, h]; flat [T*k] chosen expert per (token, slot);
     routed [E] slots per expert; weights [T, k] fp32 routing weights; w13 [E, 2*ffn, h] (rows
-    [w1; w3] per expert), w2 [E, h, ffn]. Returns [T, h] in x's dtype."""
+    [w1; w3] per expert), w2 [E, h, ffn]; main_grads: fp32 buffers of w13's and w2's shapes (or None)
+    that their weight gradients are added into (models/grouped_wgrad.py). Returns [T, h] in x's dtype."""
     order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
     rows = x.index_select(0, order // k)  # backward: index_add (x[idx]'s index_put may sync on CUDA)
     ends = routed.cumsum(0).to(torch.int32)
@@ -202,8 +211,8 @@ def grouped_experts(x, flat, routed, weights, w13, w2, k: int):
     if pad:  # zero rows in the last group: zero outputs, zero weight-gradient terms; cut off below
         rows = torch.cat((rows, rows.new_zeros(pad, rows.shape[1])))
         ends = torch.cat((ends[:-1], ends[-1:] + pad))
-    gate, up = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=ends)
+    gate, up = grouped_linear(rows, w13, ends, main_grads[0]).chunk(2, dim=-1)
+    y = grouped_linear(F.silu(gate) * up, w2, ends, main_grads[1])
     if pad:
         y = y[:-pad]
     y = y * weights.flatten().index_select(0, order)[:, None]  # fp32, as the loop's expert(x) * weight

@@ -112,8 +112,8 @@ def wgrad_fused_blocks(layers) -> list[nn.Parameter]:
     nn.Linear becomes a models.fused_linear.WgradFusedLinear (same parameters). Returns their
     weights; each behaves as a plain linear until its `main_grad` is attached (the engine points it
     at the optimizer's fp32 gradient buffer). Embedding, norms and head keep the normal path.
-    Call before the blocks first run (compile traces the swap). Mixtral's experts are stacked
-    parameters, no nn.Linear (models.mixtral.Experts): they keep DeepSpeed's gradient accumulation."""
+    Call before the blocks first run (compile traces the swap). Mixtral's stacked experts
+    (models.mixtral.Experts, no nn.Linear) join too: their grouped wgrad adds into `main_grad`."""
     from .fused_linear import fuse_wgrad
 
     return [w for layer in layers if isinstance(layer, BlockBase) for w in fuse_wgrad(layer)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.fused_linear import WgradFusedLinear, fuse_wgrad
+from models.fused_linear import WgradFusedLinear, fuse_wgrad, fused_weights
 from tests.dist import run_ranks
 from tests.test_train import config
 
@@ -192,11 +192,10 @@ def _train_fused(raw):
     for engine in engines:
         opt = engine.optimizer
         where = {id(p): (i, j) for i, grp in enumerate(opt.bf16_groups) for j, p in enumerate(grp)}
-        for m in engine.module.modules():
-            if isinstance(m, WgradFusedLinear):
-                i, j = where[id(m.weight)]
-                views.append(m.weight.main_grad.data_ptr() == opt.fp32_groups_gradients[i][j].data_ptr()
-                             and opt.fp32_groups_has_gradients[i][j] and m.weight.grad is None)
+        for w in fused_weights(engine.module):  # block linears and mixtral's stacked experts
+            i, j = where[id(w)]
+            views.append(w.main_grad.data_ptr() == opt.fp32_groups_gradients[i][j].data_ptr()
+                         and opt.fp32_groups_has_gradients[i][j] and w.grad is None)
     return losses, views
 
 
@@ -238,3 +237,22 @@ def test_pipeline_run_fused_vs_unfused_resume_and_reshape(tiny_pp, tmp_path):
     assert sorted(dp2) == [3, 4] and len(views) == 2 * 4 * 4 and all(views)
     for s in (3, 4):
         assert dp2[s] == pytest.approx(full[s], rel=1e-4), (s, dp2, full)
+
+
+def test_mixtral_pipeline_fuses_the_experts(tmp_path):
+    """pp=2 bf16 mixtral: the stacked experts are linked too (their main_grad aliases the optimizer's
+    fp32 view, no `.grad` after training) and the run follows the unfused one (bf16-level)."""
+    from engine.checkpoints.convert import hf_to_pp
+    from models.tiny import make_tiny_hf_model, sample_texts
+    from tests.conftest import EXAMPLE_DATA
+
+    make_tiny_hf_model(tmp_path / "hf", "mixtral", sample_texts(EXAMPLE_DATA))
+    hf_to_pp(tmp_path / "hf", tmp_path / "pp")
+    bf16 = {"bf16": {"enabled": True}}
+    off, views = run_fused(config(tmp_path / "pp", tmp_path / "off", steps=3, **bf16), False)
+    assert views == []
+    on, views = run_fused(config(tmp_path / "pp", tmp_path / "on", steps=3, **bf16))
+    assert len(views) == 2 * 2 * 5 and all(views)  # 2 ranks x 2 blocks x (router, qkv, o, 2 stacked experts)
+    assert on[1] == off[1]
+    for s in (2, 3):
+        assert on[s] == pytest.approx(off[s], rel=1e-3), (s, on, off)

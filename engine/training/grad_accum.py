@@ -8,6 +8,8 @@ models.pipeline.wgrad_fused_blocks) and `link` points each one's `weight.main_gr
 fp32 view, so the GEMM adds into it directly (2.9% of an H200 step was the separate add,
 bench/README.md). Everything downstream (data-parallel all-reduce, norm, clipping, step,
 checkpoints) reads the fp32 buffers as before; norms, embeddings and head keep DeepSpeed's hook.
+Mixtral's stacked experts (no nn.Linear) are fused too: their grouped weight-gradient GEMM adds into
+the same views (models/grouped_wgrad.py: a Triton kernel on CUDA), no bf16 expert gradient, no hook.
 
 The config key `wgrad_fusion` (default true) switches it: measured on one H200 (7B llama shape, one
 pp=2 stage, seq 2048, micro 4) at 26,633 tok/s against 25,582 unfused (+4.1%), losses equal to
@@ -38,8 +40,8 @@ def wgrad_fusion(cfg: TrainConfig) -> bool:
 
 
 def link(engine) -> int:
-    """Point every WgradFusedLinear's `weight.main_grad` at BF16_Optimizer's fp32 gradient view of
-    that weight and keep DeepSpeed's bookkeeping true for it; returns how many were linked.
+    """Point every fused weight's `main_grad` (WgradFusedLinear weights, mixtral's stacked experts:
+    models.fused_linear.fused_weights) at BF16_Optimizer's fp32 gradient view of that weight and keep DeepSpeed's bookkeeping true for it; returns how many were linked.
 
     DeepSpeed marks a parameter as having a gradient (`fp32_groups_has_gradients`, read when it
     picks the gradients for the norm and clipping) in its hook, which these weights never reach,
@@ -49,20 +51,20 @@ def link(engine) -> int:
     zeroes and all-reduces the flat buffers in place (zero_, copy_)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-    from models.fused_linear import WgradFusedLinear
+    from models.fused_linear import fused_weights
 
     opt = engine.optimizer
     if not isinstance(opt, BF16_Optimizer):
         raise RuntimeError(f"weight-gradient fusion needs DeepSpeed's BF16_Optimizer, got {type(opt).__name__}")
     where = {id(p): (i, j) for i, group in enumerate(opt.bf16_groups) for j, p in enumerate(group)}
     linked = []
-    for m in engine.module.modules():
-        if isinstance(m, WgradFusedLinear) and id(m.weight) in where:  # a frozen weight stays plain
-            i, j = where[id(m.weight)]
+    for weight in fused_weights(engine.module):  # block linears and mixtral's stacked experts
+        if id(weight) in where:  # a frozen weight stays plain
+            i, j = where[id(weight)]
             hp_grad = opt.fp32_groups_gradients[i][j]
-            assert hp_grad.dtype == torch.float32 and hp_grad.numel() == m.weight.numel()
-            m.weight.main_grad = hp_grad.view(m.weight.shape)
-            m.weight._hp_grad = hp_grad  # as DeepSpeed's hook sets it (tied-weight all-reduce reads it)
+            assert hp_grad.dtype == torch.float32 and hp_grad.numel() == weight.numel()
+            weight.main_grad = hp_grad.view(weight.shape)
+            weight._hp_grad = hp_grad  # as DeepSpeed's hook sets it (tied-weight all-reduce reads it)
             linked.append((i, j))
 
     def mark():
