@@ -1,0 +1,56 @@
+"""bench/moe_bench.py on the CPU: argument parsing, the gradient modes' set-up, and one iteration of
+every table (the GPU run is a bench/steps_moe.txt step)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import moe_bench  # noqa: E402
+
+
+def test_grad_modes_are_trainings():
+    """bf16: a step's gradient is that step's alone (fresh .grad); fp32: the experts' and router's
+    gradients land in main_grad only; fp32-hook: the experts' bf16 gradient is added into the fp32
+    buffer and freed, the router stays fused."""
+    args = moe_bench.moe_args(64, 96, 4, 2)
+    torch.manual_seed(0)
+    moe = moe_bench.mixtral.SparseMoE(args).to(torch.bfloat16)
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    plain = moe_bench.with_grad_mode(moe, "bf16", moe=True)
+    step = moe_bench.step_fn(plain, compiled=False)
+    step(x, g)
+    once = plain.experts.down_proj.grad.clone()
+    step(x, g)
+    assert torch.equal(plain.experts.down_proj.grad, once)  # not 2x: no add into the old gradient
+    for mode in ("fp32", "fp32-hook"):
+        m = moe_bench.with_grad_mode(moe, mode, moe=True)
+        moe_bench.step_fn(m, compiled=False)(x, g)
+        moe_bench.step_fn(m, compiled=False)(x, g)
+        w = m.experts.down_proj
+        assert w.grad is None and m.gate.weight.grad is None and hasattr(m.gate.weight, "main_grad")
+        buffer = w.main_grad if mode == "fp32" else w.hook_buffer
+        assert hasattr(w, "main_grad") == (mode == "fp32")
+        torch.testing.assert_close(buffer, 2 * once.float(), rtol=2e-2, atol=2e-3)  # two steps accumulated in fp32
+
+
+def test_tiny_smoke_run(capsys):
+    assert moe_bench.main(["--tiny", "--tokens", "24", "--iters", "1", "--warmup", "0", "--compile", "off"])
+    out = capsys.readouterr().out
+    rows = {line.split()[1] for line in out.splitlines() if line.strip().startswith("24 ")}
+    assert set(moe_bench.MODES) <= rows  # one layer row per gradient mode
+    gemms = [line for line in out.splitlines() if line.strip().startswith("24 ") and ("wgrad" in line or "grad " in
+                                                                                      line or "fwd" in line)]
+    assert len(gemms) == 8 and all(float(line.split()[-1]) > 0 for line in gemms)
+    assert "MOE BENCH PASS" in out
+
+
+@pytest.mark.parametrize("argv, msg", [(["--modes", "fp16"], "--modes: unknown fp16"),
+                                       (["--tokens", "2k"], "--tokens: comma-separated integers")])
+def test_bad_arguments(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        moe_bench.parse(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
