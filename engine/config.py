@@ -46,6 +46,14 @@ DEEPSPEED_KEYS = {
     "disable_allgather", "dataloader_drop_last", "elasticity", "aio", "compile", "timers",
     "seq_parallel_communication_data_type", "graph_harvesting", "use_node_local_storage",
 }
+# Keys of ours inside DeepSpeed's sections (we read them; engine/training/optim.py) with their help text,
+# {dotted key: (type, default, text)}: `--help-config` lists them beside the dataclass fields
+OWNED_DS_KEYS = {
+    "optimizer.no_wd_kws": ("list[str] | None", "None",
+                            "gdGPT's key: regexes searched (re.search) in parameter names, which follow HF's inside a "
+                            "layer (e.g. 'bias', '[a-zA-Z]*norm'); a parameter matching one gets no weight decay, every "
+                            "other does; unset: 1-D parameters (norms, biases) get none"),
+}
 ALIASES = {"n_epoches": "n_epochs"}  # gdGPT's spelling
 OPTIMIZERS = ("AdamW", "Adam", "Lion")
 MAX_DATA_WEIGHT = 1000  # an epoch lists every sample `weight` times: more would only fill memory
@@ -62,8 +70,10 @@ class ProcessTopology:
 class ModelTopo:
     process_topology: ProcessTopology = doc("pipeline x data-parallel grid", default_factory=ProcessTopology)
     parts: list[int] | str | None = doc(
-        "pipeline layers per stage (embedding=1, each block=1, norm+head=1), or 'auto' for balanced",
-        default="auto")
+        "pipeline layers per stage, one list entry per pipe rank: the embedding slot counts 1 (bloom's embedding "
+        "norm is in it), each block 1, the final norm + head 1 (a tied head's twin too); auto (or null): the split "
+        "engine/plan.py's cost model picks (slowest stage minimised within this GPU's memory); the ZeRO path has "
+        "one stage, so a list there must be [all layers]", default="auto")
 
 
 @dataclass
@@ -102,10 +112,12 @@ class TrainConfig:
     fp8_head: bool = doc("with fp8 on: also train the head's projection (lm_head; an untied head whose dims are "
                          "multiples of 16) in FP8, same recipe; default false (torchao advises bf16 for the last "
                          "layer)", default=False)
-    kernels: str = doc("elementwise kernels of the blocks and the loss: inductor (torch.compile's generated "
-                       "kernels) or liger (liger-kernel's Triton kernels: RMSNorm, SwiGLU, llama rotary, and the "
-                       "head + cross-entropy fused without logits); liger needs a GPU, `pip install liger-kernel`, "
-                       "the pipeline path", default="inductor")
+    kernels: str = doc("elementwise kernels of the blocks and the loss: inductor (PyTorch's ops, fused by "
+                       "torch.compile under compile_blocks) or liger (liger-kernel's Triton kernels for RMSNorm, "
+                       "SwiGLU and llama-style rotary, and an untied llama-style head + cross-entropy fused without "
+                       "logits when the loss is plain causal LM: no aux_max_z_loss, no MoE router loss); liger needs "
+                       "a GPU, `pip install liger-kernel` and the pipeline path, and excludes compile_blocks and "
+                       "fp8_head", default="inductor")
     wgrad_fusion: bool = doc("bf16 pipeline runs with fp32 gradient accumulation (fp8 off): the blocks' linears add "
                              "their weight gradients into the fp32 buffers inside the wgrad GEMM (+4.1% tok/s on an "
                              "H200); false: DeepSpeed's separate bf16 gradient + add", default=True)
@@ -114,8 +126,9 @@ class TrainConfig:
     skip_bad_samples: bool = doc("skip and count malformed samples instead of stopping", default=False)
     data_weights: list[float] | None = doc("sampling weight per data file (default: 1 each)", default=None)
     prompt_template: str = doc("auto: the tokenizer's chat template when it has one, else default; default: the "
-                               "### User/### Assistant layouts (data/templates.py); chat_template: the "
-                               "tokenizer's own (an error without one)", default="auto")
+                               "Alpaca / ### User / ### Assistant layouts (data/templates.py); chat_template: the "
+                               "tokenizer's own (an error without one); gdgpt: gdGPT's own layout, piece by piece "
+                               "(data/gdgpt_template.py)", default="auto")
     cache_dir: str | None = doc("tokenized-data cache (default: <save_path>/data_cache)", default=None)
     eval_data_path: list[str] | None = doc("held-out sample files for eval loss/perplexity (none: no eval)",
                                            default=None)
@@ -810,5 +823,6 @@ def help_text() -> str:
         default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
             else repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
         lines.append(f"{key}: {_type_name(tp)} = {default}\n    {f.metadata.get('doc', '')}")
+    lines += [f"{key}: {tp} = {default}\n    {text}" for key, (tp, default, text) in OWNED_DS_KEYS.items()]
     lines.append("DeepSpeed keys passed through: " + ", ".join(sorted(DEEPSPEED_KEYS)))
     return "\n".join(lines)
