@@ -5,9 +5,12 @@
     python convert_model.py pp_to_hg --input-path PP_DIR --save-path HF_DIR [--tag global_step100] [--dtype auto]
     python convert_model.py pp_to_hg --input-path LORA_RUN --lora-adapter OUT      # a LoRA run: PEFT adapter dir
     python convert_model.py pp_to_hg --input-path LORA_RUN --save-path HF_DIR --merge-lora   # or merged into its base
+    python convert_model.py pp_to_hg --input-path BASE --adapter PEFT_DIR --save-path HF_DIR --merge-lora
+    python convert_model.py pp_to_hg --input-path PEFT_DIR --save-path HF_DIR --merge-lora  # base: its base_model_name_or_path
     python convert_model.py verify DIR [--tag global_step100]   # every file's size + checksum, nothing loaded
 """
 import argparse
+from pathlib import Path
 
 from engine.cli import Parser, number, user_errors
 from engine.checkpoints.convert import hf_to_pp, pp_to_hg
@@ -30,7 +33,11 @@ def main(argv=None):
     p.add_argument("--lora-adapter", metavar="OUT",
                    help="pp_to_hg of a LoRA run: write its adapters as a PEFT adapter dir (for PeftModel.from_pretrained)")
     p.add_argument("--merge-lora", action="store_true",
-                   help="pp_to_hg of a LoRA run: write its base model with the adapters merged in (--save-path)")
+                   help="pp_to_hg of a LoRA run or a PEFT adapter dir (or --adapter): write its base model with the "
+                        "adapters merged in (--save-path), in fp32 before the cast to --dtype")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="pp_to_hg --merge-lora: a PEFT adapter dir (or a LoRA run) to merge into --input-path, a "
+                        "pipeline or HF dir")
     p.add_argument("--max-shard-size", type=number(float, 0, low_open=True), default=5.0,
                    help="pp_to_hg: GiB per safetensors shard")
     a = p.parse_args(argv)
@@ -39,6 +46,8 @@ def main(argv=None):
             p.error("verify needs a directory")
         print(check_dir(a.dir or a.input_path, a.tag))
         return
+    if a.adapter is not None and (a.direction != "pp_to_hg" or not a.merge_lora):
+        p.error("--adapter is merged by pp_to_hg --merge-lora")
     if a.direction == "pp_to_hg" and a.lora_adapter is not None:
         if a.merge_lora or a.save_path:
             p.error("--lora-adapter writes the adapter alone: leave out --save-path and --merge-lora")
@@ -52,10 +61,11 @@ def main(argv=None):
     if a.direction == "download":
         out = fetch(a.model_name, a.save_path)
     elif a.direction == "hg_to_pp":
-        out = hf_to_pp(model_source(a.input_path), a.save_path)
+        given = a.input_path if not Path(a.input_path).exists() else str(Path(a.input_path).absolute())
+        out = hf_to_pp(model_source(a.input_path), a.save_path, source_name=given)  # given: PEFT's base name
     else:
         out = pp_to_hg(a.input_path, a.save_path, tag=a.tag, max_shard_bytes=int(a.max_shard_size * 2**30),
-                       dtype=a.dtype, merge_lora=a.merge_lora)
+                       dtype=a.dtype, merge_lora=a.merge_lora, adapter=a.adapter)
     print(f"wrote {out}")
 
 

@@ -2,6 +2,8 @@
 
     python demo.py --model ./checkpoints/llama-7b                  # pipeline checkpoint dir (latest tag)
     python demo.py --model ./llama-7b-tuned --type instruct        # HF dir (pp_to_hg output)
+    python demo.py --model BASE --adapter ADAPTER                  # a PEFT adapter dir (or a LoRA run) on BASE
+    python demo.py --model ADAPTER                                 # a PEFT adapter dir on its base_model_name_or_path
     python demo.py --model M --prompts prompts.jsonl --output answers.jsonl
     deepspeed --num_gpus 2 demo.py --model M                       # layers split over 2 GPUs (rank 0 runs)
 """
@@ -56,6 +58,9 @@ def parser():
     p.add_argument("--model", default=None,
                    help="pipeline checkpoint dir (<dir>/latest), HF model dir, gdGPT checkpoint dir, or a hub id "
                         "(from the HF cache, else downloaded); default: ./checkpoints (gdGPT's save_path)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="LoRA adapters on --model: a PEFT adapter dir (adapter_config.json, as save_pretrained or "
+                        "pp_to_hg --lora-adapter write it) or, --backend ours, a LoRA run's save_path; not merged")
     p.add_argument("--backend", choices=("ours", "hf"), default="ours",
                    help="ours: our layers, any source, split over --devices, KV cache; "
                         "hf: transformers on an HF dir, KV cache, one device")
@@ -196,7 +201,8 @@ def main(argv=None):
         if len(devices) != 1 or not devices[0].startswith("cuda"):
             p.error(f"--cuda-graphs on needs every layer on one GPU (devices here: {','.join(devices)}); "
                     "use auto or off")
-    lm = load_lm(model, a.backend, a.devices, a.dtype, graphs=False if a.cuda_graphs == "off" else None)
+    lm = load_lm(model, a.backend, a.devices, a.dtype, graphs=False if a.cuda_graphs == "off" else None,
+                 adapter=a.adapter)
     if a.cuda_graphs == "on" and not lm.graphs:  # on one GPU: only MoE routing rules it out
         p.error(f"--cuda-graphs on: {model}: an MoE model (its expert dispatch has data-dependent shapes); "
                 "use auto or off")

@@ -85,10 +85,24 @@ class LoraConfig:
     dropout: float = doc("dropout on the adapters' input while training (PEFT's lora_dropout)", default=0.0)
     target_modules: list[str] | str = doc("HF module names to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, "
                                           "up_proj, down_proj; bloom/chatglm: query_key_value, dense, "
-                                          "dense_h_to_4h, dense_4h_to_h; baichuan: W_pack), or all-linear: every "
-                                          "linear of the blocks", default="all-linear")
+                                          "dense_h_to_4h, dense_4h_to_h; baichuan: W_pack), all-linear: every "
+                                          "linear of the blocks, or a regex string matched against the whole HF "
+                                          r"module name as PEFT does (e.g. '.*\.(q|v)_proj')", default="all-linear")
     modules_to_save: list[str] | None = doc("whole modules trained in full beside the adapters and saved with them, "
                                             "e.g. [embed_tokens, lm_head] for new tokens", default=None)
+    use_rslora: bool = doc("rank-stabilised LoRA: scale the adapters by alpha/sqrt(r) instead of alpha/r (PEFT's "
+                           "use_rslora)", default=False)
+    use_dora: bool = doc("DoRA: a trained magnitude per output row of each adapted linear, over the row norm of "
+                         "W + scale B A (PEFT's use_dora); not with ZeRO-3", default=False)
+    init_lora_weights: bool | str = doc("fresh adapters as PEFT initialises them: true (A kaiming-uniform, B zero: "
+                                        "starts as the base), gaussian (A normal, std 1/r, B zero), false (A and B "
+                                        "random: does not start as the base)", default=True)
+    layers_to_transform: list[int] | None = doc("adapt only these blocks (0-based, PEFT's layers_to_transform); "
+                                                "null: every block", default=None)
+    init_from: str | None = doc("start the adapters from a trained adapter instead of fresh ones: a PEFT adapter "
+                                "dir (adapter_config.json + adapter_model.safetensors, as save_pretrained writes "
+                                "it, or our --lora-adapter export) or a LoRA run's save_path; its r, alpha, targets "
+                                "and options must equal these keys; a fresh optimizer, any pp x dp", default=None)
 
 
 @dataclass
@@ -795,8 +809,28 @@ def _check_lora(cfg: TrainConfig) -> None:
         return
     targets = lora.target_modules
     if isinstance(targets, str) and targets != "all-linear":
-        raise ConfigError(f"{where}: lora.target_modules must be a list of module names or all-linear, got "
-                          f"{targets!r}{_suggest(targets, ['all-linear'])}")
+        if _suggest(targets, ["all-linear"]):  # all_linear, all-linears: meant all-linear, not a regex
+            raise ConfigError(f"{where}: lora.target_modules must be a list of module names, all-linear or a regex, "
+                              f"got {targets!r}{_suggest(targets, ['all-linear'])}")
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ConfigError(f"{where}: lora.target_modules: {targets!r} is not a regex ({e})") from None
+        if lora.layers_to_transform is not None:  # PEFT ignores layers_to_transform beside a regex
+            raise ConfigError(f"{where}: lora.layers_to_transform does not apply to a regex lora.target_modules "
+                              "(PEFT ignores it there); select the blocks in the regex, or list the module names")
+    if lora.init_lora_weights not in (True, False, "gaussian"):
+        raise ConfigError(f"{where}: lora.init_lora_weights must be true, false or gaussian, got "
+                          f"{lora.init_lora_weights!r} (PEFT's other initialisations are not implemented)")
+    if lora.layers_to_transform is not None and (not lora.layers_to_transform or min(lora.layers_to_transform) < 0):
+        raise ConfigError(f"{where}: lora.layers_to_transform must list block indices >= 0, got "
+                          f"{lora.layers_to_transform}")
+    if lora.use_dora and cfg.zero_stage == 3:
+        raise ConfigError(f"{where}: lora.use_dora needs each adapted weight whole in the forward; ZeRO-3 partitions "
+                          "it: use ZeRO-1/2 or the pipeline")
+    if lora.use_dora and getattr(lora, "base_quant", None) not in (None, "none"):
+        raise ConfigError(f"{where}: lora.use_dora with lora.base_quant: DoRA's row norms need the base weight "
+                          "unquantized; use one of them")
     if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
         raise ConfigError(f"{where}: lora.target_modules must name at least one module (or all-linear), got {targets}")
     if any(not m.strip() for m in lora.modules_to_save or []):

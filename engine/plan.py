@@ -217,12 +217,12 @@ def _group_trainable(family, args, spec) -> list[int]:
     from engine.model import expected_shapes
 
     shapes, keys, i, out = expected_shapes(family, args), family.hf_keys(args), 0, []
-    per_block = adapter_numel(family, args, spec)
     for group in layer_groups(family, args):
         n = 0
         for d in group:
             n += sum(math.prod(v) for k, v in shapes[i].items() if is_trainable(k, keys[i], spec))
-            n += per_block if issubclass(d.cls, BlockBase) else 0
+            n += adapter_numel(family, args, spec, keys[i]) if issubclass(d.cls, BlockBase) else 0  # per block: a
+            # regex or layers_to_transform may pick blocks apart
             i += 1
         out.append(n)
     return out

@@ -1,7 +1,9 @@
 """LoRA: low-rank adapters on the transformer blocks' linears, named and shaped as PEFT names them.
 
 An adapted linear computes `base(x) + scaling * B_t(A_t(dropout(x)))` on the output rows of each
-HF target t it holds (scaling = alpha / r, PEFT's default). Our blocks fuse q/k/v and gate/up
+HF target t it holds (scaling = alpha / r, PEFT's default; alpha / sqrt(r) with use_rslora). DoRA
+(use_dora) rescales each target's rows by a trained magnitude over the row norm of W_t + scaling B_t A_t,
+as PEFT's DoraLinearLayer does; the norm is per output row, so a fused linear's slices each get theirs. Our blocks fuse q/k/v and gate/up
 into one linear (models/norm_mlp.py `fused_linear`); in the HF model those are separate modules,
 each with its own A/B pair in a PEFT adapter. PEFT's LoraLayer wraps one whole linear with one
 pair, so it cannot express that: here one small wrapper serves both kinds, a plain linear (one
@@ -21,6 +23,7 @@ means what PEFT means: every linear of the blocks (the output layer never).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -33,6 +36,9 @@ from .keymap import Fused
 
 ALL_LINEAR = "all-linear"
 PEFT_PREFIX = "base_model.model."  # PeftModel's prefix before the HF model's own keys
+INITS = (True, False, "gaussian")  # PEFT's init_lora_weights values implemented here
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-row magnitudes (PEFT's name)
+KINDS = ("lora_A", "lora_B", MAGNITUDE)
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,13 @@ class LoraSpec:
     r: int
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = ALL_LINEAR
+    target_modules: tuple[str, ...] | str = ALL_LINEAR  # names, all-linear, or a regex (PEFT: re.fullmatch)
     modules_to_save: tuple[str, ...] = ()
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None  # PEFT's: the module-name part before the layer index
+    use_dora: bool = False
 
     @classmethod
     def of(cls, section) -> "LoraSpec | None":
@@ -52,24 +63,57 @@ class LoraSpec:
         if not section or not get("r", 0):
             return None
         targets = get("target_modules", ALL_LINEAR)
+        layers, pattern = get("layers_to_transform"), get("layers_pattern")
         return cls(int(get("r")), float(get("alpha", 16.0)), float(get("dropout", 0.0)),
-                   targets if isinstance(targets, str) else tuple(targets), tuple(get("modules_to_save") or ()))
+                   targets if isinstance(targets, str) else tuple(targets), tuple(get("modules_to_save") or ()),
+                   bool(get("use_rslora", False)), get("init_lora_weights", True),
+                   None if layers is None else (layers,) if isinstance(layers, int) else tuple(layers),
+                   None if not pattern else (pattern,) if isinstance(pattern, str) else tuple(pattern),
+                   bool(get("use_dora", False)))
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def targets(self, hf_module: str) -> bool:
-        return self.target_modules == ALL_LINEAR or any(_matches(hf_module, t) for t in self.target_modules)
+        """PEFT's rule (check_target_module_exists): a regex string must match the whole module
+        name, a name its full name or last parts; layers_to_transform then keeps the blocks listed."""
+        t = self.target_modules
+        if isinstance(t, str) and t != ALL_LINEAR:
+            return re.fullmatch(t, hf_module) is not None
+        if t != ALL_LINEAR and not any(_matches(hf_module, n) for n in t):
+            return False
+        return self.layers_to_transform is None or layer_index(hf_module, self.layers_pattern) in self.layers_to_transform
 
     def saves(self, hf_module: str) -> bool:
         return any(_matches(hf_module, m) for m in self.modules_to_save)
 
     def record(self) -> dict:
-        """JSON form (checkpoint meta.json)."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
-                "modules_to_save": list(self.modules_to_save)}
+        """JSON form (checkpoint meta.json); PEFT's options only where not their defaults, so the
+        tags written before they existed read as the same adapters."""
+        out = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+               "target_modules": self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
+               "modules_to_save": list(self.modules_to_save)}
+        for key, default in OPTION_DEFAULTS.items():
+            value = getattr(self, key)
+            if value != default:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+OPTION_DEFAULTS = {"use_rslora": False, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+                   "use_dora": False}
+
+
+def layer_index(hf_module: str, patterns: tuple[str, ...] | None = None) -> int | None:
+    """The block index in an HF module name, as PEFT finds it for layers_to_transform: the first
+    numbered part (after one of `patterns` when given)."""
+    for pattern in patterns or (None,):
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.",
+                     hf_module)
+        if m:
+            return int(m.group("idx"))
+    return None
 
 
 def _matches(hf_module: str, name: str) -> bool:
@@ -114,14 +158,37 @@ def block_targets(family: ModuleType, args) -> list[str]:
     return [hf for name in block_linears(family, args) for hf, _ in hf_slices(keys[f"{name}.weight"])]
 
 
+def all_targets(family: ModuleType, args) -> list[str]:
+    """The full HF module names of every block's adaptable linears' targets."""
+    keys, names, out = family.hf_keys(args), list(block_linears(family, args)), []
+    for d, layer in zip([d for g in family.layers(args) for d in g], keys):
+        if issubclass(d.cls, BlockBase):
+            out += [hf for name in names for hf, _ in hf_slices(layer[f"{name}.weight"])]
+    return out
+
+
 def check_spec(spec: LoraSpec, family: ModuleType, args) -> None:
     """ValueError (one line, naming the key) for a target or modules_to_save name the model lacks."""
     offered = block_targets(family, args)
     kind = family.__name__.rsplit(".", 1)[-1]
-    for t in () if spec.target_modules == ALL_LINEAR else spec.target_modules:
+    linears = f"its blocks' linears: {', '.join(dict.fromkeys(short(o) for o in offered))}"
+    if isinstance(spec.target_modules, str) and spec.target_modules != ALL_LINEAR:
+        if not any(spec.targets(hf) for hf in all_targets(family, args)):
+            raise ValueError(f"lora.target_modules: the regex {spec.target_modules!r} matches no adaptable linear of "
+                             f"this {kind} model (it must match a whole module name such as {offered[0]!r}; {linears})")
+    for t in () if isinstance(spec.target_modules, str) else spec.target_modules:
         if not any(_matches(o, t) for o in offered):
-            raise ValueError(f"lora.target_modules: {t!r} is no adaptable linear of this {kind} model (its blocks' "
-                             f"linears: {', '.join(dict.fromkeys(short(o) for o in offered))}; or all-linear)")
+            raise ValueError(f"lora.target_modules: {t!r} is no adaptable linear of this {kind} model ({linears}; "
+                             "or all-linear)")
+    blocks = sorted({layer_index(hf, spec.layers_pattern) for hf in all_targets(family, args)} - {None})
+    if spec.layers_to_transform is not None and blocks:
+        bad = [i for i in spec.layers_to_transform if i not in blocks]
+        if bad:
+            raise ValueError(f"lora.layers_to_transform: block {bad[0]} is not in this {kind} model (blocks "
+                             f"{blocks[0]}..{blocks[-1]}{'' if spec.layers_pattern is None else ' by layers_pattern'})")
+    if spec.layers_to_transform is not None and not blocks:
+        raise ValueError(f"lora.layers_pattern: {list(spec.layers_pattern or ())} finds no block index in this {kind} "
+                         f"model's module names (e.g. {offered[0]!r})")
     whole = {_module(k) for layer in family.hf_keys(args) for k in layer.values() if isinstance(k, str)}
     for m in spec.modules_to_save:
         if not any(_matches(n, m) for n in whole):
@@ -137,6 +204,8 @@ class LoraLinear:
     in order as (target or None, rows)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, MAGNITUDE):
+            return self._dora_forward(x)
         out = super().forward(x)
         names = [t for t, _ in self.lora_slices if t is not None]
         h = F.linear(self.lora_dropout(x), torch.cat([self.lora_A[t] for t in names]))
@@ -146,6 +215,29 @@ class LoraLinear:
         parts = out.split([n for _, n in self.lora_slices], dim=-1)
         return torch.cat([p if t is None else p + F.linear(deltas[t], self.lora_B[t]) * self.lora_scaling
                           for p, (t, _) in zip(parts, self.lora_slices)], dim=-1)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoraLinearLayer per target slice t: out_t + (m_t / n_t - 1) W_t x' + m_t / n_t s B_t A_t x',
+        n_t the row norms of W_t + s B_t A_t (detached, in x's dtype), x' = dropout(x); without
+        dropout W_t x' is the base output less its bias."""
+        out = super().forward(x)
+        dropped = not isinstance(self.lora_dropout, nn.Identity) and self.training
+        xd = self.lora_dropout(x)
+        parts, offset, result = out.split([n for _, n in self.lora_slices], dim=-1), 0, []
+        for p, (t, rows) in zip(parts, self.lora_slices):
+            w = self.weight[offset:offset + rows]
+            b = None if self.bias is None else self.bias[offset:offset + rows]
+            offset += rows
+            if t is None:
+                result.append(p)
+                continue
+            a_t, b_t, s = self.lora_A[t], self.lora_B[t], self.lora_scaling
+            delta = (b_t @ a_t).to(x.dtype)
+            norm = torch.linalg.norm(w.to(x.dtype) + s * delta.detach(), dim=1).detach()
+            scale = getattr(self, MAGNITUDE)[t].to(x.dtype) / norm
+            base = F.linear(xd, w.to(x.dtype)) if dropped else (p if b is None else p - b)
+            result.append(p + (scale - 1) * base + scale * F.linear(F.linear(xd, a_t.to(x.dtype)), b_t.to(x.dtype)) * s)
+        return torch.cat(result, dim=-1) if len(result) > 1 else result[0]
 
 
 _CLASSES: dict[type, type] = {}
@@ -159,19 +251,37 @@ def _lora_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
+def _uniform(shape, fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    """nn.Linear's default init, kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
 def adapt(linear: nn.Linear, slices: list[tuple[str | None, int]], spec: LoraSpec, gen: torch.Generator) -> None:
-    """Make `linear` a LoraLinear with fresh adapters: A as PEFT initialises it (kaiming-uniform,
-    a=sqrt(5)), B zero, so the model starts out equal to the base."""
+    """Make `linear` a LoraLinear with fresh adapters, initialised as PEFT's init_lora_weights says:
+    true: A kaiming-uniform (a=sqrt(5)), B zero, so the model starts out equal to the base;
+    gaussian: A normal with std 1/r, B zero; false: both as nn.Linear initialises them (not the base).
+    DoRA: each target's magnitude starts as the row norms of W_t + scaling B_t A_t (PEFT's update_layer)."""
     device = linear.weight.device
     linear.lora_A, linear.lora_B = nn.ParameterDict(), nn.ParameterDict()
+    offset = 0
     for t, rows in slices:
+        offset += rows
         if t is None:
             continue
-        a = torch.empty(spec.r, linear.in_features)
-        bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
-        a.uniform_(-bound, bound, generator=gen)
+        if spec.init_lora_weights == "gaussian":
+            a = torch.empty(spec.r, linear.in_features).normal_(0, 1 / spec.r, generator=gen)
+        else:
+            a = _uniform((spec.r, linear.in_features), linear.in_features, gen)
+        b = _uniform((rows, spec.r), spec.r, gen) if spec.init_lora_weights is False else torch.zeros(rows, spec.r)
         linear.lora_A[t] = nn.Parameter(a.to(device))
-        linear.lora_B[t] = nn.Parameter(torch.zeros(rows, spec.r, device=device))
+        linear.lora_B[t] = nn.Parameter(b.to(device))
+        if spec.use_dora:
+            if not hasattr(linear, MAGNITUDE):
+                setattr(linear, MAGNITUDE, nn.ParameterDict())
+            w = linear.weight[offset - rows:offset].detach().float()
+            norm = torch.linalg.norm(w + spec.scaling * (b.to(w.device) @ a.to(w.device)), dim=1)
+            getattr(linear, MAGNITUDE)[t] = nn.Parameter(norm.to(device))
     linear.lora_slices, linear.lora_r, linear.lora_scaling = slices, spec.r, spec.scaling
     linear.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
     linear.__class__ = _lora_class(type(linear))
@@ -204,7 +314,7 @@ def add_lora(layers, family: ModuleType, args, spec: LoraSpec, seed: int) -> int
 
 
 def is_adapter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B."))
+    return any(f".{k}." in name or name.startswith(f"{k}.") for k in KINDS)
 
 
 def is_trainable(name: str, layer_keys: dict, spec: LoraSpec) -> bool:
@@ -219,20 +329,22 @@ def has_lora(module: nn.Module) -> bool:
     return any(isinstance(m, LoraLinear) for m in module.modules())
 
 
-def adapter_numel(family: ModuleType, args, spec: LoraSpec) -> int:
-    """Adapter parameters of one block (the dry-run's count; modules_to_save not included)."""
-    keys, n = _block_keys(family, args), 0
+def adapter_numel(family: ModuleType, args, spec: LoraSpec, layer_keys: dict | None = None) -> int:
+    """Adapter parameters of one block (the first, or the one of `layer_keys`: a regex or
+    layers_to_transform may pick blocks apart), the dry-run's count; modules_to_save not included."""
+    keys, n = layer_keys or _block_keys(family, args), 0
     for name, m in block_linears(family, args).items():
         for hf, rows in hf_slices(keys[f"{name}.weight"]):
             if spec.targets(hf):
-                n += spec.r * (m.in_features + (rows if rows is not None else m.out_features))
+                rows = rows if rows is not None else m.out_features
+                n += spec.r * (m.in_features + rows) + (rows if spec.use_dora else 0)
     return n
 
 
 # ----------------------------------------------------------------------------- state <-> PEFT / merged
 def split_name(name: str) -> tuple[str, str, str] | None:
     """'self_attn.qkv_proj.lora_A.q_proj' -> ('self_attn.qkv_proj', 'lora_A', 'q_proj'); None for a base parameter."""
-    for kind in ("lora_A", "lora_B"):
+    for kind in KINDS:
         module, sep, target = name.rpartition(f".{kind}.")
         if sep:
             return module, kind, target
@@ -261,7 +373,7 @@ def to_peft(layer_keys: dict, state: dict[str, torch.Tensor]) -> dict[str, torch
             continue
         module, kind, target = parts
         hf, _, _ = _target_module(layer_keys, module, target)
-        out[f"{PEFT_PREFIX}{hf}.{kind}.weight"] = t
+        out[peft_key(hf, kind)] = t
     out.update({PEFT_PREFIX + k: v for k, v in to_hf({k: layer_keys[k] for k in saved}, saved).items()})
     return out
 
@@ -277,18 +389,34 @@ def from_peft(layer_keys: dict, adapter: dict[str, torch.Tensor], names: list[st
             continue
         module, kind, target = parts
         hf, _, _ = _target_module(layer_keys, module, target)
-        out[name] = adapter[f"{PEFT_PREFIX}{hf}.{kind}.weight"]
+        out[name] = adapter[peft_key(hf, kind)]
     return out
 
 
+def peft_key(hf_module: str, kind: str) -> str:
+    """PEFT's saved key of one adapter tensor (lora_A/lora_B are Linear weights, DoRA's magnitude a bare vector)."""
+    return f"{PEFT_PREFIX}{hf_module}.{kind}" + ("" if kind == MAGNITUDE else ".weight")
+
+
+def peft_name(layer_keys: dict, name: str) -> str:
+    """The PEFT key of one of our trainable parameters of a layer."""
+    parts = split_name(name)
+    if parts is None:
+        return PEFT_PREFIX + layer_keys[name]
+    module, kind, target = parts
+    return peft_key(_target_module(layer_keys, module, target)[0], kind)
+
+
 def merge(layer_keys: dict, base: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor],
-          scaling: float) -> dict[str, torch.Tensor]:
+          scaling: float, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One layer's base state with its adapters merged in (W[rows of t] += scaling * B_t A_t, in
-    fp32, cast back to the base's dtype) and its modules_to_save replaced by their trained values."""
+    fp32, then cast to `dtype`, default the base's) and its modules_to_save replaced by their
+    trained values. DoRA: W_t' = m_t / ||W_t + scaling B_t A_t||_row * (W_t + scaling B_t A_t), PEFT's merge."""
+    cast = (lambda name: dtype or base[name].dtype)  # noqa: E731
     out = dict(base)
     for name, t in trainable.items():
         if split_name(name) is None:
-            out[name] = t.to(base[name].dtype)
+            out[name] = t.to(cast(name))
     for name, a in trainable.items():
         parts = split_name(name)
         if parts is None or parts[1] != "lora_A":
@@ -300,14 +428,22 @@ def merge(layer_keys: dict, base: dict[str, torch.Tensor], trainable: dict[str, 
         w = out[key].float().clone()
         rows = rows if rows is not None else w.shape[0]
         w[offset:offset + rows] += scaling * (b.float() @ a.float())
-        out[key] = w.to(base[key].dtype)
-    return out
+        magnitude = trainable.get(f"{module}.{MAGNITUDE}.{target}")
+        if magnitude is not None:
+            w_t = w[offset:offset + rows]
+            w[offset:offset + rows] = w_t * (magnitude.float() / torch.linalg.norm(w_t, dim=1))[:, None]
+        out[key] = w
+    return {k: v.to(cast(k)) if v.is_floating_point() else v for k, v in out.items()}
 
 
 def peft_config(spec: LoraSpec, targets: list[str], base: str | None) -> dict:
-    """adapter_config.json of an export (PEFT fills every field left out with its default)."""
+    """adapter_config.json of an export (PEFT fills every field left out with its default). The
+    targets are the short names adapted (a regex is written as given), layers_to_transform kept."""
+    regex = isinstance(spec.target_modules, str) and spec.target_modules != ALL_LINEAR
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.r, "lora_alpha": spec.alpha,
-            "lora_dropout": spec.dropout, "target_modules": sorted(targets), "bias": "none",
+            "lora_dropout": spec.dropout, "target_modules": spec.target_modules if regex else sorted(targets),
+            "layers_to_transform": None if spec.layers_to_transform is None else list(spec.layers_to_transform),
+            "layers_pattern": None if spec.layers_pattern is None else list(spec.layers_pattern), "bias": "none",
             "modules_to_save": list(spec.modules_to_save) or None, "fan_in_fan_out": False,
-            "base_model_name_or_path": base, "inference_mode": True, "init_lora_weights": True,
-            "use_rslora": False, "use_dora": False}
+            "base_model_name_or_path": base, "inference_mode": True, "init_lora_weights": spec.init_lora_weights,
+            "use_rslora": spec.use_rslora, "use_dora": spec.use_dora}

@@ -216,7 +216,7 @@ def _cfg(**lora):
     ({"r": "8"}, "'lora.r' must be int"),
     ({"r": 8, "alpha": 0}, "lora.alpha must be a finite number > 0"),
     ({"r": 8, "dropout": 1.0}, "lora.dropout must be in [0, 1)"),
-    ({"r": 8, "target_modules": "all_linear"}, "lora.target_modules must be a list of module names or all-linear, "
+    ({"r": 8, "target_modules": "all_linear"}, "lora.target_modules must be a list of module names, all-linear or a regex, "
                                                "got 'all_linear' (did you mean 'all-linear'?)"),
     ({"r": 8, "target_modules": []}, "lora.target_modules must name at least one module"),
     ({"r": 8, "rank": 8}, "unknown key 'lora.rank'"),

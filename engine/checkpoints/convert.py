@@ -39,8 +39,10 @@ def source_dtype(hf_cfg: dict) -> str | None:
     return name if name in DTYPES else None
 
 
-def hf_to_pp(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a pipeline checkpoint dir (tag global_step0 + hf/) from an HF model dir."""
+def hf_to_pp(hf_dir: str | Path, out_dir: str | Path, source_name: str | None = None) -> Path:
+    """Write a pipeline checkpoint dir (tag global_step0 + hf/) from an HF model dir. `source_name`
+    (the hub id or dir the user gave; default: the dir) is recorded in source.json: adapters trained
+    on the pipeline dir name it as PEFT's base_model_name_or_path (engine/checkpoints/lora.py)."""
     source = open_weights(hf_dir)
     if not source.where.is_hf:
         raise LayoutError(f"{hf_dir}: already a pipeline checkpoint dir (it has 'latest'); use it as model_path")
@@ -55,6 +57,8 @@ def hf_to_pp(hf_dir: str | Path, out_dir: str | Path) -> Path:
                 torch.save({ours: t.contiguous() for ours, t in source.layer(idx).items()}, fh)
         copy_hf_side_files(source.where.hf_dir, tmp / "hf")
         _record_dtype(tmp / "hf" / "config.json", source)
+        from engine.checkpoints.lora import SOURCE
+        (tmp / SOURCE).write_text(json.dumps({"base_model_name_or_path": source_name or str(Path(hf_dir).absolute())}))
         write_text_atomic(tmp / "latest", INIT_TAG)
     return Path(out_dir)
 
@@ -110,17 +114,30 @@ class ShardWriter:
 
 
 def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
-             max_shard_bytes: int = 5 * 2**30, dtype: str = "auto", merge_lora: bool = False) -> Path:
+             max_shard_bytes: int = 5 * 2**30, dtype: str = "auto", merge_lora: bool = False,
+             adapter: str | Path | None = None) -> Path:
     """Write an HF model dir (safetensors shards + index + config + tokenizer) from a pipeline checkpoint.
 
     `dtype`: the tensors' dtype in the export; "auto" is the source model's (its config.json's, see
     source_dtype), else the layer files' own. Training checkpoints hold fp32 masters, so a bf16
     model trained in any precision is exported in bf16 again. A LoRA checkpoint (adapters only)
-    needs `merge_lora`: its base model (meta.json's `base`) with the adapters merged in."""
-    from engine.checkpoints.lora import Adapters, of_tag
+    needs `merge_lora`: its base model (meta.json's `base`) with the adapters merged in. `adapter`
+    (a PEFT adapter dir or a LoRA run), with `merge_lora`: merged into `pp_dir`, a pipeline or HF dir;
+    a PEFT adapter dir as `pp_dir` is merged into the base its base_model_name_or_path names.
+    Merged in fp32, then cast to the export's dtype (float32: no rounding on the way)."""
+    from engine.checkpoints.hub import model_source
+    from engine.checkpoints.lora import Adapters, is_peft_dir, of_tag, open_adapter, peft_base
 
     lora = None
-    if (Path(pp_dir) / "latest").exists() and of_tag(resolve_tag(pp_dir, tag)) is not None:
+    if adapter is None and is_peft_dir(pp_dir):
+        adapter = pp_dir
+        pp_dir = peft_base(pp_dir)
+    if adapter is not None:
+        if not merge_lora:
+            raise LayoutError(f"{adapter}: an adapter: merge it into its base with --merge-lora")
+        source = open_weights(model_source(pp_dir), tag=tag)
+        lora = open_adapter(adapter, source.model)
+    elif (Path(pp_dir) / "latest").exists() and of_tag(resolve_tag(pp_dir, tag)) is not None:
         if not merge_lora:
             raise LayoutError(f"{resolve_tag(pp_dir, tag)}: a LoRA checkpoint (adapters only): export it with "
                               f"--lora-adapter OUT (a PEFT adapter dir) or --merge-lora (a plain HF model)")
@@ -145,7 +162,7 @@ def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
                 continue
             state = source.layer(idx)
             if lora is not None:
-                state = merge(names, state, lora.layer(idx), lora.spec.scaling)
+                state = merge(names, state, lora.layer(idx), lora.spec.scaling, out_dtype)
             if out_dtype is not None:
                 state = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in state.items()}
             dtypes |= {t.dtype for t in state.values()}
@@ -166,3 +183,4 @@ def pp_to_hg(pp_dir: str | Path, out_dir: str | Path, tag: str | None = None,
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
     return Path(out_dir)
+

@@ -145,6 +145,7 @@ def save(engine, cfg: TrainConfig, step: int, family_name: str, n_layers: int, h
                     "hash": integrity.ALGO, "hashes": hashes}
             if lora.record(cfg) is not None:  # adapters only: n_params counts the trainable parameters
                 meta["lora"] = lora.record(cfg)
+                meta["lora_hash"] = lora.digest(meta["lora"])  # the file hashes do not cover meta.json itself
             (tmp / META).write_text(json.dumps(meta))
             size = sum(files.values()) + (tmp / META).stat().st_size
             if not (root / "hf").is_dir():
@@ -255,7 +256,7 @@ def weights_from_tag(cfg: TrainConfig, family_name: str, n_layers: int, kind: st
         raise LayoutError(f"{tag_dir}: saved by {saved.get('engine', 'pipeline')} training on {saved}; its optimizer "
                           f"state resumes only there. To go on from its weights with a fresh optimizer, set "
                           f"model_path: {cfg.save_path} and a new save_path")
-    lora.check_resume(tag_dir, meta.get("lora"), cfg)
+    lora.check_resume(tag_dir, lora.entry_of(tag_dir, meta), cfg)
     if reshape.has_state(tag_dir):
         return True
     if meta.get("format", 1) >= reshape.FORMAT or saved not in (None, layout_of(cfg, n_layers, kind)):

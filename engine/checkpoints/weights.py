@@ -178,8 +178,16 @@ class LayerSource:
 
 def open_weights(path: str | Path, model: Model | None = None, tag: str | None = None) -> LayerSource:
     """The weights under `path` (pipeline checkpoint dir: `tag` or `latest`; HF model dir) for
-    `model` (default: the model `path`'s own config describes)."""
-    return LayerSource(model or Model.from_dir(path), locate(path), tag)
+    `model` (default: the model `path`'s own config describes). A LoRA run's dir reads as its base
+    with its adapters merged in (engine/checkpoints/lora.py MergedSource)."""
+    where = locate(path)
+    if not where.is_hf and not where.gdgpt:
+        from engine.checkpoints.lora import merged_if_lora
+
+        merged = merged_if_lora(Path(path), model, tag)
+        if merged is not None:
+            return merged
+    return LayerSource(model or Model.from_dir(path), where, tag)
 
 
 def load_stage(module, path: str | Path, model: Model) -> None:

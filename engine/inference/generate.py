@@ -395,24 +395,31 @@ class OurLM:
 
 
 def load_ours(path: str | Path, devices: list[str] | None = None, dtype: str = "auto",
-              tag: str | None = None, static: bool | None = None, graphs: bool | None = None) -> OurLM:
+              tag: str | None = None, static: bool | None = None, graphs: bool | None = None,
+              adapter: str | Path | None = None) -> OurLM:
     """Our SequentialModel from a pipeline checkpoint dir or an HF dir, split over `devices`
     (static, graphs: OurLM's cache paths).
 
     Layers are built one at a time directly on their device and loaded from their own layer
     file (memory-mapped), so no process ever holds the whole model on one device or in RAM.
     A LoRA run's dir: its base model with the adapters beside the frozen weights (not merged).
+    `adapter` (a PEFT adapter dir or a LoRA run): its adapters on the model of `path` (a pipeline or
+    HF dir; a LoRA run there is its base with its adapters merged), beside the weights.
     """
     from models.block_base import LayerOptions
     from models.lora import add_lora
     from models.pipeline import SequentialModel
 
     from engine.checkpoints.files import resolve_tag
-    from engine.checkpoints.lora import Adapters, of_tag
+    from engine.checkpoints.lora import Adapters, of_tag, open_adapter
     from engine.checkpoints.weights import open_weights
 
-    lora = Adapters(path, tag) if (Path(path) / "latest").exists() and of_tag(resolve_tag(path, tag)) else None
-    source = open_weights(lora.base_dir(), lora.model) if lora else open_weights(path, tag=tag)
+    if adapter is not None:
+        source = open_weights(path, tag=tag)
+        lora = open_adapter(adapter, source.model, "--adapter")
+    else:
+        lora = Adapters(path, tag) if (Path(path) / "latest").exists() and of_tag(resolve_tag(path, tag)) else None
+        source = open_weights(lora.base_dir(), lora.model) if lora else open_weights(path, tag=tag)
     family, args, hf_dir = source.model.family, source.model.args, source.where.hf_dir
     devices = devices or default_devices()
     torch_dtype = resolve_dtype(dtype, devices)
@@ -475,16 +482,33 @@ class HFLM:
 
 
 def load_lm(path: str | Path, backend: str = "ours", devices: list[str] | None = None, dtype: str = "auto",
-            graphs: bool | None = None):
+            graphs: bool | None = None, adapter: str | Path | None = None):
     """A language model for `generate` from a pipeline checkpoint dir or an HF dir (graphs: OurLM's;
-    the hf backend has no graph path)."""
+    the hf backend has no graph path), with `adapter` (a PEFT adapter dir or, backend ours, a LoRA
+    run) on it. A PEFT adapter dir as `path`: that adapter on the base it names."""
+    from engine.checkpoints.hub import model_source
+    from engine.checkpoints.files import read_json
+    from engine.checkpoints.lora import ADAPTER_CONFIG, is_peft_dir, peft_base, peft_spec
+
+    if adapter is None and is_peft_dir(path):
+        adapter, path = path, model_source(peft_base(path))
     if backend == "hf":
         if not locate(path).is_hf:
             raise LayoutError(f"{path}: backend 'hf' needs an HF dir (convert with pp_to_hg, or use backend 'ours')")
-        return HFLM(path, (devices or default_devices())[0], dtype)
+        lm = HFLM(path, (devices or default_devices())[0], dtype)
+        if adapter is not None:  # peft's own PeftModel on transformers' model; its config read strictly first
+            from peft import PeftModel
+
+            if not is_peft_dir(adapter):
+                raise LayoutError(f"{adapter}: --backend hf takes a PEFT adapter dir (no {ADAPTER_CONFIG}); a LoRA run "
+                                  "needs --backend ours, or export it with pp_to_hg --lora-adapter")
+            peft_spec(Path(adapter) / ADAPTER_CONFIG, read_json(Path(adapter) / ADAPTER_CONFIG, "PEFT adapter config"))
+            lm.model = PeftModel.from_pretrained(lm.model, adapter).to(lm.device).eval()
+        return lm
     if backend != "ours":
         raise ValueError(f"unknown backend {backend!r} (ours, hf)")
-    return load_ours(path, devices, dtype, graphs=graphs)
+    return load_ours(path, devices, dtype, graphs=graphs, adapter=adapter)
+
 
 
 def load_tokenizer(lm):

@@ -29,7 +29,7 @@ from models.pipeline import SequentialModel, build_pipeline, init_layer, init_we
 
 from engine import distributed as D
 from engine.config import ConfigError, TrainConfig, validate
-from engine.checkpoints.lora import load_adapters
+from engine.checkpoints.lora import init_adapters, load_adapters
 from engine.checkpoints.weights import load_stage, open_weights
 from engine.training.optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
 from engine.plan import resolve_auto_parts
@@ -245,6 +245,7 @@ def lora_spec(cfg: TrainConfig, model: Model) -> LoraSpec | None:
             check_spec(spec, model.family, model.args)
         except ValueError as e:
             raise ConfigError(f"{cfg.source}: {e}") from None
+        init_adapters(cfg, spec, model)  # lora.init_from: readable, for this model, as the lora keys say
     return spec
 
 

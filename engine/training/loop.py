@@ -22,6 +22,7 @@ from engine.checkpoints import lock as runlock
 from engine.checkpoints import tags as ckpt
 from engine.checkpoints import writes
 from engine.checkpoints.files import resolve_tag
+from engine.checkpoints.lora import init_adapters
 from engine.config import ConfigError, TrainConfig, check_paths
 from engine.model import Model, load_tokenizer
 from engine.training.backends import PipelineBackend, ZeroBackend
@@ -107,6 +108,8 @@ def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
         weights = cfg.save_path
     else:  # an older tag without optim/: DeepSpeed's own load fills the weights
         weights = None if resume else "scratch" if cfg.from_scratch else cfg.model_path
+    if not resume and backend.lora and cfg.lora.init_from:  # trained adapters to go on from, a fresh optimizer
+        adapters = init_adapters(cfg, backend.lora, model)
     with quiet_prints():  # DeepSpeed's bare INFO prints (SEED_LAYERS=..., Using topology: ...)
         engine = backend.build(weights, adapters)
     evaluator = Evaluator.maybe(cfg, model.hf_dir, engine)  # held-out set (eval_data_path), if any
