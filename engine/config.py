@@ -103,6 +103,10 @@ class LoraConfig:
                                 "dir (adapter_config.json + adapter_model.safetensors, as save_pretrained writes "
                                 "it, or our --lora-adapter export) or a LoRA run's save_path; its r, alpha, targets "
                                 "and options must equal these keys; a fresh optimizer, any pp x dp", default=None)
+    base_quant: str = doc("QLoRA: none (the frozen base in the run's dtype) or nf4 (the frozen linears of the blocks "
+                          "stored in 4 bits as torchao's NF4Tensor, dequantized one linear at a time in the forward; "
+                          "embedding, norms, head and mixtral's experts stay in the run's dtype); needs lora.r > 0 and "
+                          "torchao; not with fp8, use_dora or ZeRO-3", default="none")
 
 
 @dataclass
@@ -805,6 +809,7 @@ def _check_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: lora.alpha must be a finite number > 0, got {lora.alpha}")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {lora.dropout}")
+    _check_base_quant(cfg)
     if not lora.r:
         return
     targets = lora.target_modules
@@ -835,6 +840,23 @@ def _check_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: lora.target_modules must name at least one module (or all-linear), got {targets}")
     if any(not m.strip() for m in lora.modules_to_save or []):
         raise ConfigError(f"{where}: lora.modules_to_save has an empty name")
+
+
+def _check_base_quant(cfg: TrainConfig) -> None:
+    """lora.base_quant (models/quant.py): a known value, and nf4 only where it can run."""
+    where, quant = cfg.source, cfg.lora.base_quant
+    if quant not in ("none", "nf4"):
+        raise ConfigError(f"{where}: lora.base_quant must be none or nf4, got {quant!r}{_suggest(str(quant), ['nf4'])}")
+    if quant == "none":
+        return
+    if not cfg.lora.r:
+        raise ConfigError(f"{where}: lora.base_quant: {quant} quantizes the frozen base of a LoRA run; set lora.r > 0")
+    if cfg.fp8 not in ("off", "auto"):  # fp8's Float8Linear casts a bf16 weight; a 4-bit one has none to cast
+        raise ConfigError(f"{where}: lora.base_quant: {quant} with fp8: {cfg.fp8}: the 4-bit base weights cannot "
+                          "take FP8 training's weight casts; set fp8: off")
+    if cfg.zero_stage == 3:  # ZeRO-3 partitions parameters; the 4-bit weights are none (models/quant.py)
+        raise ConfigError(f"{where}: lora.base_quant: {quant} with ZeRO-3: the 4-bit base is not partitioned; use "
+                          "ZeRO-1/2 (it is 0.52 B/param already) or the pipeline")
 
 
 def owned_fields(cls=None, prefix: str = "") -> list[tuple[str, object, dataclasses.Field]]:

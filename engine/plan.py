@@ -78,6 +78,7 @@ class Setup:
     flash: bool = True  # attention kernel keeps O(s) state (flash/flex); False: dense probs (CPU SDPA math, ALiBi)
     gpu: bool = True
     lora: object = None  # models.lora.LoraSpec: only the adapters (+ modules_to_save) train, the base is frozen
+    base_quant: str = "none"  # LoRA's frozen block linears: none (in `dtype`) or nf4 (models/quant.py)
 
     @classmethod
     def from_config(cls, cfg, gpu: bool = True, pipeline: bool = True) -> "Setup":
@@ -89,7 +90,8 @@ class Setup:
                    offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
                    offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
                    ckpt=ckpt, optimizer=(cfg.ds.get("optimizer") or {}).get("type", "AdamW"),
-                   compiled=cfg.compile_blocks and gpu, flash=gpu, gpu=gpu, lora=LoraSpec.of(cfg.lora))
+                   compiled=cfg.compile_blocks and gpu, flash=gpu, gpu=gpu, lora=LoraSpec.of(cfg.lora),
+                   base_quant=getattr(cfg.lora, "base_quant", "none") if LoraSpec.of(cfg.lora) else "none")
 
     @property
     def act_bytes(self) -> int:
@@ -118,6 +120,9 @@ class LayerCost:
     tie: str | None = None
     tie_params: int = 0  # of `params`, those shared with another stage's twin
     trainable: int | None = None  # LoRA: adapters + modules_to_save (None: all of `params`)
+    saved: int = 0  # LoRA: of `params` and `trainable`, the base parameters trained whole (modules_to_save)
+    quant: int = 0  # lora.base_quant: nf4: of `params`, those stored in 4 bits (frozen block linears)
+    quant_bytes: float = 0.0  # ... and the bytes they take as torchao stores them
 
 
 def block_act_bytes(d: Dims, s: Setup, mode: str) -> float:
@@ -191,6 +196,7 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
     costs = []
     last = len(groups) - 1
     trainable = _group_trainable(family, args, setup.lora) if setup.lora else [None] * len(groups)
+    frozen = _group_frozen(family, args, setup) if setup.lora else [(0, 0, 0.0)] * len(groups)
     efficiency = family_efficiency(family)
     for idx, (params, tie, tie_params) in enumerate(groups):
         if idx == 0:
@@ -205,7 +211,34 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
             costs.append(LayerCost("block", params, flops, block_act_bytes(d, setup, "none"),
                                    block_act_bytes(d, setup, setup.ckpt)))
         costs[-1].trainable = trainable[idx]
+        costs[-1].saved, costs[-1].quant, costs[-1].quant_bytes = frozen[idx]
     return costs
+
+
+def _group_frozen(family, args, setup: Setup) -> list[tuple[int, int, float]]:
+    """LoRA: (base parameters trained whole, parameters stored in 4 bits, their bytes) per user layer;
+    4-bit with lora.base_quant: nf4: each block's frozen quantizable linears (models/quant.py) at
+    torchao's storage (nf4_nbytes)."""
+    from models.lora import is_trainable
+    from models.pipeline import layer_groups
+    from models.quant import nf4_nbytes, quantizable
+
+    from engine.model import expected_shapes
+
+    shapes = expected_shapes(family, args)
+    linears = {f"{name}.weight": m.weight.numel() for name, m in quantizable(family, args).items()}
+    keys, i, out = family.hf_keys(args), 0, []
+    for group in layer_groups(family, args):
+        saved, n, nbytes = 0, 0, 0.0
+        for d in group:
+            saved += sum(math.prod(v) for k, v in shapes[i].items() if is_trainable(k, keys[i], setup.lora))
+            if issubclass(d.cls, BlockBase):
+                for k, numel in linears.items() if setup.base_quant == "nf4" else ():
+                    if not is_trainable(k, keys[i], setup.lora):
+                        n, nbytes = n + numel, nbytes + nf4_nbytes(numel, setup.act_bytes)
+            i += 1
+        out.append((saved, n, nbytes))
+    return out
 
 
 def _group_trainable(family, args, spec) -> list[int]:
@@ -286,8 +319,12 @@ def stage_estimate(costs: list[LayerCost], lo: int, hi: int, stage: int, setup: 
         params += c.params
     train = params if setup.lora is None else sum(c.trainable or 0 for c in layers)
     per = static_bytes_per_param(setup)
-    # LoRA: the frozen base is weights alone, in the run's precision (no gradient, master or state)
-    base_w = (params - train) * setup.act_bytes / (setup.dp if setup.zero >= 3 else 1)
+    # LoRA: the frozen base is weights alone, in the run's precision (no gradient, master or state);
+    # base_quant nf4: its block linears at torchao's NF4 storage
+    quant = sum(c.quant for c in layers)
+    saved = train if setup.lora is None else sum(c.saved for c in layers)  # trained base params (adapters: not in params)
+    base_w = ((params - saved - quant) * setup.act_bytes + sum(c.quant_bytes for c in layers)) \
+        / (setup.dp if setup.zero >= 3 else 1)
     toks = setup.tokens
     n = setup.in_flight(stage)
     act = sum((c.ckpt_act if c.kind == "block" else 0.0) for c in layers) * toks * n
@@ -406,7 +443,7 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
     if setup.lora is not None:
         train = sum(s.extra["trainable"] for s in stages)
         lines.append(f"  LoRA r {setup.lora.r}: {train / 1e6:.2f}M trainable parameters ({train / total:.2%}); the base "
-                     f"is frozen {setup.dtype} weights (no grads, master or optimizer state); checkpoints ~"
+                     f"is frozen {setup.dtype} weights{_quant_note(costs, setup)} (no grads, master or optimizer state); checkpoints ~"
                      f"{train * (4 + (4 if setup.optimizer == 'Lion' else 8)) / GiB:.2f} GiB")
     head = f"  {'stage':>5} {'layers':>6} {'blocks':>6} {'params':>8} {'weights':>8} {'grads':>7} {'optim':>7} " \
            f"{'activ':>7} {'peak GiB':>8} {'rel time':>8}"
@@ -426,6 +463,15 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
                  f"stage MFU {LLAMA_STAGE_MFU:.2f} x {name} efficiency {family_efficiency(family):.2f}, "
                  f"engine/plan.py FAMILY_EFFICIENCY; slowest stage, bubble included)")
     return "\n".join(lines), stages
+
+
+def _quant_note(costs: list[LayerCost], setup: Setup) -> str:
+    """The LoRA line's words on a quantized base: how much of it is 4-bit, at how many bytes."""
+    quant = sum(c.quant for c in costs)
+    if not quant:
+        return ""
+    return f", {quant / 1e9:.2f}B of them (the block linears) in NF4 at " \
+        f"{sum(c.quant_bytes for c in costs) / quant:.3f} B/param"
 
 
 def tokens_per_s_per_gpu(stages: list[StageEstimate], setup: Setup) -> float:

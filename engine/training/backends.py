@@ -57,7 +57,7 @@ class PipelineBackend:
 
     def describe(self) -> str:
         return f"parts {self.parts}" + (", fp32 grad accumulation fused into the wgrad GEMM" if self.wgrad_fusion else "") \
-            + describe_lora(self.lora)
+            + describe_lora(self.lora, self.cfg.lora.base_quant)
 
     def build(self, weights: str | None, adapters=None):
         """`weights`: a checkpoint/HF dir to load, "scratch" for random init, None (resume fills them).
@@ -75,6 +75,7 @@ class PipelineBackend:
             owned = [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, torch.nn.Module)]
             self.trainable = with_lora(self.lora, owned, model, cfg.seed, adapters)
             freeze_tied_twins(module, self.lora, model, adapters is not None)
+            quantize_base(cfg, model, [f for _, f in owned])
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
@@ -122,7 +123,7 @@ class ZeroBackend:
                    if k.startswith("offload_") and (v or {}).get("device", "none") != "none"]
         cpu_opt = ", DeepSpeed CPU optimizer" if uses_ds_cpu_optimizer(self.cfg.ds) else ""
         return f"ZeRO-{self.stage} over {self.dp_size} ranks" + (f", offload {', '.join(offload)}" if offload else "") \
-            + cpu_opt + describe_lora(self.lora)
+            + cpu_opt + describe_lora(self.lora, self.cfg.lora.base_quant)
 
     def build(self, weights: str | None, adapters=None):
         """As PipelineBackend.build. Under ZeRO-3 the model is partitioned as it is built
@@ -144,6 +145,7 @@ class ZeroBackend:
             self._load(weights)
         if self.lora:
             self.trainable = self._with_lora(adapters)
+            quantize_base(cfg, model, [layer for _, layer in module.owned_layers()])
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
         return self.engine
@@ -277,12 +279,32 @@ def freeze_tied_twins(module, spec: LoraSpec, model: Model, resumed: bool) -> No
         module._synchronize_tied_weights()  # a collective of every stage holding a tied module, in key order
 
 
-def describe_lora(spec: LoraSpec | None) -> str:
+def describe_lora(spec: LoraSpec | None, base_quant: str = "none") -> str:
     if spec is None:
         return ""
     targets = spec.target_modules if isinstance(spec.target_modules, str) else ",".join(spec.target_modules)
     return f", LoRA r {spec.r} alpha {spec.alpha:g} on {targets}" + \
-        (f" + {','.join(spec.modules_to_save)}" if spec.modules_to_save else "") + "; base frozen"
+        (f" + {','.join(spec.modules_to_save)}" if spec.modules_to_save else "") + "; base frozen" + \
+        (f", its block linears in {base_quant.upper()}" if base_quant != "none" else "")
+
+
+def quantize_base(cfg: TrainConfig, model: Model, layers: list) -> int:
+    """lora.base_quant: nf4 (models/quant.py): the frozen linears of these layers' blocks in 4 bits,
+    made on the device the engine trains on (each full-precision weight dropped as its NF4 copy is
+    made), after the adapters exist and before the optimizer and engine see the module. Returns the
+    number of weights quantized."""
+    if cfg.lora.base_quant == "none":
+        return 0
+    from models.quant import quantize_blocks
+
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{cfg.source}: lora.base_quant: {cfg.lora.base_quant} needs torchao ({e}); pip install "
+                          "torchao") from None
+    device = torch.device("cuda", torch.cuda.current_device()) if D.on_gpu() else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype, torch.float32)
+    return quantize_blocks(layers, model.family, model.args, device, dtype)
 
 
 def on_device(micro_batches: list, device) -> list:
