@@ -49,6 +49,7 @@ class Dims:
     max_positions: int | None  # context the model was built for (None: no fixed limit, e.g. ALiBi)
     experts: int = 0  # MoE experts per block (0: dense MLP)
     top_k: int = 0  # experts each token runs
+    window: int | None = None  # sliding-window attention span (mixtral's sliding_window; None: every earlier key)
 
     @property
     def q_dim(self) -> int:

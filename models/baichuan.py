@@ -18,6 +18,7 @@ from torch import nn
 from . import Dims, UnsupportedModel
 from .attention import AttnOptions, attend
 from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .loss import head_output
 from .norm_mlp import GatedMLP, RMSNorm, gated_mlp_keys
 from .positions import Rotary, alibi_bias, alibi_slopes, apply_rotary
 from .keymap import with_prefix
@@ -144,7 +145,11 @@ class NormHead(nn.Module):
         self.normalize = normalize
 
     def forward(self, x):
-        return F.linear(x, F.normalize(self.weight, dim=-1) if self.normalize else self.weight)
+        return F.linear(x, self.projection())
+
+    def projection(self) -> torch.Tensor:
+        """The [vocab, hidden] matrix the logits are taken with (rows normalised for Baichuan2)."""
+        return F.normalize(self.weight, dim=-1) if self.normalize else self.weight
 
 
 class Head(FinalNorm):
@@ -156,6 +161,8 @@ class Head(FinalNorm):
 
     def forward(self, inputs):
         x, _ = super().forward(inputs)
+        if getattr(self, "chunked_loss", None) is not None:  # head_chunk_tokens: normalised once, then chunks
+            return head_output(self, x, self.lm_head.projection())
         return self.lm_head(x)
 
 

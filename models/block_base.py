@@ -53,6 +53,8 @@ class LayerOptions:
     fp8: str = "off"  # float8 training of the block linears (FP8_MODES; models.pipeline.float8_blocks)
     fp8_head: bool = False  # also the head's lm_head (models.pipeline.float8_blocks)
     kernels: str = "inductor"  # KERNELS: liger swaps in liger-kernel's ops (models.pipeline.liger_blocks)
+    offload: bool = False  # offload_activations: recompute's saved block inputs go to CPU memory (models/offload.py)
+    head_chunk: int = 0  # head_chunk_tokens: the head hands the loss (hidden, weight) to chunk (models.pipeline.chunked_heads)
 
     @property
     def ckpt_mode(self) -> str:
@@ -76,7 +78,7 @@ class BlockBase(nn.Module):
 
     def __init__(self, opts: LayerOptions):
         super().__init__()
-        self.ckpt_mode, self.attn_opts = opts.ckpt_mode, opts.attn
+        self.ckpt_mode, self.attn_opts, self.offload = opts.ckpt_mode, opts.attn, opts.offload
         if opts.compile:
             self.compile_block()
 
@@ -96,7 +98,7 @@ class BlockBase(nn.Module):
         mask = attention_mask(position_ids, self.attn_opts, self.window)
         if self.ckpt_mode == "none" or not (self.training and torch.is_grad_enabled()):
             return self.block(x, position_ids, mask)
-        return checkpointed(self.block, self.ckpt_mode, x, position_ids, mask)
+        return checkpointed(self.block, self.ckpt_mode, x, position_ids, mask, offload=self.offload)
 
     def forward(self, inputs, cache: KVCache | StaticKVCache | None = None):
         x, position_ids = inputs

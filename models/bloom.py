@@ -15,6 +15,7 @@ from torch import nn
 from . import Dims
 from .attention import AttnOptions, attend
 from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .loss import head_output
 from .positions import alibi_bias, alibi_slopes
 
 MODEL_TYPES = ("bloom",)
@@ -129,13 +130,15 @@ class Head(FinalNorm):
 
     def forward(self, inputs):
         x, _ = super().forward(inputs)
-        return self.lm_head(x)
+        chunked = head_output(self, x, self.lm_head.weight)  # head_chunk_tokens: the loss projects per chunk
+        return chunked if chunked is not None else self.lm_head(x)
 
 
 def tied_logits(embed: Embed, inputs):
     """Head of a tied model: the embedding matrix projects the (already normed) hidden states."""
     x, _ = inputs
-    return x @ embed.word_embeddings.weight.t()
+    chunked = head_output(embed, x, embed.word_embeddings.weight)
+    return chunked if chunked is not None else x @ embed.word_embeddings.weight.t()
 
 
 def layers(args: Args) -> list[list[LayerDef]]:

@@ -18,6 +18,7 @@ from torch import nn
 from . import Dims, UnsupportedModel
 from .attention import AttnOptions, attend
 from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
+from .loss import head_output
 from .norm_mlp import RMSNorm
 from .positions import Rotary, apply_rotary_interleaved
 from .bloom import Embed  # the same word_embeddings layer
@@ -140,7 +141,9 @@ class Head(nn.Module):
 
     def forward(self, inputs):
         x, _ = inputs
-        return self.output_layer(self.final_layernorm(x))
+        x = self.final_layernorm(x)
+        chunked = head_output(self, x, self.output_layer.weight)  # head_chunk_tokens: the loss projects per chunk
+        return chunked if chunked is not None else self.output_layer(x)
 
 
 def layers(args: Args) -> list[list[LayerDef]]:

@@ -16,7 +16,7 @@ from .norm_mlp import GatedMLP, RMSNorm, fused_linear, gated_mlp_keys
 from .old_layouts import accept_unfused
 from .positions import Rotary, apply_rotary, rope_parameters
 from .keymap import Fused, with_prefix
-from .loss import HeadInput
+from .loss import HeadInput, head_output
 
 MODEL_TYPES = ("llama",)
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -169,13 +169,15 @@ class Head(FinalNorm):
         x, _ = super().forward(inputs)
         if self.fused_loss:
             return HeadInput((x, self.lm_head.weight))
-        return self.lm_head(x)
+        chunked = head_output(self, x, self.lm_head.weight)  # head_chunk_tokens: the loss projects per chunk
+        return chunked if chunked is not None else self.lm_head(x)
 
 
 def tied_logits(embed: Embed, inputs):
     """Head of a tied model: the embedding matrix projects the (already normed) hidden states."""
     x, _ = inputs
-    return x @ embed.embed_tokens.weight.t()
+    chunked = head_output(embed, x, embed.embed_tokens.weight)
+    return chunked if chunked is not None else x @ embed.embed_tokens.weight.t()
 
 
 def layers(args: Args) -> list[list[LayerDef]]:

@@ -10,18 +10,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunked_loss import ChunkSpec, chunked_terms
+
 IGNORE = -100
 
 
 def causal_lm_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     labels, scale = target
+    if isinstance(logits, HeadInput) and logits.spec is not None:  # head_chunk_tokens: never the whole logits
+        ce, _ = chunked_terms(*logits, labels, logits.spec)
+        return ce * scale.to(ce.dtype)
     ce = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return ce * scale.to(ce.dtype)
 
 
 class HeadInput(tuple):
     """(hidden [B, S, H], head weight [V, H]): what a head returns instead of logits under
-    `kernels: liger`, so the loss projects and takes the cross-entropy in one fused pass."""
+    `kernels: liger`, so the loss projects and takes the cross-entropy in one fused pass, or with
+    `spec` set (head_chunk_tokens, models/chunked_loss.py), chunk by chunk."""
+
+    spec: ChunkSpec | None = None
+
+
+def head_output(owner, x: torch.Tensor, weight: torch.Tensor):
+    """HeadInput(x, weight) when `owner` (a head, or the embedding a tied head projects through)
+    is chunked (`owner.chunked_loss`, set by models.pipeline.chunked_heads), else None: the head
+    then computes its logits as always."""
+    spec = getattr(owner, "chunked_loss", None)
+    if spec is None:
+        return None
+    out = HeadInput((x, weight))
+    out.spec = spec
+    return out
 
 
 def liger_causal_lm_loss(outputs, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -61,9 +81,13 @@ class MaxZLoss:
         self._sums: torch.Tensor | None = None
 
     def __call__(self, outputs, target) -> torch.Tensor:
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        logits = outputs[0] if isinstance(outputs, tuple) and not isinstance(outputs, HeadInput) else outputs
         lm = self.base(outputs, target)
-        z = max_z(logits)
+        if isinstance(logits, HeadInput):  # chunked head: a second walk over the chunks for the z term
+            _, z = chunked_terms(*logits, None, logits.spec, with_ce=False, with_z=True)
+            z = z / logits[0].shape[:-1].numel()
+        else:
+            z = max_z(logits)
         terms = torch.stack((lm.detach().float(), z.detach()))
         self._sums = terms if self._sums is None else self._sums + terms
         return lm + self.weight * z.to(lm.dtype)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import options_for_head_dim
 from .block_base import BlockBase, LayerDef, LayerOptions
+from .chunked_loss import ChunkSpec
 from .loss import MaxZLoss, causal_lm_loss, liger_causal_lm_loss
 
 
@@ -71,7 +72,8 @@ def training_loss(family: ModuleType, args, opts: LayerOptions):
     if liger_loss(family, opts):
         return liger_causal_lm_loss
     loss = make_loss(family, args)
-    if opts.compile and torch.cuda.is_available() and not hasattr(loss, "pop_metrics"):
+    # head_chunk: each chunk's projection + cross-entropy is compiled instead (models/chunked_loss.py)
+    if opts.compile and torch.cuda.is_available() and not hasattr(loss, "pop_metrics") and not opts.head_chunk:
         loss = torch.compile(loss)
     return MaxZLoss(loss, opts.max_z_loss) if opts.max_z_loss > 0 else loss
 
@@ -104,7 +106,22 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
         liger_blocks(module.forward_funcs, fused_loss=liger_loss(family, opts))
     if wgrad_fusion:
         wgrad_fused_blocks(module.forward_funcs)
+    chunked_heads(family, args, [*module.forward_funcs, *module.tied_modules.values()], opts)
     return module
+
+
+def chunked_heads(family: ModuleType, args, layers, opts: LayerOptions) -> int:
+    """head_chunk_tokens: the head layer (or, tied, the embedding whose twin projects) returns
+    HeadInput(hidden, weight) with a ChunkSpec, and the loss walks it in chunks (models/chunked_loss.py)
+    instead of taking whole [tokens, vocab] logits. The head is the family's last LayerDef; other
+    modules of its class (the embedding itself, tied) ignore the flag. Returns the modules switched."""
+    if not opts.head_chunk:
+        return 0
+    spec, head = ChunkSpec(opts.head_chunk, compiled=opts.compile), flat_layers(family, args)[-1].cls
+    switched = [m for m in layers if isinstance(m, head)]
+    for m in switched:
+        m.chunked_loss = spec
+    return len(switched)
 
 
 def wgrad_fused_blocks(layers) -> list[nn.Parameter]:
@@ -212,6 +229,7 @@ class SequentialModel(nn.Module):
             if d.tie is not None:
                 shared[d.tie] = module
             self.add_module(str(i), module)
+        chunked_heads(family, args, list(self._modules.values()), opts)
 
     def owned_layers(self) -> list[tuple[int, nn.Module]]:
         """(index, module) of each layer that owns its weights: a tied twin is skipped, as in the

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 import torch.utils.checkpoint
 
+from .offload import offloaded
+
 CKPT_MODES = ("none", "full", "selective")
 # Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else in a block
 # (norms, rotary, activations, residual adds) is recomputed from them in backward.
@@ -34,11 +36,13 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def checkpointed(fn: Callable, mode: str, *args):
+def checkpointed(fn: Callable, mode: str, *args, offload: bool = False):
     """fn(*args), its activations recomputed in backward: non-reentrant (works under DeepSpeed's
-    pipeline without `checkpointable_layers`); "selective" keeps the _SAVED_OPS outputs."""
+    pipeline without `checkpointable_layers`); "selective" keeps the _SAVED_OPS outputs.
+    offload: the inputs it keeps for the recompute wait in CPU memory (models/offload.py)."""
     extra = {"context_fn": _selective_context} if mode == "selective" else {}
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **extra)
+    with offloaded(offload):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **extra)
 
 
 def compile_fixed(fn: Callable) -> Callable:
