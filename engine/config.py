@@ -125,8 +125,10 @@ class TrainConfig:
     fp8: str = doc("FP8 training of the transformer blocks' linears through torchao.float8: tensorwise (fastest), "
                    "rowwise (finer scales) or off; needs bf16, a GPU with FP8 tensor cores (H100/H200, "
                    "compute capability >= 8.9) and torchao; the pipeline path only; rowwise_with_gw_hp: rowwise with "
-                   "the weight-gradient GEMM kept in bf16 (torchao's most accurate recipe); auto: tensorwise where "
-                   "the GPU and torchao support it, else off (bf16) with a note", default="off")
+                   "the weight-gradient GEMM kept in bf16 (torchao's most accurate recipe); auto (default): "
+                   "tensorwise only where fp8 was measured faster than bf16 for this hidden size and micro-batch "
+                   "with compiled blocks (engine/plan.py FP8_SPEEDUP) and the GPU and torchao support it, else off "
+                   "(bf16); the start and --dry-run say which and why", default="auto")
     fp8_head: bool = doc("with fp8 on: also train the head's projection (lm_head; an untied head whose dims are "
                          "multiples of 16) in FP8, same recipe; default false (torchao advises bf16 for the last "
                          "layer)", default=False)

@@ -40,13 +40,18 @@ GPU_FIXED_GIB = 0.5  # cuBLAS/NCCL workspaces and allocator slack seen by max_me
 # family is 1.0 until measured. The cost model divides a block's FLOPs by this, so `parts: auto`
 # weighs a slower family's blocks against its (GEMM-bound, llama-like) embedding and head, and the
 # dry run's throughput estimate uses the family's own rate.
-# Measured: (not yet: fill in family -> MFU / llama MFU, with the date, machine and bench command)
+# Measured (issue 32's table): one H100 80GB, one lease, torch 2.11, DeepSpeed 0.19.8, seq 2048, micro
+# 4 x 4, 5 steps, product defaults (fused fp32 accumulation), the bench/steps_b_h100.txt stage sizes
+# (bench_train.py run --family X: llama-7b 8 blocks 59.7% MFU, bloom-7b1 6, chatglm3-6b 7, baichuan2-7b
+# 6, baichuan2-13b 3, mixtral-8x7b 2), each MFU / llama-7b's. baichuan: the 7B (rotary) row; the 13B
+# (ALiBi) measured 1.144. mixtral: measured before its experts joined the wgrad fusion (issue 32);
+# rerun bench/steps_moe.txt's stage steps and replace.
 FAMILY_EFFICIENCY = {
     "llama": 1.0,
-    "bloom": 1.0,
-    "baichuan": 1.0,
-    "chatglm": 1.0,
-    "mixtral": 1.0,
+    "bloom": 0.949,
+    "baichuan": 1.103,
+    "chatglm": 1.037,
+    "mixtral": 0.698,
 }
 # llama's MFU of one pipeline stage, bubble excluded: the dry run's absolute throughput estimate
 # (bench/README.md, H200 x2, 2026-11-23: 56.5% MFU at pp=2, seq 2048, micro 4 x 16, i.e. with a
@@ -58,6 +63,54 @@ LLAMA_STAGE_MFU = 0.60
 def family_efficiency(family) -> float:
     """FAMILY_EFFICIENCY of a family module (models.<name>); 1.0 for one not measured."""
     return FAMILY_EFFICIENCY.get(family.__name__.split(".")[-1], 1.0)
+
+
+# ---------------------------------------------------------------------- fp8: auto, by shape
+# Training speed with torchao float8 tensorwise over bf16 (bf16 time / fp8 time, > 1: fp8 faster) by
+# (hidden size, micro-batch rows), seq 2048, blocks compiled, one H100/H200; `fp8: auto` picks fp8
+# only at a shape measured faster here (fp8_auto). Sources:
+#   (2048, 2): 0.82. bench/fp8_gate.py on one H100 (issue 32's lease): the 1B llama shape, micro 2 x seq
+#     2048, compile_blocks, pp=1, 1,000 steps: fp8 23,442 tok/s vs bf16 28,677.
+#   (4096, 4): 1.32, (4096, 8): 1.37. bench/README.md "one H200" table (2026-12-01): a pp=2 stage of the
+#     7B llama shape (16 blocks), compile_blocks, fp8 34,368 vs bf16 25,996 tok/s at micro 4, 36,690 vs
+#     26,713 at micro 8 (bf16 then without the fused wgrad accumulation, +4.1% since: still > 1.25).
+# The sweep over hidden {2048, 4096, 5120, 8192} x micro {1, 2, 4, 8} is bench/fp8_sweep.py (steps
+# fp8_* in bench/steps_moe.txt): it prints its rows as this dict's literal; add them with their source.
+# Measured on llama blocks: MoE models stay bf16 (fp8 leaves the experts in bf16 and takes the fused
+# fp32 wgrad accumulation away from them).
+FP8_SPEEDUP = {
+    (2048, 2): 0.82,
+    (4096, 4): 1.32,
+    (4096, 8): 1.37,
+}
+
+
+def fp8_auto(cfg, dims, pipeline: bool = True, machine=None) -> tuple[bool, str]:
+    """What `fp8: auto` picks: (fp8?, why), the run's own reasons first. dims: the model's
+    models.Dims, or a function giving them (called only when the decision gets to the shape).
+    machine: a function saying why this machine cannot run fp8, or None where it can
+    (engine/training/deepspeed_setup.py resolved_fp8 checks FP8 tensor cores and torchao); None
+    for the dry run, which plans for an H100/H200."""
+    if cfg.dtype != "bf16":
+        return False, f"the run is {cfg.dtype}, fp8 needs bf16"
+    if not pipeline:
+        return False, "fp8 runs on the pipeline path (train_ds.py) only"
+    if getattr(cfg.lora, "base_quant", "none") != "none":
+        return False, f"lora.base_quant: {cfg.lora.base_quant} stores the base in 4 bits, nothing for fp8 to cast"
+    if not cfg.compile_blocks:
+        return False, "fp8 is measured with compiled blocks only (compile_blocks: false)"
+    cannot = machine() if machine else None
+    if cannot:
+        return False, cannot
+    dims = dims() if callable(dims) else dims
+    if dims.experts:
+        return False, "fp8 is measured on dense blocks; an MoE's experts stay bf16 and keep the fused fp32 wgrad"
+    hidden, micro = dims.hidden, cfg.micro_batch
+    ratio = FP8_SPEEDUP.get((hidden, micro))
+    if ratio is None:
+        return False, f"fp8 not measured at hidden {hidden}, micro {micro} (engine/plan.py FP8_SPEEDUP)"
+    verdict = "faster" if ratio > 1.0 else "not faster"
+    return ratio > 1.0, f"fp8 measured {ratio:.2f}x bf16's speed at hidden {hidden}, micro {micro}: {verdict}"
 
 
 # ---------------------------------------------------------------------- the run being planned
@@ -462,6 +515,10 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
     lines.append(f"  throughput estimate: ~{tokens_per_s_per_gpu(stages, setup):,.0f} tok/s/GPU on H100/H200 (llama "
                  f"stage MFU {LLAMA_STAGE_MFU:.2f} x {name} efficiency {family_efficiency(family):.2f}, "
                  f"engine/plan.py FAMILY_EFFICIENCY; slowest stage, bubble included)")
+    if cfg.fp8 == "auto":
+        fp8, why = fp8_auto(cfg, family.dims(args))
+        lines.append(f"  fp8: auto -> {'tensorwise' if fp8 else 'off (bf16)'}: {why}"
+                     + (" (on a GPU with FP8 tensor cores and torchao; else bf16)" if fp8 else ""))
     return "\n".join(lines), stages
 
 

@@ -17,7 +17,7 @@ from tests.test_config import base
 @pytest.mark.parametrize("over, pipeline, message", [
     ({"kernels": "triton"}, True, "kernels must be inductor or liger, got 'triton'"),
     ({"kernels": "liger"}, False, "kernels: liger is supported on the pipeline path (train_ds.py) only"),
-    ({"fp8_head": True}, True, "fp8_head: true needs fp8 on"),
+    ({"fp8_head": True, "fp8": "off"}, True, "fp8_head: true needs fp8 on"),
     ({"kernels": "liger", "compile_blocks": True}, True, "kernels: liger with compile_blocks: true fails to compile"),
     ({"fp8": "tensorwise", "fp8_head": True, "kernels": "liger", "bf16": {"enabled": True}}, True,
      "fp8_head and kernels: liger both claim the head projection"),
@@ -40,7 +40,7 @@ def test_new_keys_validate_and_are_listed_by_help_config():
     validate(from_dict(base(fp8="auto", model_topo={"process_topology": {"dims": [1, 2]}},
                             zero_optimization={"stage": 3}), "x.yml"), 2, 6, pipeline=False)  # auto: off there
     cfg = from_dict(base(), "x.yml")
-    assert (cfg.kernels, cfg.fp8, cfg.fp8_head) == ("inductor", "off", False)
+    assert (cfg.kernels, cfg.fp8, cfg.fp8_head) == ("inductor", "auto", False)  # auto: tests/test_fp8_auto.py
     text = help_text()
     assert all(f"{k}:" in text for k in ("kernels", "fp8_head")) and "rowwise_with_gw_hp" in text
 
@@ -61,35 +61,6 @@ def test_liger_on_a_machine_that_cannot_run_it_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert layer_options(cfg).kernels == "liger"
     assert layer_options(from_dict(base(), "x.yml")).kernels == "inductor"
-
-
-def test_fp8_auto_is_tensorwise_only_where_fp8_runs(monkeypatch, capsys):
-    from engine.training import deepspeed_setup
-    from engine.training.deepspeed_setup import layer_options, resolved_fp8
-    from engine.training.grad_accum import wgrad_fusion
-
-    bf16 = {"enabled": True}
-    auto = from_dict(base(fp8="auto", bf16=bf16, fp8_head=True), "x.yml")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(deepspeed_setup, "_SAID", set())
-    opts = layer_options(auto)
-    assert (opts.fp8, opts.fp8_head) == ("off", False)
-    assert "note: fp8: auto -> off (bf16): no GPU with FP8 tensor cores" in capsys.readouterr().err
-    assert wgrad_fusion(auto)  # resolved off: the fused fp32 accumulation stays on
-    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
-    monkeypatch.setitem(sys.modules, "torchao.float8", types.ModuleType("torchao.float8"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100
-    assert resolved_fp8(auto) == "off"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # H100/H200
-    opts = layer_options(auto)
-    assert (opts.fp8, opts.fp8_head) == ("tensorwise", True)
-    assert not wgrad_fusion(auto)  # torchao's Float8Linear owns the linears
-    assert resolved_fp8(auto, pipeline=False) == "off"  # the ZeRO path has no fp8
-    assert resolved_fp8(from_dict(base(fp8="auto"), "x.yml")) == "off"  # fp32 run
-    monkeypatch.setitem(sys.modules, "torchao", None)
-    assert resolved_fp8(auto) == "off"  # no torchao: bf16, not an error
-    assert resolved_fp8(from_dict(base(fp8="rowwise", bf16=bf16), "x.yml")) == "rowwise"  # explicit: as given
 
 
 def _tiny_llama_layers():

@@ -176,3 +176,30 @@ def test_family_efficiency_scales_block_time_only(monkeypatch):
     rate = plan.tokens_per_s_per_gpu(estimate(base, parts, s), s)
     assert plan.tokens_per_s_per_gpu(estimate(slow, parts, s), s) == pytest.approx(rate / 2, rel=0.02)
     assert 5_000 < rate < 30_000  # llama-7B at pp=2 on H100/H200: ~12.8k measured (bench/README.md)
+
+
+def test_measured_family_efficiency_drives_the_dry_run(monkeypatch):
+    """FAMILY_EFFICIENCY holds issue 32's measured MFU / llama (H100): the dry run's throughput line
+    and tok/s and `parts: auto` use it. A mixtral with a 128k vocabulary at pp=2: its slower blocks
+    (0.698) weigh more against the head, so the split differs from the one at efficiency 1.0."""
+    from engine import plan
+    from engine.config import from_dict
+
+    assert plan.FAMILY_EFFICIENCY == {"llama": 1.0, "bloom": 0.949, "baichuan": 1.103, "chatglm": 1.037,
+                                      "mixtral": 0.698}
+    fam = get_family("mixtral")
+    args = fam.Args.from_hf_config(dict(model_type="mixtral", vocab_size=128000, hidden_size=4096,
+                                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2))
+    raw = {"model_path": "m", "data_path": ["x.jsonl"], "save_path": "run", "max_seq_len": 2048,
+           "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 16, "bf16": {"enabled": True},
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": "auto"}}
+    cfg = from_dict(raw)
+    text, stages = plan.report(cfg, fam, args, 2, gpu_mem_gib=1000)
+    assert "parts [17, 17] (auto)" in text and "mixtral efficiency 0.70" in text
+    rate = plan.tokens_per_s_per_gpu(stages, Setup.from_config(cfg))
+    assert f"~{rate:,.0f} tok/s/GPU" in text
+    monkeypatch.setitem(plan.FAMILY_EFFICIENCY, "mixtral", 1.0)
+    text1, stages1 = plan.report(cfg, fam, args, 2, gpu_mem_gib=1000)
+    assert "parts [18, 16] (auto)" in text1 and "mixtral efficiency 1.00" in text1
+    assert plan.tokens_per_s_per_gpu(stages1, Setup.from_config(cfg)) > rate * 1.3

@@ -25,30 +25,39 @@ def layer_options(cfg: TrainConfig, pipeline: bool = True) -> LayerOptions:
 _SAID: set = set()
 
 
-def resolved_fp8(cfg: TrainConfig, say: bool = False, pipeline: bool = True) -> str:
-    """The recipe `fp8` means on this machine: `auto` is tensorwise where it can run (bf16, the pipeline
-    path, a GPU of compute capability >= 8.9, torchao importable) and off elsewhere (say=True: one note
-    line why, once per run); any other value is itself (check_fp8 refuses one that cannot run)."""
+def resolved_fp8(cfg: TrainConfig, say: bool = False, pipeline: bool = True, dims=None) -> str:
+    """The recipe `fp8` means on this machine: `auto` (the default) is tensorwise only where fp8 was
+    measured faster at this shape (engine/plan.py fp8_auto: bf16 run, pipeline path, compiled blocks,
+    FP8_SPEEDUP by hidden size and micro-batch) and it can run here (a GPU of compute capability >= 8.9,
+    torchao importable), off (bf16) elsewhere (say=True: one note line which and why, once per run);
+    any other value is itself (check_fp8 refuses one that cannot run). dims: the model's models.Dims
+    (None: read from model_path's config.json when the decision gets to the shape)."""
     if cfg.fp8 != "auto":
         return cfg.fp8
     import torch
 
-    why = None
-    if cfg.dtype != "bf16":
-        why = f"the run is {cfg.dtype}, fp8 needs bf16"
-    elif not pipeline:
-        why = "fp8 runs on the pipeline path (train_ds.py) only"
-    elif not (D.on_gpu() and torch.cuda.get_device_capability() >= (8, 9)):
-        why = "no GPU with FP8 tensor cores (compute capability >= 8.9)"
-    else:
+    from engine.plan import fp8_auto
+
+    def machine() -> str | None:
+        if not (D.on_gpu() and torch.cuda.get_device_capability() >= (8, 9)):
+            return "no GPU with FP8 tensor cores (compute capability >= 8.9)"
         try:
             import torchao.float8  # noqa: F401
         except ImportError:
-            why = "torchao is not installed (pip install torchao)"
+            return "torchao is not installed (pip install torchao)"
+        return None
+
+    fp8, why = fp8_auto(cfg, dims if dims is not None else (lambda: _model_dims(cfg)), pipeline, machine)
     if say and "fp8" not in _SAID and D.rank() == 0:
         _SAID.add("fp8")
-        print(f"note: fp8: auto -> {'off (bf16): ' + why if why else 'tensorwise'}", file=sys.stderr, flush=True)
-    return "off" if why else "tensorwise"
+        print(f"note: fp8: auto -> {'tensorwise' if fp8 else 'off (bf16)'}: {why}", file=sys.stderr, flush=True)
+    return "tensorwise" if fp8 else "off"
+
+
+def _model_dims(cfg: TrainConfig):
+    from engine.model import Model
+
+    return Model.from_dir(cfg.model_path).dims
 
 
 def check_liger(cfg: TrainConfig) -> None:
