@@ -11,6 +11,12 @@ of the whole global batch (known locally from dataset.n_loss_tokens: no communic
 loss sum(CE) * scale, averaged over micro-batches and ranks as DeepSpeed does, equals
 sum(CE over the global batch) / N: every answer token weighs the same, however the tokens
 fall into micro-batches.
+
+Sequence parallelism (seq_size N > 1): the N seq ranks of a data-parallel rank share its rows,
+each taking the contiguous slice seq_rank of every row's columns (tokens, positions, labels:
+labels are already shifted, so a slice holds its own targets). DeepSpeed sees dp_size * N
+data-parallel ranks and averages over all of them while the N slices of a row add up to its
+loss, so the scale counts dp_size * N.
 """
 from __future__ import annotations
 
@@ -20,9 +26,12 @@ import torch
 
 class StepLoader:
     def __init__(self, dataset, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int,
-                 n_epochs: int):
+                 n_epochs: int, seq_rank: int = 0, seq_size: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        if not 0 <= seq_rank < seq_size:
+            raise ValueError(f"seq_rank {seq_rank} outside [0, {seq_size})")
+        self.seq_rank, self.seq_size = seq_rank, seq_size
         self.dataset = dataset
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -51,7 +60,7 @@ class StepLoader:
 
     def loss_scale(self, step: int) -> float:
         n = int(self.dataset.n_loss_tokens[self.global_rows(step)].sum())
-        return self.grad_accum * self.dp_size / n if n else 0.0
+        return self.grad_accum * self.dp_size * self.seq_size / n if n else 0.0
 
     def micro_batches(self, step: int) -> list:
         """[((input_ids, position_ids), (labels, scale))] * grad_accum for this rank."""
@@ -60,10 +69,19 @@ class StepLoader:
         batches = []
         for m in range(self.grad_accum):
             items = [self.dataset[int(i)] for i in rows[m * self.micro_batch_size:(m + 1) * self.micro_batch_size]]
-            stack = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+            stack = {k: seq_slice(torch.from_numpy(np.stack([it[k] for it in items])), self.seq_rank, self.seq_size)
+                     for k in items[0]}
             batches.append(((stack["input_ids"], stack["position_ids"]), (stack["labels"], scale)))
         return batches
 
     def tokens(self, step: int) -> int:
         """Real (non-pad) tokens of the whole global batch, for tokens/s."""
         return int(self.dataset.n_tokens[self.global_rows(step)].sum())
+
+
+def seq_slice(rows: torch.Tensor, seq_rank: int, seq_size: int) -> torch.Tensor:
+    """Columns [seq_rank * S/N, (seq_rank + 1) * S/N) of [B, S] rows (contiguous: a tensor of its own)."""
+    if seq_size == 1:
+        return rows
+    s = rows.shape[1] // seq_size
+    return rows[:, seq_rank * s:(seq_rank + 1) * s].contiguous()

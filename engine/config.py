@@ -61,7 +61,9 @@ MAX_DATA_WEIGHT = 1000  # an epoch lists every sample `weight` times: more would
 
 @dataclass
 class ProcessTopology:
-    axes: list[str] = doc("process grid axes, outermost first", default_factory=lambda: ["pipe", "data"])
+    axes: list[str] = doc("process grid axes, outermost first: [pipe, data], or [pipe, data, seq] for sequence "
+                          "parallelism (each row split over seq ranks, DeepSpeed Ulysses all-to-all around "
+                          "attention)", default_factory=lambda: ["pipe", "data"])
     dims: list[int] | None = doc("size of each axis; product = number of GPUs (unset: every process one "
                                  "pipeline stage, [N, 1], for train_ds.py; [1, N] for train_ds_zero.py)", default=None)
 
@@ -199,6 +201,12 @@ class TrainConfig:
     @property
     def grad_accum(self) -> int:
         return int(self.ds["gradient_accumulation_steps"])
+    @property
+    def seq_dim(self) -> int:
+        """Sequence-parallel ranks per row (the `seq` axis; 1 without one)."""
+        topo = self.model_topo.process_topology
+        return topo.dims[topo.axes.index("seq")] if "seq" in topo.axes and topo.dims else 1
+
 
     @property
     def dtype(self) -> str:
@@ -588,16 +596,19 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
         topo.dims = [world_size, 1] if pipeline else [1, world_size]
         if topo.axes and topo.axes[0] == "data":
             topo.dims.reverse()
-    if sorted(topo.axes) != ["data", "pipe"]:
-        raise ConfigError(f"{where}: model_topo.process_topology.axes must be [pipe, data], got {topo.axes}")
-    if len(topo.dims) != 2 or any(d < 1 for d in topo.dims):
-        raise ConfigError(f"{where}: model_topo.process_topology.dims must be two positive sizes, got {topo.dims}")
+    if sorted(topo.axes) != ["data", "pipe"] and topo.axes != ["pipe", "data", "seq"]:
+        raise ConfigError(f"{where}: model_topo.process_topology.axes must be [pipe, data] (or [pipe, data, seq] "
+                          f"for sequence parallelism), got {topo.axes}")
+    if len(topo.dims) != len(topo.axes) or any(d < 1 for d in topo.dims):
+        raise ConfigError(f"{where}: model_topo.process_topology.dims must be {len(topo.axes)} positive sizes "
+                          f"(one per axis of {topo.axes}), got {topo.dims}")
     if not pipeline and cfg.pipe_dim != 1:
         raise ConfigError(f"{where}: the ZeRO path has no pipeline: set model_topo.process_topology.dims to "
-                          f"[1, {world_size}]")
-    if topo.dims[0] * topo.dims[1] != world_size:
+                          f"[1, {world_size // cfg.seq_dim}{', ' + str(cfg.seq_dim) if cfg.seq_dim > 1 else ''}]")
+    if math.prod(topo.dims) != world_size:
         raise ConfigError(f"{where}: model_topo.process_topology.dims {topo.dims} needs "
-                          f"{topo.dims[0] * topo.dims[1]} processes but {world_size} were launched")
+                          f"{math.prod(topo.dims)} processes but {world_size} were launched")
+    _check_seq(cfg)
     parts = cfg.model_topo.parts
     if isinstance(parts, str) and parts != "auto":
         raise ConfigError(f"{where}: model_topo.parts must be a list of layer counts or 'auto', got {_show(parts)}")
@@ -612,18 +623,21 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     elif n_layers < cfg.pipe_dim:
         raise ConfigError(f"{where}: {n_layers} pipeline layers cannot fill {cfg.pipe_dim} stages")
 
-    ds, dp = cfg.ds, cfg.data_dim
+    # seq ranks are data-parallel ranks to DeepSpeed (each holds 1/seq of every row): the batch triple counts them
+    ds, dp = cfg.ds, cfg.data_dim * cfg.seq_dim
     micro = ds["train_micro_batch_size_per_gpu"]
     if "gradient_accumulation_steps" not in ds:
         if ds["train_batch_size"] % (micro * dp):
             raise ConfigError(f"{where}: train_batch_size {ds['train_batch_size']} is not a multiple of "
-                              f"train_micro_batch_size_per_gpu {micro} x data-parallel size {dp}")
+                              f"train_micro_batch_size_per_gpu {micro} x data-parallel size {dp}"
+                              + (f" (data {cfg.data_dim} x seq {cfg.seq_dim})" if cfg.seq_dim > 1 else ""))
         ds["gradient_accumulation_steps"] = ds["train_batch_size"] // (micro * dp)
     expected = micro * ds["gradient_accumulation_steps"] * dp
     if ds.setdefault("train_batch_size", expected) != expected:
         raise ConfigError(f"{where}: train_batch_size {ds['train_batch_size']} != train_micro_batch_size_per_gpu "
                           f"{micro} x gradient_accumulation_steps {ds['gradient_accumulation_steps']} x "
-                          f"data-parallel size {dp} = {expected}")
+                          f"data-parallel size {dp}" + (f" (data {cfg.data_dim} x seq {cfg.seq_dim})" if cfg.seq_dim > 1
+                                                        else "") + f" = {expected}")
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{where}: bf16 and fp16 are both enabled; pick one")
     opt = ds.get("optimizer", {"type": "AdamW"})
@@ -699,6 +713,17 @@ def _check_gdgpt_keys(cfg: TrainConfig) -> None:
             raise ConfigError(f"{where}: aux_max_z_loss.weight must be a finite number >= 0, got {_show(w)}")
     kws = (cfg.ds.get("optimizer") or {}).get("no_wd_kws")
     if kws is None:
+def _check_seq(cfg: TrainConfig) -> None:
+    """The seq axis against the keys that do not compose with it (the model's own checks, heads and
+    positions, are engine.plan.check_seq's)."""
+    n, where = cfg.seq_dim, cfg.source
+    if n == 1:
+        return
+    if cfg.max_seq_len % n:
+        raise ConfigError(f"{where}: max_seq_len {cfg.max_seq_len} is not divisible by the seq axis "
+                          f"(model_topo.process_topology.dims: seq {n}): each seq rank holds max_seq_len / seq tokens")
+
+
         return
     if not isinstance(kws, list) or not all(isinstance(k, str) for k in kws):
         raise ConfigError(f"{where}: optimizer.no_wd_kws must be a list of strings (regular expressions), got {_show(kws)}")

@@ -19,6 +19,9 @@ class AttnOptions:
 
     packed: bool = False  # rows hold several documents: mask attention across them
     impl: str = "sdpa"  # sdpa | flex (document-masked kernel, GPU) | flash (flash-attn) | eager (reference)
+    # the seq axis (models/sequence_parallel.SeqGroup): each rank holds a slice of every row's tokens;
+    # attend all-to-alls around the call, masks are built from the whole row's positions
+    seq: object = None
 
 
 def attn_impl(packed: bool, use_flash_attn: bool, on_gpu: bool) -> str:
@@ -74,6 +77,17 @@ def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
     cache (generation only; training never passes one): k, v and the key bias of these S new
     tokens join the earlier ones; `mask` is then KVCache.mask's ([B, 1, S, T] or None = all keys).
     """
+    if opts.seq is not None and cache is None:  # my heads over the whole row, then back to my tokens
+        from .sequence_parallel import attend as seq_attend
+
+        return seq_attend(q, k, v, mask, opts, bias, scale, opts.seq, local_attend)
+    return local_attend(q, k, v, mask, opts, bias, scale, cache)
+
+
+def local_attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
+                 scale: float | None = None, cache: "KVCache | StaticKVCache | None" = None) -> torch.Tensor:
+    """`attend` over the heads and tokens given (opts.seq not read: sequence_parallel calls it on
+    the whole row)."""
     b, h, s, d = q.shape
     if cache is not None:
         k, v, bias = cache.update(k, v, bias)

@@ -41,7 +41,17 @@ def attention_mask(position_ids: torch.Tensor, opts: AttnOptions, window: int | 
     flex. Built outside compiled code and shared by all blocks of a stage."""
     if not opts.packed and window is None:
         return None
-    return _last_mask.get(position_ids, (opts, window), lambda: _build_mask(position_ids, opts, window))
+    return _last_mask.get(position_ids, (opts, window), lambda: _build_mask(whole_rows(position_ids, opts), opts, window))
+
+
+def whole_rows(position_ids: torch.Tensor, opts: AttnOptions) -> torch.Tensor:
+    """The positions the mask spans: with the seq axis every rank's slice of the rows (attention
+    runs over the whole row there: models/sequence_parallel.py), else these."""
+    if opts.seq is None:
+        return position_ids
+    from .sequence_parallel import gather_positions
+
+    return gather_positions(position_ids, opts.seq)
 
 
 def _build_mask(position_ids, opts: AttnOptions, window):

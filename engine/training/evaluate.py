@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.loader import seq_slice
 from models.loss import IGNORE
 
 from engine.config import ConfigError
@@ -28,16 +29,18 @@ class EvalBatches:
     """Micro-batches of held-out rows for one data-parallel rank, step by step."""
 
     def __init__(self, dataset, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int,
-                 max_steps: int = 0):
+                 max_steps: int = 0, seq_rank: int = 0, seq_size: int = 1):
         self.dataset, self.mb, self.ga = dataset, micro_batch_size, grad_accum
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seq_rank, self.seq_size = seq_rank, seq_size  # each seq rank: its slice of the rows (data.loader)
+        self.ranks = dp_size * seq_size  # what DeepSpeed averages over
         self.global_batch = micro_batch_size * grad_accum * dp_size
         self.n_steps = math.ceil(len(dataset) / self.global_batch)
         if max_steps:
             self.n_steps = min(self.n_steps, max_steps)
         self.n_rows = min(len(dataset), self.n_steps * self.global_batch)
         self.n_loss_tokens = int(np.asarray(dataset.n_loss_tokens[:self.n_rows]).sum())
-        self.scale = torch.tensor(grad_accum * dp_size / self.n_loss_tokens if self.n_loss_tokens else 0.0,
+        self.scale = torch.tensor(grad_accum * self.ranks / self.n_loss_tokens if self.n_loss_tokens else 0.0,
                                   dtype=torch.float32)
 
     def _row(self, i: int) -> dict[str, np.ndarray]:
@@ -53,7 +56,8 @@ class EvalBatches:
         out = []
         for m in range(self.ga):
             items = [self._row(start + m * self.mb + j) for j in range(self.mb)]
-            stack = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+            stack = {k: seq_slice(torch.from_numpy(np.stack([it[k] for it in items])), self.seq_rank, self.seq_size)
+                     for k in items[0]}
             out.append(((stack["input_ids"], stack["position_ids"]), (stack["labels"], self.scale)))
         return out
 
@@ -75,7 +79,7 @@ def evaluate_pipeline(engine, batches: EvalBatches, loss_fn=None) -> dict:
     if pop is not None:  # the LM term alone, summed over every micro-batch of every rank
         lm = torch.tensor([pop().get("lm_loss", 0.0)], dtype=torch.float64, device=engine.device)
         torch.distributed.all_reduce(lm)
-        total = float(lm) / (batches.ga * batches.dp_size)
+        total = float(lm) / (batches.ga * batches.ranks)
     return _result(total, batches)
 
 
@@ -97,7 +101,7 @@ def evaluate_module(forward, batches: EvalBatches, loss_fn, group=None) -> dict:
         if torch.cuda.is_available():
             value = value.cuda()
         torch.distributed.all_reduce(value, group=group)
-    return _result(float(value) / (batches.ga * batches.dp_size), batches)
+    return _result(float(value) / (batches.ga * batches.ranks), batches)
 
 
 class Evaluator:
@@ -124,7 +128,9 @@ class Evaluator:
         if dataset.stats["loss_tokens"] == 0:
             raise ConfigError(f"{cfg.source}: eval_data_path has no answer tokens within max_seq_len "
                               f"{cfg.max_seq_len} (samples dropped: {dataset.stats['dropped']})")
-        self.batches = EvalBatches(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.eval_batches)
+        n = cfg.seq_dim  # seq ranks are DeepSpeed data-parallel ranks, innermost: rank d * n + s
+        self.batches = EvalBatches(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank // n, dp_size // n, cfg.eval_batches,
+                                   seq_rank=dp_rank % n, seq_size=n)
 
     @classmethod
     def maybe(cls, cfg, hf_dir, engine) -> "Evaluator | None":

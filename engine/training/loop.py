@@ -41,7 +41,7 @@ class RunResult:
     interrupted: bool = False  # stopped early by SIGTERM/SIGINT (after saving)
 
 
-def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
+def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int, seq_rank: int = 0, seq_size: int = 1):
     from data.dataset import build_dataset
     from data.loader import StepLoader
 
@@ -52,10 +52,11 @@ def build_data(cfg: TrainConfig, model: Model, dp_rank: int, dp_size: int):
     for i, stats in enumerate(dataset.stats.get("files", [])):
         if stats.get("samples", 1) == 0 and not stats.get("skipped"):
             raise ConfigError(f"{cfg.source}: data_path[{i}] {stats['path']}: no samples (empty file?)")
-    loader = StepLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.seed, cfg.n_epochs)
+    loader = StepLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, cfg.seed, cfg.n_epochs,
+                        seq_rank=seq_rank, seq_size=seq_size)
     if loader.steps_per_epoch < 1:
         raise ConfigError(f"{cfg.source}: {len(dataset)} training rows cannot fill one global batch of "
-                          f"{cfg.ds['train_batch_size']} rows")
+                          f"{cfg.ds['train_batch_size'] // seq_size} rows")
     return dataset, loader
 
 
@@ -95,7 +96,8 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
 
 
 def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
-    dataset, loader = build_data(cfg, model, backend.dp_rank, backend.dp_size)  # bad data fails before allocation
+    dataset, loader = build_data(cfg, model, backend.dp_rank, backend.dp_size,  # bad data fails before allocation
+                                 backend.seq_rank, backend.seq_size)
     from_tag = resume and ckpt.weights_from_tag(cfg, model.name, model.n_layers, backend.kind)  # files checked
     total = min(loader.total_steps, cfg.max_steps) if cfg.max_steps else loader.total_steps
     fill_schedule(cfg, total)  # e.g. total_num_steps: the run's step count

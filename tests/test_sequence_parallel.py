@@ -1,0 +1,202 @@
+"""Sequence parallelism (seq axis, DeepSpeed Ulysses all-to-all around our attention) on gloo, fp32.
+
+attend over N = 2 and 4 ranks equals the unsharded call (outputs and q/k/v gradients) on every
+mask / bias path and GQA with KV replication, eager and compiled; training at seq 2 gives the
+losses and weights of the run without it, through the real launcher.
+"""
+from __future__ import annotations
+
+import faulthandler
+import sys
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+
+WATCHDOG_S = 240  # a rank stuck in a collective dumps every thread's stack and exits
+
+
+def _watchdog():
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- attend
+# (name, impl, packed, heads, kv heads, alibi, window)
+CASES = [
+    ("sdpa-causal", "sdpa", False, 4, 4, False, None),
+    ("sdpa-packed", "sdpa", True, 4, 4, False, None),
+    ("sdpa-packed-gqa", "sdpa", True, 4, 2, False, None),
+    ("sdpa-packed-mqa", "sdpa", True, 4, 1, False, None),
+    ("sdpa-window", "sdpa", True, 4, 2, False, 5),
+    ("sdpa-alibi", "sdpa", True, 4, 4, True, None),
+    ("sdpa-alibi-causal", "sdpa", False, 4, 4, True, None),
+    ("eager-packed-gqa", "eager", True, 4, 2, False, None),
+    ("flex-packed", "flex", True, 4, 4, False, None),
+    ("flex-packed-gqa", "flex", True, 4, 2, False, None),
+    ("flex-alibi", "flex", True, 4, 4, True, None),
+]
+B, S, D = 2, 32, 16
+
+
+def _inputs(h, h_kv, packed, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, h, S, D, generator=gen)
+    k = torch.randn(B, h_kv, S, D, generator=gen)
+    v = torch.randn(B, h_kv, S, D, generator=gen)
+    w = torch.randn(B, S, h * D, generator=gen)  # the loss: sum(out * w), gradients of every element
+    if packed:  # documents of 7, 12, 13 / 20, 12 tokens: boundaries inside and across rank slices
+        pos = torch.cat([torch.cat([torch.arange(n) for n in lens])[None] for lens in ((7, 12, 13), (20, 12))])
+    else:
+        pos = torch.arange(S).expand(B, S)
+    return q, k, v, w, pos
+
+
+COMPILED = ("sdpa-packed-gqa", "sdpa-alibi")  # also run under torch.compile (AOTAutograd traces the backward)
+
+
+def _attend_cases(seq, compiled):
+    from types import SimpleNamespace
+
+    from models import attention, masks, positions
+    from models.sequence_parallel import make_group
+
+    blocks = SimpleNamespace(AttnOptions=attention.AttnOptions, attend=attention.attend, attention_mask=masks.attention_mask,
+                             alibi_bias=positions.alibi_bias, alibi_slopes=positions.alibi_slopes)
+
+    n = seq.size
+    sl = slice(seq.rank * S // n, (seq.rank + 1) * S // n)
+    out = {}
+    for name, impl, packed, h, h_kv, alibi, window in CASES:
+        if compiled and name not in COMPILED:
+            continue
+        q, k, v, w, pos = _inputs(h, h_kv, packed)
+        opts = blocks.AttnOptions(packed=packed, impl=impl)
+        bias_of = (lambda p: blocks.alibi_bias(blocks.alibi_slopes(h), p)) if alibi else (lambda p: None)
+        grad = impl != "flex"  # FlexAttention has no backward on CPU: its gradients are a GPU step's
+        # the reference: the whole row on one rank
+        ref = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        full = blocks.attend(*ref, blocks.attention_mask(pos, opts, window), opts, bias=bias_of(pos))
+        if grad:
+            (full * w).sum().backward()
+        # sharded: my slice of the tokens; the mask from the whole row's positions (gathered)
+        sopts = blocks.AttnOptions(packed=packed, impl=impl, seq=seq)
+        mine = [t[:, :, sl].clone().requires_grad_(grad) for t in (q, k, v)]
+        local_pos = pos[:, sl].clone()
+
+        def run(q_, k_, v_, mask_, bias_):
+            return blocks.attend(q_, k_, v_, mask_, sopts, bias=bias_)
+
+        fn = torch.compile(run, backend="aot_eager", fullgraph=True, dynamic=False) if compiled else run
+        mask = blocks.attention_mask(local_pos, sopts, window)
+        part = fn(*mine, mask, bias_of(local_pos))
+        out[name] = {"out": (part - full[:, sl]).abs().max().item(), "scale": full.abs().max().item()}
+        if grad:
+            (part * w[:, sl]).sum().backward()
+            out[name].update({f"d{x}": (m.grad - r.grad[:, :, sl]).abs().max().item() for x, m, r in zip("qkv", mine, ref)},
+                             grad_norm=min(float(m.grad.norm()) for m in mine))
+    return out
+
+
+# ----------------------------------------------------------------------------- every family
+FAMILY_CASES = [  # (family, hf config overrides, seq sizes)
+    ("llama", {}, (2, 4)),  # GQA 4/2 (seq 4: KV heads repeated), linear rope scaling
+    ("bloom", {}, (2,)),  # ALiBi, 6 heads, head dim 8 (SDPA)
+    ("baichuan", {"position_embedding": "alibi"}, (2, 4)),  # ALiBi on W_pack
+    ("chatglm", {}, (2, 4)),  # 2 KV groups (seq 4: repeated), partial interleaved rotary
+    ("mixtral", {"sliding_window": 20}, (2,)),  # router aux + z-loss over the seq group, sliding window
+]
+FS = 32  # tokens per row
+
+
+def _family_batch(vocab, gen):
+    ids = torch.randint(3, vocab, (2, FS), generator=gen)
+    pos = torch.cat([torch.cat([torch.arange(n) for n in lens])[None] for lens in ((5, 14, 13), (17, 9, 6))])
+    ids[1, -6:] = 0  # row 2 ends in padding: one uniform last segment (mixtral's real-token mask)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    labels[0, :4] = -100
+    labels[1, -6:] = -100
+    return ids, pos, labels
+
+
+def _family_cases(seq, names):
+    import dataclasses
+
+    from models import get_family as family_of
+    from models.attention import AttnOptions
+    from models.block_base import LayerOptions
+    from models.pipeline import SequentialModel, init_weights, training_loss
+    from models.sequence_parallel import make_group
+
+    n = seq.size
+    sl = slice(seq.rank * FS // n, (seq.rank + 1) * FS // n)
+    results = {}
+    for name, over, sizes in FAMILY_CASES:
+        if name not in names or n not in sizes:
+            continue
+        fam = family_of(name)
+        args = fam.Args.from_hf_config(fam.tiny_hf_config(**over))
+        if name == "mixtral":
+            args = dataclasses.replace(args, router_z_loss_coef=0.05)
+        ids, pos, labels = _family_batch(fam.dims(args).vocab, torch.Generator().manual_seed(3))
+        scale = 1.0 / (labels != -100).sum()
+        grads, losses = [], []
+        for opts in (LayerOptions(attn=AttnOptions(packed=True)), LayerOptions(attn=AttnOptions(packed=True, seq=seq))):
+            torch.manual_seed(0)
+            model = SequentialModel(fam, args, opts)
+            init_weights(model, 5)
+            loss_fn = training_loss(fam, args, opts)
+            if opts.attn.seq is None:
+                loss = loss_fn(model(ids, pos), (labels, scale))
+            else:  # as the loader gives it: my slice, the scale counting the seq ranks
+                loss = loss_fn(model(ids[:, sl].contiguous(), pos[:, sl].contiguous()), (labels[:, sl], scale * n))
+            loss.backward()
+            g = torch.cat([p.grad.flatten() for p in model.parameters()])
+            if opts.attn.seq is not None:  # what DeepSpeed's data-parallel average over the seq ranks makes of it
+                torch.distributed.all_reduce(g, group=seq.group)
+                g /= n
+                lv = loss.detach().clone()
+                torch.distributed.all_reduce(lv, group=seq.group)
+                loss = lv / n
+            grads.append(g)
+            losses.append(float(loss.detach()))
+            metrics = getattr(loss_fn, "pop_metrics", lambda: {})()
+        results[name] = {"loss": losses, "grad": (grads[1] - grads[0]).abs().max().item(),
+                         "grad_scale": grads[0].abs().max().item(), "metrics": metrics}
+    return results
+
+
+def _ranks(n):
+    """One process group of n ranks runs every case of this size: attend eager (+ compiled at seq 2), families."""
+    _watchdog()
+    from engine import distributed as Dist
+
+    Dist.init_distributed()
+    from models.sequence_parallel import make_group
+
+    seq = make_group(n, n)
+    names = [f for f, _, sizes in FAMILY_CASES if n in sizes]
+    return {"attend": _attend_cases(seq, False), "compiled": _attend_cases(seq, True) if n == 2 else {},
+            "families": _family_cases(seq, names), "names": names}
+
+
+@pytest.mark.parametrize("n", [2, 4], ids=["seq2", "seq4"])
+def test_seq_ranks_equal_unsharded(n):
+    """(1) attend: every rank's slice of the output and of dq/dk/dv equals the unsharded call's, on
+    every mask / bias path (seq 4 with 2 or 1 KV heads: repeated); at seq 2 also under torch.compile
+    (the all-to-all is DeepSpeed's registered operator: nonzero, equal gradients).
+    (2) each family's whole model on packed rows: the seq ranks' mean loss and averaged gradients
+    (what the data-parallel all-reduce makes of them) equal the unsharded model's."""
+    for rank, res in enumerate(run_ranks(_ranks, n, n, timeout=WATCHDOG_S + 60)):
+        assert sorted(res["attend"]) == sorted(c[0] for c in CASES)
+        assert sorted(res["compiled"]) == (sorted(COMPILED) if n == 2 else [])
+        for case, e in [*res["attend"].items(), *((f"compiled {k}", v) for k, v in res["compiled"].items())]:
+            assert e["scale"] > 0.1 and e["out"] < 1e-5, (rank, case, e)
+            if "flex" not in case:
+                assert e["grad_norm"] > 0, (rank, case, e)
+                assert max(e[x] for x in ("dq", "dk", "dv")) < 1e-5, (rank, case, e)
+        assert sorted(res["families"]) == sorted(res["names"])
+        for name, r in res["families"].items():
+            assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-6), (rank, name, r)  # fp32 sums in another order
+            assert r["grad"] < 1e-6 * max(1.0, r["grad_scale"]), (rank, name, r)
