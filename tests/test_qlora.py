@@ -243,3 +243,39 @@ def test_pp2_nf4_base_trains_near_the_bf16_base_with_only_4bit_block_weights(nf4
     files = list(tag.glob("layer_*-model_states.pt"))
     assert len(files) == 4 and all(".lora_" in k for f in files for k in torch.load(f, weights_only=True))
     assert json.loads((tag / "meta.json").read_text())["lora"]["r"] == 4
+
+
+def test_launcher_stop_resume_bitwise_and_exports_load_on_the_full_precision_base(tiny_pp, nf4_run, tmp_path, capsys):
+    """The real launcher: steps 1-6, then the same config to 12 resumes (the base re-quantized from
+    model_path, the adapters from the tag) and gives the uninterrupted nf4 run's losses bitwise. The
+    adapter export loads in PeftModel on the full-precision HF base and equals the merged export
+    (merged into the unquantized base)."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from convert_model import main as convert
+    from tests.conftest import run_main
+    from tests.test_kill_resume import launch, losses, wait_group
+
+    save, log, cfg = tmp_path / "run", tmp_path / "log", tmp_path / "run.yml"
+    for steps in (6, 12):
+        cfg.write_text(yaml.safe_dump({**nf4_config(tiny_pp, save), "max_steps": steps}))
+        assert wait_group(launch(cfg, log)) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "resumed at step 6" in text and "block linears in NF4" in text, text[-3000:]
+    assert dict(losses(save)) == nf4_run[1][0]["nf4"]  # every step, bitwise
+
+    assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--lora-adapter", str(tmp_path / "adapter")],
+                    capsys)[0] == 0
+    assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "merged"),
+                              "--merge-lora", "--dtype", "float32"], capsys)[0] == 0
+    hf = tiny_pp.parent / "hf"
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        plain = base(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(input_ids=ids).logits
+    assert (peft - plain).abs().max() > 1e-3  # the trained adapters change the output
+    torch.testing.assert_close(merged, peft, atol=1e-5, rtol=0)
