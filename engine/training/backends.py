@@ -288,6 +288,17 @@ def describe_lora(spec: LoraSpec | None, base_quant: str = "none") -> str:
         (f", its block linears in {base_quant.upper()}" if base_quant != "none" else "")
 
 
+def check_base_quant(cfg: TrainConfig) -> None:
+    """lora.base_quant needs torchao on this machine (quantize_base; the dry run checks it too)."""
+    if cfg.lora.base_quant == "none":
+        return
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{cfg.source}: lora.base_quant: {cfg.lora.base_quant} needs torchao ({e}); pip install "
+                          "torchao") from None
+
+
 def quantize_base(cfg: TrainConfig, model: Model, layers: list) -> int:
     """lora.base_quant: nf4 (models/quant.py): the frozen linears of these layers' blocks in 4 bits,
     made on the device the engine trains on (each full-precision weight dropped as its NF4 copy is
@@ -297,11 +308,7 @@ def quantize_base(cfg: TrainConfig, model: Model, layers: list) -> int:
         return 0
     from models.quant import quantize_blocks
 
-    try:
-        import torchao.quantization  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"{cfg.source}: lora.base_quant: {cfg.lora.base_quant} needs torchao ({e}); pip install "
-                          "torchao") from None
+    check_base_quant(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if D.on_gpu() else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype, torch.float32)
     return quantize_blocks(layers, model.family, model.args, device, dtype)

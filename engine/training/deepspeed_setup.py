@@ -12,14 +12,22 @@ from engine.config import SCHEDULER_TOTAL, ConfigError, TrainConfig
 
 def layer_options(cfg: TrainConfig, pipeline: bool = True) -> LayerOptions:
     impl = attn_impl(cfg.packing, cfg.use_flash_attn, D.on_gpu())
-    fp8 = resolved_fp8(cfg, say=True, pipeline=pipeline)
+    fp8 = check_machine(cfg, pipeline, say=True)
+    return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
+                        compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight, fp8=fp8,
+                        fp8_head=cfg.fp8_head and fp8 != "off", kernels=cfg.kernels)
+
+
+
+def check_machine(cfg: TrainConfig, pipeline: bool = True, say: bool = False) -> str:
+    """What fp8 and kernels need from this machine (check_fp8, check_liger), as layer_options and the
+    dry run (engine/training/preflight.py) check it; returns the fp8 recipe the run uses."""
+    fp8 = resolved_fp8(cfg, say=say, pipeline=pipeline)
     if fp8 != "off":
         check_fp8(cfg)
     if cfg.kernels == "liger":
         check_liger(cfg)
-    return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
-                        compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight, fp8=fp8,
-                        fp8_head=cfg.fp8_head and fp8 != "off", kernels=cfg.kernels)
+    return fp8
 
 
 _SAID: set = set()

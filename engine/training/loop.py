@@ -82,9 +82,8 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
     cfg = backend.cfg  # with what the backend resolved (parts: auto)
     check_deepspeed(cfg, pipeline=backend.kind == "pipeline")  # DeepSpeed's own keys, before anything is built
     check_device_dtype(cfg)
+    check_resume_setting(cfg)
     resume = cfg.resume is True or (cfg.resume == "auto" and ckpt.has_checkpoint(cfg.save_path))
-    if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
-        raise ConfigError(f"{cfg.source}: resume is true but {cfg.save_path} has no checkpoint")
     lock = runlock.take(cfg.save_path)  # one run per save_path, taken before anything is written
     stop_watching = watch_launcher()  # the deepspeed launcher killed alone: save and stop, not train on
     try:
@@ -93,6 +92,12 @@ def run(cfg: TrainConfig, backend_cls) -> RunResult:
         stop_watching()
         if lock is not None:
             lock.release()
+
+
+def check_resume_setting(cfg: TrainConfig) -> None:
+    """`resume: true` needs a checkpoint in save_path (also checked by the dry run)."""
+    if cfg.resume is True and not ckpt.has_checkpoint(cfg.save_path):
+        raise ConfigError(f"{cfg.source}: resume is true but {cfg.save_path} has no checkpoint")
 
 
 def _train(cfg: TrainConfig, model: Model, backend, resume: bool) -> RunResult:
