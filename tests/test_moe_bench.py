@@ -54,3 +54,44 @@ def test_bad_arguments(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         moe_bench.parse(argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_fp8_sweep_and_gqa_bench_smoke(capsys):
+    """bench/fp8_sweep.py (the FP8_SPEEDUP table's source) and bench/gqa_flex_bench.py parse their
+    arguments and run their CPU paths once (fp8 itself needs FP8 tensor cores: GPU steps)."""
+    import fp8_sweep
+    import gqa_flex_bench
+
+    assert fp8_sweep.main(["--tiny"]) == [] and "    64     1 " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        fp8_sweep.parse(["--hidden", "4000"])
+    assert e.value.code == 2 and "multiples of 128" in capsys.readouterr().err
+    gqa_flex_bench.main(["--tiny", "--iters", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("chatglm3", "llama"))]
+    assert len(rows) == 2 and all(float(x) > 0 for r in rows for x in r[3:])
+
+
+def test_gpu_steps_parse():
+    """bench/steps_moe.txt and steps_fp8.txt (bench/round.sh's `name|seconds|command`): every step is
+    well-formed within round.sh's per-call budget, and our benches accept their arguments."""
+    import shlex
+
+    import fp8_sweep
+    import gpu_check
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    names = []
+    for steps in ("steps_moe.txt", "steps_fp8.txt"):
+        for line in (bench / steps).read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            name, secs, cmd = line.split("|", 2)
+            names.append(name)
+            assert 0 < int(secs) <= 90 and cmd.strip(), line
+            argv = shlex.split(cmd)
+            if argv[:2] == ["python3", "bench/moe_bench.py"]:
+                moe_bench.parse(argv[2:])
+            elif argv[:2] == ["python3", "bench/fp8_sweep.py"]:
+                fp8_sweep.parse(argv[2:])
+    assert len(names) == len(set(names)) and callable(gpu_check.expert_wgrad_check)
+    assert {"moe", "mixtral", "ref_mixtral", "llama", "ref_llama", "chatglm", "ref_chatglm", "table"} <= set(names)
