@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-from engine.config import ConfigError, help_text, load_config
+from engine.config import ConfigError, check_dist_timeout, help_text, load_config
 from engine.training.control import NonFiniteLoss
 from engine.checkpoints.files import LayoutError
 from engine.checkpoints.lock import LockHeld
@@ -19,8 +19,9 @@ class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error:` line and exit 2, like every other bad input."""
 
     def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        from engine.distributed import report_once
+
+        report_once(f"error: {self.prog}: {message} (see --help)")
         sys.exit(2)
 
 
@@ -90,8 +91,11 @@ def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
         check_deepspeed(cfg, pipeline)  # DeepSpeed's own config classes: what passes here passes at launch
         print(text)
         return None
+    from engine.distributed import configure
     from engine.training.export import train_and_export
 
+    check_dist_timeout(cfg)  # used before validate() runs: by the rendezvous
+    configure(cfg.dist_timeout_s, cfg.model_topo.process_topology if pipeline else None)
     return train_and_export(cfg, train_fn, getattr(a, "export_hf", None))
 
 
@@ -125,8 +129,10 @@ def parse_config(p: argparse.ArgumentParser, argv=None):
 def run_script(main) -> None:
     """`main()` as a script's whole process (`if __name__ == "__main__"`); in-process callers
     (tests) call main(argv) directly and keep their interpreter."""
-    from engine.distributed import leave
+    from engine.distributed import enable_stack_dumps, leave, watch_launcher
 
+    enable_stack_dumps()  # `kill -USR2 <rank>`: where a rank waits
+    watch_launcher()  # from the first moment: a rank orphaned while it loads must not train on unattended
     try:
         main()
         code = 0
@@ -136,19 +142,32 @@ def run_script(main) -> None:
 
 
 def user_errors(fn):
-    """Run `fn`; a bad input becomes one line on stderr (rank 0 only) and exit status 2."""
+    """Run `fn`; a bad input becomes one `error:` line on stderr and exit status 2, a collective
+    that waited past dist_timeout_s one line naming the rank, its stage and the operation and exit
+    status 1. Whichever rank fails first prints (engine/distributed.py report_once): the others,
+    failing later or killed by the launcher meanwhile, add nothing."""
+    from engine.distributed import collective_timeout, report_once, reported
+
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS + _data_errors() as e:
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr)
-            if getattr(e, "every_rank", False):  # raised on all ranks at once: leave after rank 0 has said
-                from engine.distributed import barrier  # why (a rank's exit makes the launcher kill the rest)
-
-                barrier()
+            report_once(f"error: {e}")
             sys.exit(2)
+        except RuntimeError as e:
+            line = collective_timeout(e)
+            if line is None and not (_peer_gone(e) and reported()):
+                raise  # an internal error keeps its traceback
+            if line is not None:  # a peer that printed the run's error and left is no news either
+                report_once(line)
+            sys.exit(1)
     return wrapped
+
+
+def _peer_gone(e: RuntimeError) -> bool:
+    """gloo/NCCL's error in a collective whose peer process exited."""
+    text = str(e).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe"))
 
 
 def _data_errors() -> tuple:

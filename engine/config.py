@@ -167,6 +167,9 @@ class TrainConfig:
                               "topology-free (<tag>/optim/) and resumes on any pp x dp layout or parts", default=True)
     on_nonfinite_loss: str = doc("stop: exit with an error (the bad update is not applied, the last checkpoint is "
                                  "kept); skip: drop that step's update and go on (logged as skipped)", default="stop")
+    dist_timeout_s: float = doc("seconds a collective (or the start-up rendezvous) may wait for the other ranks "
+                                "before the run ends with one line naming the rank, its stage and the operation "
+                                "(exit 1); NCCL's default; tests set a few seconds", default=1800.0)
     profile_step: int = doc("record global step N under torch.profiler: top kernels + trace in <save_path>/profile/ "
                             "(0 = off)", default=0)
     resume: bool | str = doc("'auto': continue from save_path if it has a checkpoint; true: must; false: never",
@@ -793,6 +796,12 @@ def _check_ds_sections(ds: dict, where: str) -> None:
             raise ConfigError(f"{where}: 'optimizer.params.{key}' must be a finite number >= 0, got {_show(value)}")
 
 
+def check_dist_timeout(cfg: TrainConfig) -> None:
+    """dist_timeout_s, also checked before the process group it bounds starts (engine/cli.py)."""
+    if not 0 < cfg.dist_timeout_s < math.inf:
+        raise ConfigError(f"{cfg.source}: 'dist_timeout_s' must be a finite number > 0, got {cfg.dist_timeout_s}")
+
+
 def _check_values(cfg: TrainConfig) -> None:
     """Values no cross-field rule covers: each key against what it may hold."""
     from data.templates import TEMPLATES
@@ -816,6 +825,7 @@ def _check_values(cfg: TrainConfig) -> None:
     for key in ("seed", "evaluate_every", "eval_batches"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    check_dist_timeout(cfg)
     if not 0 <= cfg.save_every_minutes < math.inf:
         raise ConfigError(f"{where}: 'save_every_minutes' must be a finite number >= 0 (0 = off), got "
                           f"{cfg.save_every_minutes}")

@@ -2,20 +2,34 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
+import signal
 import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
 
 import torch
 
 _started = False  # init_distributed ran in this process (leave() then skips interpreter teardown)
+_topology = None  # (axes, dims) of the pipeline run, "data" for a data-parallel-only one: named in error lines
+_timeout_s: float | None = None  # dist_timeout_s (configure), then what the process group was started with
+DEFAULT_TIMEOUT_S = 1800.0  # NCCL's own default: a hang ends within half an hour, a slow collective is not one
 
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """Initialise DeepSpeed's comm layer: NCCL on GPU, gloo on CPU.
+
+    `timeout_s` (the dist_timeout_s key) bounds every collective and the rendezvous: gloo raises
+    in the waiting rank (engine/cli.py turns that into one line); NCCL's watchdog aborts the
+    process (TORCH_NCCL_ASYNC_ERROR_HANDLING, torch's default teardown, set explicitly so that an
+    environment left at 0 cannot make a stuck collective wait forever).
 
     On CPU DeepSpeed would JIT-compile its shared-memory all-reduce op (~1 min per cold
     start); gloo is what we test with, so mark that op unavailable before DeepSpeed probes it.
@@ -23,10 +37,11 @@ def init_distributed() -> None:
     import deepspeed
     import deepspeed.comm as dist
 
-    global _started
+    global _started, _timeout_s
     _started = True
     if dist.is_initialized():
         return
+    _timeout_s = float(timeout_s or _timeout_s or DEFAULT_TIMEOUT_S)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -36,7 +51,16 @@ def init_distributed() -> None:
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False)
+    # The groups DeepSpeed makes later (pipeline neighbours, tied weights, data parallel) get
+    # torch's module default (30 min), not the world group's timeout: new_group has no way to
+    # inherit it, and DeepSpeed passes none. So the default itself is set.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=_timeout_s)
+    if on_gpu() and os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0") == "0":
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"  # torch's default: tear the process down on a timeout
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=_timeout_s))
     if on_gpu():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
@@ -83,3 +107,212 @@ def barrier() -> None:
 
     if tdist.is_initialized():
         tdist.barrier()
+
+
+# ---------------------------------------------------------------------- where a rank is, what it waited in
+def configure(timeout_s: float, topology=None) -> None:
+    """Before the run starts (engine/cli.py): the dist_timeout_s that init_distributed applies, and
+    the run's layout for naming a rank's place in error lines: `topology` is the pipeline's
+    model_topo.process_topology (axes, dims), None for a data-parallel-only run (ZeRO)."""
+    global _timeout_s, _topology
+    _timeout_s, _topology = float(timeout_s), ((list(topology.axes), list(topology.dims)) if topology else "data")
+
+
+def _own_rank() -> int:
+    """rank(), also before the process group is up (a rendezvous that timed out): the launcher's RANK."""
+    import torch.distributed as tdist
+
+    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def position() -> str:
+    """This rank's place: "pipeline stage 1, data rank 0", "data rank 3", or "" if not known."""
+    if _topology == "data":
+        return f"data rank {_own_rank()}"
+    if _topology is None:
+        return ""
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    axes, dims = _topology
+    coord = ProcessTopology(axes=axes, dims=dims).get_coord(_own_rank())
+    return f"pipeline stage {coord.pipe}, data rank {coord.data}"
+
+
+_COMM_FILES = (os.sep.join(("torch", "distributed", "")), os.sep.join(("deepspeed", "comm", "")))
+
+
+def collective_timeout(exc: BaseException) -> str | None:
+    """One line for a collective (or the rendezvous) that waited past dist_timeout_s, naming the
+    rank, its stage and the operation; None for any other exception. gloo raises these in the
+    waiting rank ("Timed out waiting 5000ms for recv operation"); c10d's store and NCCL's blocking
+    wait say "timed out"/"Timeout"."""
+    if not isinstance(exc, RuntimeError) or "timed out" not in str(exc).lower():
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    comm = [i for i, f in enumerate(frames) if any(part in f.filename for part in _COMM_FILES)]
+    if not comm:
+        return None
+    op = frames[comm[-1]].name  # the innermost torch/DeepSpeed comm function: all_reduce, recv, barrier, ...
+    caller = next((f for f in reversed(frames[:comm[0]])), None)
+    where = f" in {_short(caller.filename)}:{caller.name}" if caller is not None else ""
+    limit = f"{_timeout_s:g} s" if _timeout_s else "its limit"
+    where_in_run = position()
+    who = f"rank {_own_rank()}" + (f" ({where_in_run})" if where_in_run else "")
+    return (f"error: {who}: {op}{where} waited longer than dist_timeout_s ({limit}): another rank never joined "
+            f"it (stuck, dead, or in a different collective); every rank stops")
+
+
+def _short(filename: str) -> str:
+    """A frame's file as a reader finds it: from the package root (deepspeed/..., engine/...)."""
+    path = Path(filename)
+    for i in range(len(path.parts) - 1, -1, -1):
+        if path.parts[i] in ("site-packages", "dist-packages"):
+            return "/".join(path.parts[i + 1:])
+    try:
+        return str(path.relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return path.name
+
+
+# ---------------------------------------------------------------------- one error line per run
+def report_once(line: str) -> bool:
+    """Print `line` (an `error:` line) unless another rank of this run printed one first; True if
+    printed. Ranks fail at different moments and the launcher kills the others as soon as one
+    exits, so "rank 0 prints" loses the line whenever another rank fails first: instead, the
+    first rank to fail claims the line by creating a file (O_EXCL: exactly one creator) in a
+    directory named after this run's launcher process (the ranks' common parent: its pid and
+    start time) and rendezvous port. A multi-node run prints at most one line per node."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _claim():
+        return False
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # the terminal is gone with the launcher
+        return False
+    return True
+
+
+def reported() -> bool:
+    """Another rank of this run has already printed the run's error line."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and _claim_file().exists()
+
+
+def _claim_file() -> Path:
+    import psutil
+
+    parent = psutil.Process().parent()
+    started = int(parent.create_time() * 100) if parent is not None else 0
+    run = f"{os.getppid()}-{started}-{os.environ.get('MASTER_PORT', '')}"
+    return Path(tempfile.gettempdir()) / f"ppllm-{os.getuid()}" / run / "error"
+
+
+def _claim() -> bool:
+    path = _claim_file()
+    _remove_stale(path.parent.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _remove_stale(root: Path) -> None:
+    """Claim dirs of runs whose launcher is gone (they are a few bytes, but should not pile up)."""
+    import psutil
+
+    for run in root.glob("*-*-*") if root.is_dir() else ():
+        pid, started = run.name.split("-")[:2]
+        try:
+            alive = int(psutil.Process(int(pid)).create_time() * 100) == int(started)
+        except (psutil.Error, ValueError):
+            alive = False
+        if not alive:
+            for f in run.glob("*"):
+                f.unlink(missing_ok=True)
+            try:
+                run.rmdir()
+            except OSError:  # another rank is cleaning it too, or claiming in it
+                pass
+
+
+# ---------------------------------------------------------------------- the launcher's lifetime bounds ours
+ORPHAN_GRACE_S = 30.0  # what DeepSpeed's launch.py gives its ranks between SIGTERM and SIGKILL
+_watching = False
+
+
+def _is_deepspeed_launcher(proc) -> bool:
+    """DeepSpeed's runner (`deepspeed ...`, `python -m deepspeed.launcher.runner`) or its per-node
+    launch.py (`python -u -m deepspeed.launcher.launch ...`)."""
+    import psutil
+
+    try:
+        args = proc.cmdline()[:4]
+    except psutil.Error:
+        return False
+    return any(os.path.basename(a) == "deepspeed" or a.startswith("deepspeed.launcher") for a in args)
+
+
+def watch_launcher(poll_s: float = 1.0):
+    """SIGTERM this process (save after the current step, then exit; at once before training
+    started) when a DeepSpeed launcher process above it ends (launch.py, its parent, or the
+    `deepspeed` runner above that). If the one that ended is our own parent (launch.py, e.g. after
+    `kill -9`), nobody is left to end a rank that cannot stop (stuck in a collective, say): as
+    launch.py would have, it is SIGKILLed ORPHAN_GRACE_S later. Started once per process, as the
+    script starts (engine/cli.py run_script); returns a function that stops watching (a no-op for
+    calls after the first). Any other parent (a shell, a scheduler, torch.multiprocessing) is not
+    watched: `nohup python train_ds.py &` must outlive its shell.
+
+    Polled by a daemon thread (psutil's is_running also catches a reused pid). Not the kernel's
+    PR_SET_PDEATHSIG: that fires when the parent *thread* that started us ends, which a launcher
+    running Popen from a short-lived thread would turn into a spurious stop."""
+    import psutil
+
+    global _watching
+    if _watching:
+        return lambda: None
+    watched = []
+    for proc in psutil.Process().parents():  # nearest first, up to the first that is not DeepSpeed's
+        if not _is_deepspeed_launcher(proc):
+            break
+        watched.append(proc)
+    if not watched:
+        return lambda: None
+    _watching = True
+    done = threading.Event()
+
+    def watch():
+        signalled = False
+        while not done.wait(poll_s):
+            gone = next((p for p in watched if not p.is_running()), None)
+            if gone is None:
+                continue
+            if not signalled:
+                signalled = True
+                try:
+                    if os.environ.get("RANK", "0") == "0":
+                        print(f"note: the launcher (pid {gone.pid}) has ended: stopping after this step",
+                              file=sys.stderr, flush=True)
+                except OSError:  # its terminal may be gone with it
+                    pass
+                finally:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            if not watched[0].is_running():  # orphaned: no launcher will SIGKILL us, so do it ourselves
+                threading.Event().wait(ORPHAN_GRACE_S)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def stop():
+        global _watching
+        done.set()
+        _watching = False
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+    return stop
+
+
+def enable_stack_dumps() -> None:
+    """`kill -USR2 <pid>` prints every thread's Python stack to stderr (faulthandler: works while
+    the main thread is blocked inside a C++ collective): what a hung rank is waiting in."""
+    import faulthandler
+
+    if hasattr(signal, "SIGUSR2"):
+        faulthandler.register(signal.SIGUSR2, all_threads=True)

@@ -12,6 +12,10 @@ PPLLM_TEST_HOLD_AFTER_STEP=<step>  after that step, before deciding whether to s
     parked, the stop signals rank 0 has taken in (RunControl's handler ran) are written to
     `<save_path>/.held-<step>.signals`, space-separated: a test signals, waits for the names to
     appear there, then lets the run go, so no signal can arrive after the stop was decided.
+PPLLM_TEST_STALL_AFTER_STEP=<step>:<rank>  after that step (where the hold above happens), that
+    rank creates `<save_path>/.stalled-<step>` and waits in a receive from the next rank, which never
+    sends: one rank stuck in a collective its peers never join (they wait in the step's next one),
+    as a mismatched collective leaves a run, until dist_timeout_s ends it.
 PPLLM_TEST_HOLD_ANSWER=<n>  demo.py's generation, once text of its n-th new token or a later one has
     been written, prints `[held]` to stderr and waits, Python-level (a signal's handler runs), until
     interrupted: an answer a test Ctrl-Cs cannot end before the Ctrl-C arrives.
@@ -70,6 +74,7 @@ def write_error(path) -> None:
 
 def hold_after_step(root, step: int, received=lambda: ()) -> None:
     """`received()`: the names of the stop signals taken in so far (reported while parked)."""
+    stall_after_step(root, step)
     spec = os.environ.get("PPLLM_TEST_HOLD_AFTER_STEP")
     if not spec or int(spec) != step or os.environ.get("RANK", "0") != "0":
         return
@@ -84,6 +89,17 @@ def hold_after_step(root, step: int, received=lambda: ()) -> None:
             os.replace(tmp, report)  # the test never reads half a list
             reported = names
         time.sleep(0.05)
+
+
+def stall_after_step(root, step: int) -> None:
+    spec = os.environ.get("PPLLM_TEST_STALL_AFTER_STEP")
+    if not spec or [int(v) for v in spec.split(":")] != [step, int(os.environ.get("RANK", "0"))]:
+        return
+    import torch
+    import torch.distributed as dist
+
+    (Path(root) / f".stalled-{step}").write_text(str(os.getpid()))
+    dist.recv(torch.zeros(1), src=(dist.get_rank() + 1) % dist.get_world_size())
 
 
 def hold_answer(n_tokens: int) -> None:

@@ -6,20 +6,16 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from tests.dist import free_port
+from tests.dist import (DEEPSPEED, ROOT, Running, free_port, kill9, launch, rank0_pid, wait_for,  # noqa: F401
+                        wait_group)  # (the helpers, here for the tests that import them from this module)
 from tests.test_train import config
 
-ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 10
 
 
@@ -31,76 +27,11 @@ def write_config(tiny_pp, save, **over) -> Path:
     return path
 
 
-def default_signals() -> None:
-    """In the launched job: the stop signals as a terminal leaves them, not as whatever runs the
-    tests does (`nohup` ignores SIGHUP, a background job's starter SIGINT; ignored ones survive exec
-    and the run rightly keeps them ignored, so a test signalling it would wait in vain)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def launch(cfg: Path, log: Path, env=None, launcher_args=None):
-    args = launcher_args or ["--num_gpus", "2", "--master_port", str(free_port())]
-    return subprocess.Popen([DEEPSPEED, *args, "train_ds.py", "--config", str(cfg)], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
-                            stdout=open(log, "a"), stderr=subprocess.STDOUT, preexec_fn=default_signals)
-
-
-def rank0_pid(launcher: subprocess.Popen, rank: int = 0) -> int:
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        if f"--local_rank={rank}" in child.cmdline():
-            return child.pid
-    raise AssertionError(f"no rank {rank} under the launcher")
-
-
-class Running:
-    """A rank's process as wait_for watches a launcher: poll() is None while it runs."""
-
-    def __init__(self, pid: int):
-        self.process, self.returncode = psutil.Process(pid), None
-
-    def poll(self):
-        try:
-            alive = self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            alive = False
-        return None if alive else "gone"
-
-
 def wait_signals(save: Path, step: int, names: set[str], proc) -> None:
     """Wait until rank 0, parked after `step` (PPLLM_TEST_HOLD_AFTER_STEP), reports having taken
     in every signal of `names` (engine/fault_hooks.py): only then may the test let the run go."""
     report = save / f".held-{step}.signals"
     wait_for(lambda: report.exists() and names <= set(report.read_text().split()), proc, f"rank 0 to take in {names}")
-
-
-def wait_group(proc, timeout=240) -> int:
-    """Wait for the launcher and everything it started (the whole process group) to be gone."""
-    rc = proc.wait(timeout=timeout)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return rc
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("ranks outlived their launcher")
-
-
-def wait_for(predicate, proc, what, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def kill9(proc):
-    os.killpg(proc.pid, signal.SIGKILL)
-    wait_group(proc)
 
 
 def steps_logged(save: Path) -> list[int]:

@@ -6,17 +6,16 @@ time" (decided on rank 0 only; other ranks' clocks do not vote).
 
 A launcher that dies without passing a signal on (`kill <pid of deepspeed>`: DeepSpeed's runner
 has no handler, its child launch.py lives on and the ranks would train unattended) is turned into
-a SIGTERM here by `watch_launcher`.
+a SIGTERM by `watch_launcher` (engine/distributed.py, started as the script starts).
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
-import threading
 import time
 
 from engine import distributed as D
+from engine.distributed import watch_launcher  # noqa: F401  (loop.py's; one watcher per process)
 
 
 # Signals that stop the run after the current step, with a checkpoint: a scheduler's SIGTERM, Ctrl-C,
@@ -83,53 +82,3 @@ class RunControl:
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
-
-
-def _is_deepspeed_launcher(proc) -> bool:
-    """DeepSpeed's runner (`deepspeed ...`, `python -m deepspeed.launcher.runner`) or its per-node
-    launch.py (`python -u -m deepspeed.launcher.launch ...`)."""
-    import psutil
-
-    try:
-        args = proc.cmdline()[:4]
-    except psutil.Error:
-        return False
-    return any(os.path.basename(a) == "deepspeed" or a.startswith("deepspeed.launcher") for a in args)
-
-
-def watch_launcher(poll_s: float = 1.0):
-    """SIGTERM this process (save after the current step, then exit) when a DeepSpeed launcher
-    process above it ends (launch.py, its parent, or the `deepspeed` runner above that). Returns a
-    function that stops watching. Any other parent (a shell, a scheduler, torch.multiprocessing)
-    is not watched: `nohup python train_ds.py &` must outlive its shell.
-
-    Polled by a daemon thread (psutil's is_running also catches a reused pid). Not the kernel's
-    PR_SET_PDEATHSIG: that fires when the parent *thread* that started us ends, which a launcher
-    running Popen from a short-lived thread would turn into a spurious stop."""
-    import psutil
-
-    watched = []
-    for proc in psutil.Process().parents():  # nearest first, up to the first that is not DeepSpeed's
-        if not _is_deepspeed_launcher(proc):
-            break
-        watched.append(proc)
-    if not watched:
-        return lambda: None
-    done = threading.Event()
-
-    def watch():
-        while not done.wait(poll_s):
-            gone = next((p for p in watched if not p.is_running()), None)
-            if gone is not None:
-                try:
-                    if os.environ.get("RANK", "0") == "0":
-                        print(f"note: the launcher (pid {gone.pid}) has ended: stopping after this step",
-                              file=sys.stderr, flush=True)
-                except OSError:  # its terminal may be gone with it
-                    pass
-                finally:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
-    return done.set
