@@ -19,6 +19,7 @@ are models/lora.py's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,11 @@ def spec_of_entry(tag_dir: Path, entry: dict) -> L.LoraSpec:
     return L.LoraSpec.of(entry)
 
 
+def same_base(base: str) -> str:
+    """A base path as resume compares it: the directory it names (symlinks and `..` resolved)."""
+    return base if base == SCRATCH else os.path.realpath(base)
+
+
 def check_resume(tag_dir: Path, saved: dict | None, cfg) -> None:
     """A LoRA run resumes only a LoRA tag of the same adapters, and a full run only a full tag;
     the tag's tensors are what its meta.json says."""
@@ -95,6 +101,10 @@ def check_resume(tag_dir: Path, saved: dict | None, cfg) -> None:
         what = lambda r: f"LoRA {strip(r)}" if r else "full fine-tuning"  # noqa: E731
         raise LayoutError(f"{tag_dir}: saved by {what(saved)}, but the config asks for {what(ours)}; use a new "
                           f"save_path (or the config that wrote it)")
+    if saved is not None and same_base(saved["base"]) != same_base(ours["base"]):  # resume loads model_path's weights
+        raise LayoutError(f"{tag_dir / 'meta.json'}: lora.base: its adapters were trained on {saved['base']}, but "
+                          f"model_path is {cfg.model_path}; resume with model_path: {saved['base']}, or use a new "
+                          f"save_path")
     if saved is not None:
         check_tensors(tag_dir, spec_of_entry(tag_dir, saved), Model.from_dir(cfg.model_path))
 
