@@ -131,11 +131,13 @@ def default_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def launch(cfg: Path, log: Path, env=None, launcher_args=None, script: str = "train_ds.py"):
-    """`deepspeed <launcher_args> <script> --config cfg` in a new session (its pid is the group's),
-    stdout and stderr appended to `log`."""
+def launch(cfg: Path | None, log: Path, env=None, launcher_args=None, script: str = "train_ds.py",
+           script_args=None):
+    """`deepspeed <launcher_args> <script> --config cfg` (or `<script> <script_args...>`) in a new
+    session (its pid is the group's), stdout and stderr appended to `log`."""
     args = launcher_args or ["--num_gpus", "2", "--master_port", str(free_port())]
-    proc = subprocess.Popen([DEEPSPEED, *args, script, "--config", str(cfg)], cwd=ROOT,
+    script_args = ["--config", str(cfg)] if script_args is None else [str(a) for a in script_args]
+    proc = subprocess.Popen([DEEPSPEED, *args, str(script), *script_args], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, preexec_fn=default_signals)
     _launched[proc.pid] = Path(log)
