@@ -79,9 +79,12 @@ def training_loss(family: ModuleType, args, opts: LayerOptions):
 
 
 def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts: list[int], seed: int,
-                   wgrad_fusion: bool = False):
+                   wgrad_fusion: bool = False, on_block=None):
     """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily).
-    wgrad_fusion: the blocks' linears accumulate weight gradients into `main_grad` (wgrad_fused_blocks)."""
+    wgrad_fusion: the blocks' linears accumulate weight gradients into `main_grad` (wgrad_fused_blocks).
+    on_block(block, global index): called on each of this stage's transformer blocks as soon as it is
+    built, before the next one is and before DeepSpeed moves the stage to its device (QLoRA loads and
+    quantizes a block there: engine/training/qlora.py BlockLoader)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     opts = options_for_head_dim(opts, family.dims(args).head_dim)  # flex needs head dim >= 16
@@ -92,13 +95,17 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
             self.parts = bounds
             self._set_bounds(start=bounds[stage], stop=bounds[stage + 1])
 
-    def spec(d: LayerDef):
+    def spec(d: LayerDef, idx: int):
         if d.tie is None:
-            return LayerSpec(d.cls, args, opts)
+            s = LayerSpec(d.cls, args, opts)
+            if on_block is not None and issubclass(d.cls, BlockBase):
+                build = s.build
+                s.build = lambda log=False: _then(build(log), on_block, idx)
+            return s
         return TiedLayerSpec(d.tie, d.cls, args, opts, forward_fn=d.forward_fn, tied_weight_attr=family.TIED_WEIGHTS)
 
     bounds = stage_bounds(family, args, parts)
-    module = _Pipeline([spec(d) for d in flat_layers(family, args)], topology=topology,
+    module = _Pipeline([spec(d, i) for i, d in enumerate(flat_layers(family, args))], topology=topology,
                        loss_fn=training_loss(family, args, opts), seed_layers=True, base_seed=int(seed),
                        partition_method="manual")
     float8_blocks(module.forward_funcs, opts.fp8, head=opts.fp8_head)
@@ -108,6 +115,11 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
         wgrad_fused_blocks(module.forward_funcs)
     chunked_heads(family, args, [*module.forward_funcs, *module.tied_modules.values()], opts)
     return module
+
+
+def _then(layer, fn, idx: int):
+    fn(layer, idx)
+    return layer
 
 
 def chunked_heads(family: ModuleType, args, layers, opts: LayerOptions) -> int:

@@ -65,10 +65,17 @@ def nf4_nbytes(numel: int, elem_bytes: int) -> int:
     return numel // 2 + blocks + factors * elem_bytes + elem_bytes + 16 * elem_bytes
 
 
-def is_nf4(t) -> bool:
-    from torchao.quantization import NF4Tensor
+def _torchao_nf4():
+    """(NF4Tensor, to_nf4): torchao.quantization's since 0.18, torchao.dtypes' before (0.17 on torch 2.11)."""
+    try:
+        from torchao.quantization import NF4Tensor, to_nf4
+    except ImportError:
+        from torchao.dtypes import NF4Tensor, to_nf4
+    return NF4Tensor, to_nf4
 
-    return isinstance(t, NF4Tensor)
+
+def is_nf4(t) -> bool:
+    return isinstance(t, _torchao_nf4()[0])
 
 
 def storage_nbytes(t: torch.Tensor) -> int:
@@ -80,35 +87,34 @@ def storage_nbytes(t: torch.Tensor) -> int:
 
 
 def quantizable(family: ModuleType, args) -> dict[str, nn.Linear]:
-    """{module name in a block: linear (meta)} of the linears nf4 stores in 4 bits when frozen."""
+    """{module name in a block: linear (meta)} of the linears nf4 may store in 4 bits."""
     from .lora import block_linears
 
     return block_linears(family, args)
 
 
-def quantize_linear(linear: nn.Linear, device: torch.device, dtype: torch.dtype) -> bool:
-    """Replace a frozen linear's weight by its NF4Tensor (made on `device` from the weight in
-    `dtype`); False (left as it is) for a trained or unquantizable one. The old Parameter is dropped
-    here: nothing else holds it (call before the optimizer and the engine are built)."""
-    from torchao.quantization import to_nf4
+def frozen_linears(family: ModuleType, args, spec, layer_keys: dict) -> list[str]:
+    """The names of one block's linears nf4 stores: the quantizable ones LoRA leaves frozen (a
+    modules_to_save linear trains whole and stays as it is). layer_keys: the block's hf_keys entry."""
+    from .lora import is_trainable
 
+    return [n for n in quantizable(family, args) if not is_trainable(f"{n}.weight", layer_keys, spec)]
+
+
+def quantize_linear(linear: nn.Linear, device: torch.device, dtype: torch.dtype) -> bool:
+    """Replace a linear's weight by its NF4Tensor (made on `device` from the weight in `dtype`);
+    False (left as it is) for one torchao cannot block. The old Parameter is dropped here: call
+    before anything else (optimizer, engine) holds it."""
     w = linear.weight
     layout = nf4_layout(w.numel())
-    if w.requires_grad or is_nf4(w) or layout is None:
+    if is_nf4(w) or layout is None:
         return False
-    q = to_nf4(w.detach().to(device=device, dtype=dtype).contiguous(), *layout)
+    q = _torchao_nf4()[1](w.detach().to(device=device, dtype=dtype).contiguous(), *layout)
     del linear._parameters["weight"]
     linear.weight = q  # a plain attribute (module docstring); F.linear dispatches to torchao's LinearNF4
     return True
 
 
-def quantize_blocks(layers, family: ModuleType, args, device: torch.device, dtype: torch.dtype) -> int:
-    """NF4 for the frozen quantizable linears of every transformer block among `layers` (modules;
-    others are skipped), one linear at a time; returns how many were quantized."""
-    names = list(quantizable(family, args))
-    n = 0
-    for layer in layers:
-        if isinstance(layer, BlockBase):
-            for name in names:
-                n += quantize_linear(layer.get_submodule(name), device, dtype)
-    return n
+def quantize_block(block: BlockBase, names: list[str], device: torch.device, dtype: torch.dtype) -> int:
+    """NF4 for the linears `names` of one transformer block, one at a time; returns how many."""
+    return sum(quantize_linear(block.get_submodule(name), device, dtype) for name in names)

@@ -20,7 +20,7 @@ from models import get_family
 from models.block_base import BlockBase, LayerOptions
 from models.lora import LoraSpec, add_lora
 from models.pipeline import SequentialModel
-from models.quant import is_nf4, nf4_nbytes, quantizable, quantize_blocks, storage_nbytes
+from models.quant import frozen_linears, is_nf4, nf4_nbytes, quantizable, quantize_block, storage_nbytes
 from tests.test_lora import lora_config
 from tests.test_train import config
 
@@ -52,6 +52,13 @@ def _tiny(dtype=torch.bfloat16, fused_wgrad=False):
     return fam, args, spec, model.to(dtype)
 
 
+def _quantize(fam, args, spec, model) -> int:
+    """What a run does to its loaded blocks: the frozen linears in NF4 (here on the CPU, bf16)."""
+    keys = fam.hf_keys(args)
+    return sum(quantize_block(layer, frozen_linears(fam, args, spec, keys[idx]), torch.device("cpu"), torch.bfloat16)
+               for idx, layer in model.owned_layers() if isinstance(layer, BlockBase))
+
+
 def _block_weights(model):
     return {(i, n): m for i, layer in model.owned_layers() if isinstance(layer, BlockBase)
             for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -61,7 +68,7 @@ def test_quantized_block_equals_dequantized_weights_frees_originals_and_compiles
     fam, args, spec, model = _tiny(fused_wgrad=True)
     linears = _block_weights(model)
     originals = [weakref.ref(m.weight) for m in linears.values()]
-    n = quantize_blocks([layer for _, layer in model.owned_layers()], fam, args, torch.device("cpu"), torch.bfloat16)
+    n = _quantize(fam, args, spec, model)
     assert n == len(linears) == 4 * len(quantizable(fam, args)) == 16
     gc.collect()
     assert all(r() is None for r in originals)  # the full-precision block weights are gone
@@ -112,7 +119,7 @@ def test_dry_run_weights_equal_the_module_storage():
     from engine.plan import Setup, estimate, layer_costs
 
     fam, args, spec, model = _tiny()
-    quantize_blocks([layer for _, layer in model.owned_layers()], fam, args, torch.device("cpu"), torch.bfloat16)
+    _quantize(fam, args, spec, model)
     real = sum(p.numel() * p.element_size() for p in model.parameters()) + \
         sum(storage_nbytes(m.weight) for m in _block_weights(model).values())
     stages = {}

@@ -36,6 +36,7 @@ from engine.plan import resolve_auto_parts
 from engine.model import Model
 from engine.training.deepspeed_setup import deepspeed_config, layer_options, wrapped_optimizer
 from engine.training import grad_accum
+from engine.training.qlora import BlockLoader, check_base_quant, quantize_loaded  # noqa: F401 (preflight's)
 
 
 class PipelineBackend:
@@ -65,9 +66,12 @@ class PipelineBackend:
         import deepspeed
 
         cfg, model = self.cfg, self.model
+        blocks = BlockLoader(cfg, model, self.lora, weights) if self.lora and cfg.lora.base_quant != "none" else None
         module = build_pipeline(model.family, model.args, layer_options(cfg), self.topology, self.parts, cfg.seed,
-                                wgrad_fusion=self.wgrad_fusion)
-        if weights == "scratch":
+                                wgrad_fusion=self.wgrad_fusion, on_block=blocks)
+        if blocks is not None:  # QLoRA: each block was loaded and quantized as it was built
+            blocks.rest(module)
+        elif weights == "scratch":
             init_weights(module, cfg.seed)
         elif weights:
             load_stage(module, weights, model)
@@ -75,7 +79,6 @@ class PipelineBackend:
             owned = [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, torch.nn.Module)]
             self.trainable = with_lora(self.lora, owned, model, cfg.seed, adapters)
             freeze_tied_twins(module, self.lora, model, adapters is not None)
-            quantize_base(cfg, model, [f for _, f in owned])
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
@@ -145,7 +148,8 @@ class ZeroBackend:
             self._load(weights)
         if self.lora:
             self.trainable = self._with_lora(adapters)
-            quantize_base(cfg, model, [layer for _, layer in module.owned_layers()])
+            if cfg.lora.base_quant != "none":  # QLoRA on ZeRO-1/2: the loaded blocks, before DeepSpeed moves them
+                quantize_loaded(cfg, model, self.lora, module.owned_layers())
         optimizer = build_optimizer(cfg.ds.get("optimizer"), module.named_parameters(), cfg.ds)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
         return self.engine
@@ -287,31 +291,6 @@ def describe_lora(spec: LoraSpec | None, base_quant: str = "none") -> str:
         (f" + {','.join(spec.modules_to_save)}" if spec.modules_to_save else "") + "; base frozen" + \
         (f", its block linears in {base_quant.upper()}" if base_quant != "none" else "")
 
-
-def check_base_quant(cfg: TrainConfig) -> None:
-    """lora.base_quant needs torchao on this machine (quantize_base; the dry run checks it too)."""
-    if cfg.lora.base_quant == "none":
-        return
-    try:
-        import torchao.quantization  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"{cfg.source}: lora.base_quant: {cfg.lora.base_quant} needs torchao ({e}); pip install "
-                          "torchao") from None
-
-
-def quantize_base(cfg: TrainConfig, model: Model, layers: list) -> int:
-    """lora.base_quant: nf4 (models/quant.py): the frozen linears of these layers' blocks in 4 bits,
-    made on the device the engine trains on (each full-precision weight dropped as its NF4 copy is
-    made), after the adapters exist and before the optimizer and engine see the module. Returns the
-    number of weights quantized."""
-    if cfg.lora.base_quant == "none":
-        return 0
-    from models.quant import quantize_blocks
-
-    check_base_quant(cfg)
-    device = torch.device("cuda", torch.cuda.current_device()) if D.on_gpu() else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype, torch.float32)
-    return quantize_blocks(layers, model.family, model.args, device, dtype)
 
 
 def on_device(micro_batches: list, device) -> list:
