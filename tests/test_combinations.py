@@ -261,13 +261,14 @@ def model_dirs(tmp_path_factory):
     return get
 
 
-def dry_run(config: Path, topology: str) -> tuple[int, str]:
+def dry_run(config: Path, topology: str, world: int | None = None) -> tuple[int, str]:
     """`train_ds(.py|_zero.py) --config C --dry-run --world-size N` in this process: (exit code, stderr)."""
     import contextlib
     import importlib
     import io
 
-    script, world, _, _ = TOPOLOGIES[topology]
+    script, default_world, _, _ = TOPOLOGIES[topology]
+    world = world or default_world
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -410,11 +411,13 @@ REFUSALS = [
     ("tied-head-to-save", "pp2", {"lora": {"r": 4, "modules_to_save": ["lm_head"]}, "tied": True},
      "lora.modules_to_save: 'lm_head' matches no whole module"),
     ("heads-vs-seq-ranks", "pp2", {"model_topo": {"process_topology": {"axes": ["pipe", "data", "seq"], "dims": [2, 1, 3]},
-                                                  "parts": "auto"}},
+                                                  "parts": "auto"}, "world": 6, "max_seq_len": 66, "packing": False},
      "model_topo.process_topology.dims: the model's attention heads"),
-    ("fp8-without-its-gpu", "pp2", {"fp8": "tensorwise", "bf16": {"enabled": True}}, "needs a GPU with FP8 tensor cores"),
-    ("liger", "pp2", {"kernels": "liger"}, "kernels: liger needs"),
-    ("fp16-on-this-device", "zero1", {"fp16": {"enabled": True}}, "fp16 is not supported on this device"),
+    # on a GPU machine (an A100 here: compute capability 8.0) the dry run judges the GPU as the launch will
+    ("a100:fp8-without-its-tensor-cores", "pp2", {"fp8": "tensorwise", "bf16": {"enabled": True}},
+     "needs a GPU with FP8 tensor cores"),
+    ("a100:liger", "pp2", {"kernels": "liger"}, "kernels: liger needs"),
+    ("a100:fp16-the-device-lacks", "zero1", {"fp16": {"enabled": True}}, "fp16 is not supported on this device"),
     ("router-z-loss-on-a-dense-model", "pp2", {"router_z_loss_coef": 0.1}, "router_z_loss_coef applies to MoE families only"),
     ("resume-without-checkpoint", "zero3", {"resume": True}, "resume is true but"),
     ("data-file-missing", "dp2", {"data_path": ["/nonexistent/samples.jsonl"]}, "data_path[0] /nonexistent/samples.jsonl"),
@@ -434,12 +437,18 @@ def test_dry_run_raises_every_launch_time_config_error(model_dirs, tmp_path):
     for name, topology, over, line in [("valid-pipeline", "pp2", {}, None), ("valid-zero", "zero3", {}, None),
                                        ("valid-lora-json", "dp2", {"lora": {"r": 4}}, None), *REFUSALS]:
         over = dict(over)
-        cell = {**base, "topology": topology, "tied": over.pop("tied", False)}
-        raw = {**cell_config(cell, model_dirs("llama", cell["tied"]), tmp_path / name), **over}
-        path = tmp_path / (f"{name}.json" if name.endswith("json") else f"{name}.yml")  # JSON: its own parser
+        cell, world = {**base, "topology": topology, "tied": over.pop("tied", False)}, over.pop("world", None)
+        raw = {**cell_config(cell, model_dirs("llama", cell["tied"]), tmp_path / name.replace(":", "-")), **over}
+        path = tmp_path / (f"{name}.json" if name.endswith("json") else f"{name.replace(':', '-')}.yml")  # JSON: its own parser
         path.write_text(json.dumps(raw) if name.endswith("json") else yaml.safe_dump(raw))
         result = {}
-        reached |= called_during(lambda: result.update(zip(("code", "err"), dry_run(path, topology))))
+        with pytest.MonkeyPatch.context() as mp:
+            if name.startswith("a100:"):  # engine.distributed.on_gpu is what every machine check asks
+                import torch
+
+                mp.setattr("engine.distributed.on_gpu", lambda: True)
+                mp.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+            reached |= called_during(lambda: result.update(zip(("code", "err"), dry_run(path, topology, world))))
         lines = result["err"].strip().splitlines()
         if line is None and result["code"] != 0:
             problems.append(f"{name}: a valid config, refused: {result['err']}")
