@@ -113,7 +113,9 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    model_path: str = doc("pipeline checkpoint dir written by `convert_model.py hg_to_pp`")
+    model_path: str = doc("a local model dir: a pipeline checkpoint (`convert_model.py hg_to_pp`'s output or a run's "
+                          "save_path), an HF dir or a gdGPT dir (not a hub id: hg_to_pp or download takes one); "
+                          "with from_scratch only its config.json and tokenizer are read")
     data_path: list[str] = doc("training sample files (JSON array or JSONL); a string or a list")
     save_path: str = doc("where checkpoints, metrics and the resolved config go")
     max_seq_len: int = doc("tokens per training row", default=2048)
