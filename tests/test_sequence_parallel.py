@@ -200,3 +200,93 @@ def test_seq_ranks_equal_unsharded(n):
         for name, r in res["families"].items():
             assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-6), (rank, name, r)  # fp32 sums in another order
             assert r["grad"] < 1e-6 * max(1.0, r["grad_scale"]), (rank, name, r)
+
+
+# ----------------------------------------------------------------------------- training, real launcher
+def _launch(tmp_path, name, n, *runs):
+    """`deepspeed --num_gpus n`: train_ds.py on one (kind, config), or tests/launch_configs.py on several."""
+    import yaml
+
+    from tests.dist import free_port, launch
+
+    paths = []
+    for i, (kind, raw) in enumerate(runs):
+        paths.append({"kind": kind, "config": str(tmp_path / f"{name}-{i}.yml")})
+        (tmp_path / f"{name}-{i}.yml").write_text(yaml.safe_dump(raw))
+    if len(runs) == 1 and runs[0][0] == "pipe":
+        cfg, script = paths[0]["config"], "train_ds.py"
+    else:
+        cfg, script = tmp_path / f"{name}-runs.yml", "tests/launch_configs.py"
+        cfg.write_text(yaml.safe_dump(paths))
+    log = tmp_path / f"{name}.log"
+    return launch(cfg, log, launcher_args=["--num_gpus", str(n), "--master_port", str(free_port())], script=script), log
+
+
+def _finish(proc, log):
+    """The launch's exit status (tests.dist.wait_group: a hang fails with every rank's stack)."""
+    from tests.dist import wait_group
+
+    assert wait_group(proc, timeout=WATCHDOG_S) == 0, log.read_text()[-5000:]
+
+
+def _seq_topo(pp, n):
+    return {"process_topology": {"axes": ["pipe", "data", "seq"], "dims": [pp, 1, n]}, "parts": [3, 3] if pp == 2 else "auto"}
+
+
+def _losses(save):
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())}
+
+
+def _weights(tag):
+    out = {}
+    for f in sorted(tag.glob("layer_*-model_states.pt")):
+        for k, v in torch.load(f, weights_only=True).items():
+            out[f"{f.name}:{k}"] = v
+    return out
+
+
+def _assert_same(a_save, b_save, steps, tag, tol=1e-6):
+    a, b = _losses(a_save), _losses(b_save)
+    wa, wb = _weights(a_save / tag), _weights(b_save / tag)
+    assert sorted(wa) == sorted(wb) and wa
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"{b_save.name} vs {a_save.name}: losses {[(s, a[s], b[s]) for s in steps]}, weights at {tag} within {worst:.2e}")
+    for s in steps:
+        assert b[s] == pytest.approx(a[s], abs=tol), (s, a, b)
+    assert worst < tol, (tag, worst)
+
+
+def test_pipeline_seq2_equals_pp2_and_resumes_at_seq1(tiny_pp, tmp_path):
+    """train_ds.py under the deepspeed launcher: pp=2 x seq=2 (4 ranks) gives pp=2's per-step losses
+    and final weights within 1e-6 over 3 steps; its checkpoint resumes at seq 1 (pp=2) and step 4
+    equals the pp=2 run's step 4."""
+    from tests.test_train import config
+
+    _finish(*_launch(tmp_path, "seq", 4, ("pipe", config(tiny_pp, tmp_path / "seq", steps=3, model_topo=_seq_topo(2, 2)))))
+    # one pp=2 launch: the reference (4 steps, saved at 3 and 4), then the seq run's save_path at seq 1
+    # (resumes its global_step3, runs step 4)
+    _finish(*_launch(tmp_path, "pp2", 2, ("pipe", config(tiny_pp, tmp_path / "ref", steps=4, save_every_steps=3)),
+                     ("pipe", config(tiny_pp, tmp_path / "seq", steps=4))))
+    _assert_same(tmp_path / "ref", tmp_path / "seq", (1, 2, 3), "global_step3")
+    assert sorted(_losses(tmp_path / "seq")) == [1, 2, 3, 4]
+    _assert_same(tmp_path / "ref", tmp_path / "seq", (4,), "global_step4")
+
+
+def test_zero_stages_seq2_equal_one_rank(tiny_pp, tmp_path):
+    """train_ds_zero.py's training at ZeRO-1, 2 and 3 with seq 2 (2 ranks, one launch) gives each
+    stage's one-rank losses and final weights within 1e-6 over 3 steps."""
+    from tests.test_train import config
+
+    def raw(stage, topo, name):
+        return ("zero", config(tiny_pp, tmp_path / name, parts=None, steps=3, zero_optimization={"stage": stage},
+                               model_topo=topo))
+
+    one = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}}
+    refs = _launch(tmp_path, "one", 1, *(raw(s, one, f"one{s}") for s in (1, 2, 3)))
+    seqs = _launch(tmp_path, "seq", 2, *(raw(s, _seq_topo(1, 2), f"seq{s}") for s in (1, 2, 3)))
+    _finish(*refs)
+    _finish(*seqs)
+    for s in (1, 2, 3):
+        _assert_same(tmp_path / f"one{s}", tmp_path / f"seq{s}", (1, 2, 3), "global_step3")
