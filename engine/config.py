@@ -124,7 +124,8 @@ class TrainConfig:
     seed: int = doc("seed for weights init, shuffling and dropout", default=42)
     use_grad_ckpt: bool | str = doc("activation recompute: false, true (= full blocks) or selective (keep matmul/"
                                     "attention outputs, recompute the elementwise ops)", default=False)
-    use_flash_attn: bool = doc("use flash-attn kernels when importable (SDPA/FlexAttention otherwise)", default=False)
+    use_flash_attn: bool = doc("flash-attn's kernel for unpacked rows on a GPU when importable (packed rows take "
+                               "FlexAttention's document mask either way; SDPA otherwise)", default=False)
     compile_blocks: bool = doc("torch.compile each transformer block and the loss (GPU; fixed shapes)", default=False)
     fp8: str = doc("FP8 training of the transformer blocks' linears through torchao.float8: tensorwise (fastest), "
                    "rowwise (finer scales) or off; needs bf16, a GPU with FP8 tensor cores (H100/H200, "

@@ -25,10 +25,11 @@ class AttnOptions:
 
 
 def attn_impl(packed: bool, use_flash_attn: bool, on_gpu: bool) -> str:
-    """The fastest attention available: flash-attn when asked for and importable, else on GPU
-    FlexAttention for packed rows (skips cross-document blocks) and SDPA's flash/cuDNN kernels
-    for plain causal rows; SDPA with a boolean mask on CPU."""
-    if use_flash_attn and on_gpu:
+    """The fastest attention available: on GPU FlexAttention for packed rows (skips cross-document
+    blocks; flash-attn's causal kernel cannot take the document mask, which would leave SDPA with a
+    dense one), flash-attn for plain causal rows when asked for and importable, else SDPA's
+    flash/cuDNN kernels; SDPA with a boolean mask on CPU."""
+    if use_flash_attn and on_gpu and not packed:
         try:
             import flash_attn  # noqa: F401
             return "flash"

@@ -35,3 +35,20 @@ def test_mask_is_built_once_per_position_tensor():
     second = attention_mask(other, opts)
     assert second is not first and not torch.equal(second, first)
     assert attention_mask(pos, AttnOptions(packed=False)) is None  # plain causal needs no mask
+
+
+def test_backend_choice(monkeypatch):
+    """Packed rows on GPU take FlexAttention even with use_flash_attn (flash-attn's causal kernel has
+    no document mask: attend would fall back to SDPA with a dense one); plain rows take flash-attn
+    when it imports; the CPU always SDPA."""
+    import types
+
+    from models.attention import attn_impl
+
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert attn_impl(packed=True, use_flash_attn=True, on_gpu=True) == "flex"
+    assert attn_impl(packed=False, use_flash_attn=True, on_gpu=True) == "flash"
+    assert attn_impl(packed=False, use_flash_attn=False, on_gpu=True) == "sdpa"
+    assert attn_impl(packed=True, use_flash_attn=True, on_gpu=False) == "sdpa"
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn", None)  # not installed: import fails
+    assert attn_impl(packed=False, use_flash_attn=True, on_gpu=True) == "sdpa"
