@@ -12,7 +12,10 @@
 
 Optional: HF_BASE_PREFIX (hub checkpoints that store the base model's keys without it),
 REMOTE_CODE_DIR + export_hf_config(hf) (families transformers lacks), make_loss(args) (a loss
-other than plain causal LM, e.g. MoE's router loss).
+other than plain causal LM, e.g. MoE's router loss), HF_NOT_LINEAR (prefixes of our parameter
+names that are no nn.Linear in transformers: never LoRA targets).
+
+Every transformer block subclasses block_base.BlockBase (docs/ARCHITECTURE.md, the family interface).
 
 Adding a family = one module + one line in FAMILIES (tests/test_families.py then checks it).
 """
