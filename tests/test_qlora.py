@@ -286,3 +286,39 @@ def test_launcher_stop_resume_bitwise_and_exports_load_on_the_full_precision_bas
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(input_ids=ids).logits
     assert (peft - plain).abs().max() > 1e-3  # the trained adapters change the output
     torch.testing.assert_close(merged, peft, atol=1e-5, rtol=0)
+
+
+def _zero_nf4(raw):
+    import deepspeed  # noqa: F401
+
+    import models.quant as Q
+    from engine.training import backends, loop
+
+    kept, build = {}, backends.ZeroBackend.build
+
+    def keep(self, *a):
+        kept["engine"] = build(self, *a)
+        return kept["engine"]
+
+    backends.ZeroBackend.build = keep
+    try:
+        losses = loop.train_zero(from_dict(raw)).losses
+    finally:
+        backends.ZeroBackend.build = build
+    module = kept["engine"].module
+    return losses, sum(Q.is_nf4(m.weight) for m in module.modules() if isinstance(m, nn.Linear)), \
+        sum(Q.is_nf4(p) for p in module.parameters()), sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def test_zero2_nf4_base_matches_the_pipeline_nf4_run(tiny_pp, nf4_run, tmp_path):
+    """train_ds_zero.py, ZeRO-2 over 2 ranks: the same 4-bit base and adapters as the pp=2 run, so
+    the same losses up to bf16 summation order; all 16 block linears 4-bit, none a parameter."""
+    from tests.dist import run_ranks
+
+    raw = {**nf4_config(tiny_pp, tmp_path / "z2", zero_optimization={"stage": 2}), "max_steps": 3}
+    raw["model_topo"] = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}, "parts": "auto"}
+    ranks = run_ranks(_zero_nf4, 2, raw)
+    pp = nf4_run[1][0]["nf4"]
+    for losses, n_nf4, nf4_params, trainable in ranks:
+        assert n_nf4 == 16 and nf4_params == 0 and trainable == ranks[0][3] > 0
+        assert sorted(losses) == [1, 2, 3] and all(abs(losses[s] - pp[s]) < 2e-2 for s in losses), (losses, pp)
