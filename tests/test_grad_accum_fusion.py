@@ -249,10 +249,11 @@ def test_mixtral_pipeline_fuses_the_experts(tmp_path):
     make_tiny_hf_model(tmp_path / "hf", "mixtral", sample_texts(EXAMPLE_DATA))
     hf_to_pp(tmp_path / "hf", tmp_path / "pp")
     bf16 = {"bf16": {"enabled": True}}
-    off, views = run_fused(config(tmp_path / "pp", tmp_path / "off", steps=3, **bf16), False)
+    off, views = run_fused(config(tmp_path / "pp", tmp_path / "off", steps=2, **bf16), False)
     assert views == []
-    on, views = run_fused(config(tmp_path / "pp", tmp_path / "on", steps=3, **bf16))
+    on, views = run_fused(config(tmp_path / "pp", tmp_path / "on", steps=2, **bf16))
     assert len(views) == 2 * 2 * 5 and all(views)  # 2 ranks x 2 blocks x (router, qkv, o, 2 stacked experts)
     assert on[1] == off[1]
-    for s in (2, 3):
-        assert on[s] == pytest.approx(off[s], rel=1e-3), (s, on, off)
+    assert on[2] == pytest.approx(off[2], rel=1e-3), (on, off)  # after one update from fused vs hook-added grads
+    norm_on, norm_off = grad_norms(tmp_path / "on"), grad_norms(tmp_path / "off")
+    assert norm_on[1] == pytest.approx(norm_off[1], rel=1e-2)  # the experts' gradients are in the clipped norm
