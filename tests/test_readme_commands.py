@@ -103,6 +103,9 @@ class Parsed(BaseException):
 
 def test_readme_has_commands_and_every_one_is_classified():
     assert len(COMMANDS) > 25 and sum(c.split()[0] == "deepspeed" for c in COMMANDS) >= 5
+    used = {next((prefix for prefix, _ in SKIP if c.startswith(prefix)), None) for c in COMMANDS}
+    unused = [prefix for prefix, _ in SKIP if prefix not in used]
+    assert not unused, f"SKIP entries no README command needs any more: {unused}"
     for cmd in COMMANDS:
         if skip_reason(cmd) is None:
             script, _, _ = split(cmd)  # a command this file cannot run fails here, naming it
