@@ -82,13 +82,14 @@ def run_or_plan(a, cfg, train_fn, pipeline: bool = True):
         from engine.distributed import world_size
         from engine.plan import dry_run
         from engine.training.deepspeed_setup import check_deepspeed
-        from engine.training.preflight import check_launch
+        from engine.training.preflight import check_build, check_launch
 
         check_launch(cfg, pipeline)  # what the launch refuses before training, judged as a launch here
         text = dry_run(cfg, a.world_size if a.world_size is not None else world_size(),
                        80.0 if a.gpu_mem_gib is None else a.gpu_mem_gib,
                        pipeline=pipeline)
         check_deepspeed(cfg, pipeline)  # DeepSpeed's own config classes: what passes here passes at launch
+        check_build(cfg, pipeline)
         print(text)
         return None
     from engine.distributed import configure

@@ -22,15 +22,21 @@ from engine.training.optim import build_optimizer, uses_ds_cpu_optimizer
 
 
 def check_launch(cfg: TrainConfig, pipeline: bool = True) -> None:
-    """Raise what a launch of `cfg` would raise before training, on config grounds."""
+    """Raise what a launch of `cfg` raises before its engine is built, on config grounds (the dry
+    run then validates and plans, and checks DeepSpeed's keys, as the launch does next)."""
     check_paths(cfg)
     model = Model.for_training(cfg)
     lora_spec(cfg, model)  # target_modules / modules_to_save against the model, lora.init_from
     if D.on_gpu():  # a GPU here: judged as the launch here will judge it
-        check_machine(cfg, pipeline)  # fp8, kernels: liger
         check_device_dtype(cfg)
-    check_base_quant(cfg)
     check_resume_setting(cfg)
+
+
+def check_build(cfg: TrainConfig, pipeline: bool = True) -> None:
+    """Raise what building the launch's model and optimizer raises on config grounds."""
+    if D.on_gpu():
+        check_machine(cfg, pipeline)  # fp8, kernels: liger (layer_options)
+    check_base_quant(cfg)
     if not uses_ds_cpu_optimizer(cfg.ds):  # DeepSpeed's CPU optimizers JIT-compile a C++ op (~1 min) when built
         import torch
 
