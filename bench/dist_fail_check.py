@@ -22,20 +22,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 
+DATA = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "examples" / "data").glob("*.json*"))
+
 
 def setup(work: Path):
     from engine.checkpoints.convert import hf_to_pp
     from models.tiny import make_tiny_hf_model, sample_texts
-    from tests.conftest import EXAMPLE_DATA
 
-    make_tiny_hf_model(work / "hf", "llama", sample_texts(EXAMPLE_DATA))
+    make_tiny_hf_model(work / "hf", "llama", sample_texts(DATA))
     return hf_to_pp(work / "hf", work / "pp")
 
 
 def write(pp, work: Path, name: str, **over) -> tuple[Path, Path]:
-    from tests.test_train import config
-
-    raw = config(pp, work / name, steps=4, save_every_steps=0, save_at_end=False, **over)
+    """tests/test_train.py's config (that module needs pytest): pp=2, fp32, 4 steps."""
+    raw = {"model_path": str(pp), "data_path": DATA, "save_path": str(work / name), "max_seq_len": 64,
+           "n_epochs": 50, "max_steps": 4, "packing": True, "seed": 7, "save_every_steps": 0, "save_at_end": False,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [3, 3]},
+           "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}, **over}
     (work / f"{name}.yml").write_text(yaml.safe_dump(raw))
     return work / f"{name}.yml", work / name
 

@@ -176,14 +176,37 @@ def _short(filename: str) -> str:
 
 # ---------------------------------------------------------------------- one error line per run
 def report_once(line: str) -> bool:
-    """Print `line` (an `error:` line) unless another rank of this run printed one first; True if
-    printed. Ranks fail at different moments and the launcher kills the others as soon as one
-    exits, so "rank 0 prints" loses the line whenever another rank fails first: instead, the
-    first rank to fail claims the line by creating a file (O_EXCL: exactly one creator) in a
-    directory named after this run's launcher process (the ranks' common parent: its pid and
-    start time) and rendezvous port. A multi-node run prints at most one line per node."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _claim():
-        return False
+    """Print `line` (an `error:` line) unless another rank of this run prints the run's line; True
+    if printed here. Ranks fail at different moments and the launcher kills the others as soon as
+    one exits, so "rank 0 prints" lost the line whenever another rank failed first. Instead the
+    first rank to fail claims the line: it links a file holding its pid to `claim` in a directory
+    named after this run (the ranks' common parent, the launcher: its pid and start time, and the
+    rendezvous port); link() fails if the name exists, so exactly one rank wins. The winner prints,
+    then creates `printed`. A loser waits for `printed` before it exits (its exit would make the
+    launcher kill the winner between claim and print); if the winner dies without printing, a
+    loser takes over (`takeover`, claimed the same way). A multi-node run prints one line per node."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _print(line)
+    run = _run_dir()
+    for name in ("claim", "takeover"):
+        if _link_pid(run / name):
+            printed = _print(line)
+            (run / "printed").touch()  # also when stderr is gone: nobody else can print either
+            return printed
+        if _await_printed(run, run / name):
+            return False
+    return False
+
+
+def reported() -> bool:
+    """Another rank of this run has printed the run's error line."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (_run_dir() / "printed").exists()
+
+
+REPORT_WAIT_S = 60.0  # a loser's wait for a live winner to print (microseconds, unless stderr blocks)
+
+
+def _print(line: str) -> bool:
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError:  # the terminal is gone with the launcher
@@ -191,28 +214,49 @@ def report_once(line: str) -> bool:
     return True
 
 
-def reported() -> bool:
-    """Another rank of this run has already printed the run's error line."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and _claim_file().exists()
-
-
-def _claim_file() -> Path:
+def _run_dir() -> Path:
     import psutil
 
     parent = psutil.Process().parent()
     started = int(parent.create_time() * 100) if parent is not None else 0
-    run = f"{os.getppid()}-{started}-{os.environ.get('MASTER_PORT', '')}"
-    return Path(tempfile.gettempdir()) / f"ppllm-{os.getuid()}" / run / "error"
+    run = Path(tempfile.gettempdir()) / f"ppllm-{os.getuid()}" / f"{os.getppid()}-{started}-{os.environ.get('MASTER_PORT', '')}"
+    if not run.is_dir():
+        _remove_stale(run.parent)
+        run.mkdir(parents=True, exist_ok=True)
+    return run
 
 
-def _claim() -> bool:
-    path = _claim_file()
-    _remove_stale(path.parent.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _link_pid(path: Path) -> bool:
+    """Create `path` holding this pid, atomically (content and existence at once); False if it exists."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.link(tmp, path)
     except FileExistsError:
         return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _await_printed(run: Path, holder: Path) -> bool:
+    """True once the line is printed (or the live holder took past REPORT_WAIT_S); False if the
+    holder died without printing."""
+    import time
+
+    import psutil
+
+    pid, end = int(holder.read_text()), time.monotonic() + REPORT_WAIT_S
+    while not (run / "printed").exists():
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            return (run / "printed").exists()
+        if time.monotonic() > end:
+            return True
+        time.sleep(0.01)
     return True
 
 

@@ -31,6 +31,8 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+# the `deepspeed` command; where pip put none beside the interpreter (`pip install --target`), its module
+LAUNCHER = [DEEPSPEED] if os.path.exists(DEEPSPEED) else [sys.executable, "-m", "deepspeed.launcher.runner"]
 HANG_S = 600  # a multi-rank test that runs this long is stuck: dump the stacks and fail
 DUMP_HEADER = "most recent call first"  # faulthandler's line above each thread's stack
 
@@ -137,7 +139,7 @@ def launch(cfg: Path | None, log: Path, env=None, launcher_args=None, script: st
     session (its pid is the group's), stdout and stderr appended to `log`."""
     args = launcher_args or ["--num_gpus", "2", "--master_port", str(free_port())]
     script_args = ["--config", str(cfg)] if script_args is None else [str(a) for a in script_args]
-    proc = subprocess.Popen([DEEPSPEED, *args, str(script), *script_args], cwd=ROOT,
+    proc = subprocess.Popen([*LAUNCHER, *args, str(script), *script_args], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, preexec_fn=default_signals)
     _launched[proc.pid] = Path(log)

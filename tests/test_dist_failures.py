@@ -110,3 +110,43 @@ def test_stuck_ranks_end_when_their_launcher_is_killed(tiny_pp, tmp_path, busy):
     wait_group(proc)
     assert not group_alive(proc.pid)
     assert re.search(rf"note: the launcher \(pid {parent.pid}\) has ended", log.read_text()), log.read_text()[-3000:]
+
+
+def _report(i, barrier, out):
+    from engine import distributed as D
+
+    barrier.wait()  # all four claim at once
+    out.put((i, D.report_once(f"error: from {i}")))
+
+
+def test_report_once_prints_once_and_takes_over_from_a_dead_winner(tmp_path, monkeypatch, capfd):
+    """The claim protocol itself (no launcher): four processes fail together, one line; a winner
+    that died between its claim and its print is replaced by a loser."""
+    import multiprocessing
+    import tempfile
+
+    from engine import distributed as D
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the claim dirs: under this test's dir
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_report, args=(i, barrier, out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    won = [i for i, printed in (out.get() for _ in procs) if printed]
+    assert len(won) == 1
+    assert capfd.readouterr().err.splitlines() == [f"error: from {won[0]}"]
+
+    monkeypatch.setenv("MASTER_PORT", "2")  # a new run: its winner claimed and was killed before printing
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    run = D._run_dir()
+    assert run.parent.parent == tmp_path
+    (run / "claim").write_text(str(gone.pid))
+    assert D.report_once("error: taken over") and (run / "printed").exists()
+    assert not D.report_once("error: a third rank")  # printed now: nobody else
+    assert capfd.readouterr().err.splitlines() == ["error: taken over"]
