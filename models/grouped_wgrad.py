@@ -45,7 +45,7 @@ if triton is not None:
                               stride_ge, stride_gm, stride_gn, stride_dyt, stride_dym, stride_xt, stride_xn,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               N_FASTEST: tl.constexpr, UPCAST: tl.constexpr):
-        pid, e = tl.program_id(0), tl.program_id(1)
+        pid, e = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: E*M*N may pass 2^31
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         if N_FASTEST:  # consecutive programs share one dy column block and walk x (kept in L2)
             pid_m, pid_n = pid // tiles_n, pid % tiles_n
@@ -59,7 +59,7 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(start, end, BLOCK_K):
-            offs_k = k0 + rk
+            offs_k = (k0 + rk).to(tl.int64)
             in_k = offs_k < end
             a = tl.load(dy_ptr + offs_k[:, None] * stride_dyt + offs_m[None, :] * stride_dym,
                         mask=in_k[:, None] & (offs_m[None, :] < M), other=0.0)  # [K, M]
