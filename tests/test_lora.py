@@ -359,3 +359,109 @@ def test_kill9_then_same_command_resumes_bitwise(tiny_pp, lora_run, tmp_path):
     assert wait_group(proc) == 0, log.read_text()[-3000:]
     assert "resumed at step" in log.read_text() and "B/trainable param" in log.read_text()  # checkpoint size
     assert dict(losses(save)) == lora_run[1][0][0]  # every step, bitwise
+
+
+def test_exports_load_in_autopeft_and_the_run_goes_on_as_model_path_or_init_from(tiny_pp, lora_run, tmp_path, capsys):
+    """--lora-adapter names the HF dir the run trained from (hf_to_pp's source.json), so
+    AutoPeftModelForCausalLM loads it alone; the run dir as a new run's model_path is its base with
+    the adapters merged (= the --merge-lora export), and lora.init_from starts from the adapters:
+    step 1 of an init_from run equals step 1 of a fresh LoRA on the run dir within 1e-5 (fp32, pp=2)."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from convert_model import main as convert
+    from engine.checkpoints.convert import pp_to_hg
+    from engine.checkpoints.weights import open_weights
+    from tests.conftest import run_main
+
+    save, hf = lora_run[0], Path(tiny_pp).parent / "hf"
+    assert run_main(convert, ["pp_to_hg", "--input-path", str(save), "--lora-adapter", str(tmp_path / "adapter")],
+                    capsys)[0] == 0
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(hf.absolute())
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
+        peft = PeftModel.from_pretrained(load_reference(hf), tmp_path / "adapter").eval()
+        torch.testing.assert_close(auto(input_ids=ids).logits, peft(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+    merged = pp_to_hg(save, tmp_path / "merged", dtype="float32", merge_lora=True)
+    as_model, exported, base = open_weights(save), open_weights(merged), open_weights(tiny_pp)
+    for idx in range(len(as_model)):
+        for k, t in as_model.layer(idx).items():
+            torch.testing.assert_close(t.float(), exported.layer(idx)[k], atol=1e-6, rtol=0)
+    assert not torch.equal(as_model.layer(1)["self_attn.qkv_proj.weight"], base.layer(1)["self_attn.qkv_proj.weight"])
+
+    def fp32(model_path, run, **over):
+        raw = config(model_path, tmp_path / run, steps=1, **{"lora": LORA, **over})
+        raw["optimizer"]["params"]["lr"] = 3e-2
+        return raw
+
+    started = run(fp32(tiny_pp, "init_from", lora={**LORA, "init_from": str(tmp_path / "adapter")}))
+    on_merged = run(fp32(save, "on_run"))
+    assert started[1] == pytest.approx(on_merged[1], abs=1e-5), (started, on_merged)
+
+
+def test_lora_metadata_is_checked_by_every_reader(tiny_pp, lora_run, tmp_path, capsys):
+    """meta.json's lora entry is covered by lora_hash, and checked against the tensors (r, targets)
+    and its base: a tag whose meta.json says r 8 over r 4 tensors (hash updated, as a buggy writer
+    would) is one line naming the file and field in resume, demo, --lora-adapter, --merge-lora and
+    model_path; an entry edited without its hash is refused by the hash."""
+    import shutil
+
+    from convert_model import main as convert
+    from demo import main as demo
+    from engine.checkpoints import tags
+    from engine.checkpoints.files import LayoutError
+    from engine.checkpoints.lora import digest
+    from engine.checkpoints.weights import open_weights
+    from models.tiny import make_tiny_hf_model
+    from tests.conftest import run_main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"hello"\n')
+
+    def copy(name, rehash=True, **lora):
+        run_dir = tmp_path / name
+        shutil.copytree(lora_run[0], run_dir, ignore=shutil.ignore_patterns(".lock"))
+        path = run_dir / "global_step12" / "meta.json"
+        meta = json.loads(path.read_text())
+        meta["lora"].update(lora)
+        if rehash:
+            meta["lora_hash"] = digest(meta["lora"], meta["hash"])
+        path.write_text(json.dumps(meta))
+        return run_dir
+
+    def readers(run_dir, over):
+        def resume():
+            raw = lora_config(tiny_pp, run_dir)
+            raw["lora"] = {**LORA, **over}  # the config that wrote the (edited) entry
+            cfg = from_dict(raw)
+            tags.weights_from_tag(cfg, "llama", 6)
+        yield "resume", resume
+        for name, argv in (("demo", (demo, ["--model", str(run_dir), "--prompts", str(prompts), "--devices", "cpu"])),
+                           ("--lora-adapter", (convert, ["pp_to_hg", "--input-path", str(run_dir), "--lora-adapter",
+                                                         str(run_dir / "out_adapter")])),
+                           ("--merge-lora", (convert, ["pp_to_hg", "--input-path", str(run_dir), "--save-path",
+                                                       str(run_dir / "out_merged"), "--merge-lora"]))):
+            def cli(main=argv[0], args=argv[1]):
+                code, _, err = run_main(main, args, capsys)
+                assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, repr(err)
+                raise LayoutError(err)
+            yield name, cli
+        yield "model_path", lambda: open_weights(run_dir).layer(1)
+
+    wide = make_tiny_hf_model(tmp_path / "wide", "llama", ["a b"] * 4, hidden_size=96)
+    cases = ((copy("r8", r=8), {"r": 8}, "layer_01-model_states.pt: 'self_attn.qkv_proj.lora_A.q_proj' has r 4, meta.json's "
+              "lora.r is 8"),
+             (copy("edited", rehash=False, r=8), {"r": 8}, "meta.json: the 'lora' entry does not match its checksum (lora_hash)"),
+             (copy("targets", target_modules=["q_proj"]), {"target_modules": ["q_proj"]}, "which meta.json's lora.target_modules"),
+             (copy("base", base=str(wide)), {}, f"lora.base {wide} has hidden_size 96"))
+    capsys.readouterr()  # what making the cases printed
+    for run_dir, over, message in cases:
+        for name, read in readers(run_dir, over):
+            if name == "resume" and "lora.base" in message:
+                continue  # resume takes the base from model_path, not from meta.json
+            with pytest.raises(LayoutError) as e:
+                read()
+            assert message in str(e.value) and str(run_dir) in str(e.value), (name, str(e.value))
+        assert not (run_dir / "out_adapter").exists() and not (run_dir / "out_merged").exists()
