@@ -6,12 +6,17 @@ dataset/packing/answer-masked loss, the real metrics. Prints one table: tokens/s
 tokens), MFU (6 * N_active + attention: MoE counts top_k of its experts), peak GPU memory per rank,
 step time, and each case's MFU / the llama case's MFU when one ran.
 
-    python bench/bench_train.py prepare --out runs/bench [--family bloom-7b1]  # config dirs + data (once)
+    python bench/bench_train.py prepare --out runs/bench [--family bloom-7b1] [--long-samples 48]  # config dirs + data (once)
     torchrun --nproc_per_node 2 bench/bench_train.py run --out runs/bench --name pp2_s2048 \\
         --seq 2048 --set model_topo.process_topology.dims=[2,1] ...    # one case (all ranks)
     python bench/bench_train.py table --out runs/bench               # the summary table
 
-Steps after the first `--warmup` are measured (compile and allocator warm-up excluded).
+Steps after the first `--warmup` are measured (compile and allocator warm-up excluded). Each case
+also records the dry run's peak estimate for its config (engine/plan.py), printed beside the measured
+peak. Long context (bench/steps_long.txt): `prepare --long-samples N` writes <out>/long.jsonl, N
+pretrain documents of ~16k words (lognormal, 2k-120k), which `run --set data_path=[<out>/long.jsonl]`
+packs into 32k-128k rows; the levers are config keys (`--set offload_activations=true`,
+`--set head_chunk_tokens=8192`).
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ SHAPES = {
                 num_key_value_heads=40),
     "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
                num_key_value_heads=16),  # the FP8 quality gate's model
+    # QLoRA on one card (bench/steps_qlora.txt): Llama-2-70B's and CodeLlama-34B's published sizes
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),
+    "34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                num_key_value_heads=8),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512),  # smoke test on CPU
 }
@@ -100,7 +110,8 @@ WORDS = ("the model learns from data while pipeline stages pass activations forw
          "every token counts and packing keeps rows full so no compute is wasted on padding at all").split()
 
 
-def prepare(out: Path, n_samples: int, shape: str | None, layers: int | None, family: str = "llama-7b") -> None:
+def prepare(out: Path, n_samples: int, shape: str | None, layers: int | None, family: str = "llama-7b",
+            long_samples: int = 0) -> None:
     import shutil
 
     from models import family_for_hf_config
@@ -118,6 +129,8 @@ def prepare(out: Path, n_samples: int, shape: str | None, layers: int | None, fa
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(400)]
     make_tiny_tokenizer(hf, texts)
+    if long_samples:
+        write_long_documents(out / "long.jsonl", long_samples, rng)
     if (out / "data.jsonl").is_file() and n_samples <= sum(1 for _ in open(out / "data.jsonl")):
         print(f"prepared {hf} (data.jsonl kept)")
         return
@@ -131,6 +144,16 @@ def prepare(out: Path, n_samples: int, shape: str | None, layers: int | None, fa
     print(f"prepared {hf} and {n_samples} samples")
 
 
+def write_long_documents(path: Path, n: int, rng: random.Random) -> None:
+    """n pretrain documents of ~16k words each (lognormal, clipped to 2k-120k): long-context rows hold
+    a few whole documents, so attention spans thousands of keys, not a packed row of short samples."""
+    with open(path, "w") as fh:
+        for _ in range(n):
+            words = min(max(int(rng.lognormvariate(9.6, 0.6)), 2000), 120_000)
+            fh.write(json.dumps({"type": "pretrain", "text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+    print(f"wrote {n} long documents to {path}")
+
+
 def run(out: Path, name: str, seq: int, overrides: list[str], zero: bool, unfused: bool = False,
         family: str = "llama-7b") -> None:
     import torch
@@ -139,18 +162,9 @@ def run(out: Path, name: str, seq: int, overrides: list[str], zero: bool, unfuse
         from bench.unfused import patch
         patch()
 
-    from engine.config import from_dict, apply_overrides
     from engine import distributed as D
 
-    raw = {"model_path": str(model_dir(out, family)), "data_path": [str(out / "data.jsonl")],
-           "save_path": str(out / "runs" / name), "max_seq_len": seq, "n_epochs": 100, "max_steps": 8,
-           "packing": True, "from_scratch": True, "compile_blocks": True, "seed": 1, "save_at_end": False,
-           "cache_dir": str(out / "cache"),
-           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": "auto"},
-           "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 32, "gradient_clipping": 1.0,
-           "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.0}}}
-    cfg = from_dict(apply_overrides(raw, overrides), f"bench:{name}")
+    cfg = case_config(out, name, seq, overrides, family)
     if zero:
         from engine.training.loop import train_zero as train_fn
     else:
@@ -161,7 +175,36 @@ def run(out: Path, name: str, seq: int, overrides: list[str], zero: bool, unfuse
     torch.distributed.all_gather_object(peaks, round(peak, 1))
     if D.rank() == 0:
         (Path(cfg.save_path) / "peak_gib.json").write_text(json.dumps(peaks))
+        (Path(cfg.save_path) / "estimate_gib.json").write_text(json.dumps(dry_run_peaks(cfg, zero)))
         (Path(cfg.save_path) / "family.json").write_text(json.dumps({"family": family}))
+
+
+def case_config(out: Path, name: str, seq: int, overrides: list[str], family: str = "llama-7b"):
+    """The TrainConfig of one bench case: packed generated data, from scratch, compiled, bf16 +
+    ZeRO-1, pp=2 unless `overrides` (`--set KEY=VALUE`) say otherwise."""
+    from engine.config import from_dict, apply_overrides
+
+    raw = {"model_path": str(model_dir(out, family)), "data_path": [str(out / "data.jsonl")],
+           "save_path": str(out / "runs" / name), "max_seq_len": seq, "n_epochs": 100, "max_steps": 8,
+           "packing": True, "from_scratch": True, "compile_blocks": True, "seed": 1, "save_at_end": False,
+           "cache_dir": str(out / "cache"),
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": "auto"},
+           "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 32, "gradient_clipping": 1.0,
+           "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.0}}}
+    return from_dict(apply_overrides(raw, overrides), f"bench:{name}")
+
+
+def dry_run_peaks(cfg, zero: bool) -> list[float]:
+    """The dry run's peak estimate (GiB) per pipeline stage (one entry per rank under ZeRO) for the case's
+    config as it ran (validated, parts resolved from the same cost model)."""
+    from engine import distributed as D
+    from engine.model import Model
+    from engine.plan import GiB, report
+
+    model = Model.for_training(cfg)
+    _, stages = report(cfg, model.family, model.args, D.world_size(), pipeline=not zero)
+    return [round(s.peak / GiB, 1) for s in stages]
 
 
 def pp_rate(stage_rate: float, micro_batches: int = 16, stages: int = 2) -> float:
@@ -181,24 +224,26 @@ def table(out: Path, warmup: int, pp_micro: int = 16) -> None:
         timed = [m for m in metrics if m["step"] > warmup] or metrics
         peak_file = run_dir / "peak_gib.json"
         peaks = json.loads(peak_file.read_text()) if peak_file.exists() else []
+        est_file = run_dir / "estimate_gib.json"
+        estimates = json.loads(est_file.read_text()) if est_file.exists() else []
         fam_file = run_dir / "family.json"
         family = json.loads(fam_file.read_text())["family"] if fam_file.exists() else "llama-7b"
         rows.append((run_dir.name, family, statistics.median(m["tokens_per_s_per_gpu"] for m in timed),
                      statistics.median(m["mfu"] for m in timed), statistics.median(m["step_time_s"] for m in timed),
-                     statistics.mean(m["loss"] for m in timed), peaks))
+                     statistics.mean(m["loss"] for m in timed), peaks, estimates))
     refs = {f.stem: json.loads(f.read_text()) for f in sorted((out / "ref").glob("*.json"))} \
         if (out / "ref").is_dir() else {}
     # MFU of every case against the llama case's of the same run (the issue's per-family target:
     # >= 0.95); the first llama case counts when several ran
     llama_mfu = next((mfu for _, fam, _, mfu, *_ in rows if fam == "llama-7b"), None)
     print(f"{'case':34s} {'family':14s} {'tok/s/GPU':>10s} {'MFU':>6s} {'/llama':>6s} {'step s':>7s} {'loss':>6s} "
-          f"{'vs ref':>7s} {'pp2 est':>8s}  peak GiB per rank")
-    for name, family, tps, mfu, dt, loss, peaks in rows:
+          f"{'vs ref':>7s} {'pp2 est':>8s}  peak GiB per rank (dry-run estimate per stage)")
+    for name, family, tps, mfu, dt, loss, peaks, estimates in rows:
         ref = refs.get(f"ref_{name}") or refs.get("ref")
         ratio = f"{tps / ref['tok_s']:7.3f}" if ref else f"{'':7s}"
         vs_llama = f"{mfu / llama_mfu:6.3f}" if llama_mfu else f"{'':6s}"
         print(f"{name:34s} {family:14s} {tps:10.0f} {100 * mfu:5.1f}% {vs_llama} {dt:7.2f} {loss:6.2f} {ratio} "
-              f"{pp_rate(tps, pp_micro):8.0f}  {peaks}")
+              f"{pp_rate(tps, pp_micro):8.0f}  {peaks} ({estimates or 'no estimate'})")
     ref_llama = next((r["mfu"] for r in refs.values() if r.get("family", "llama-7b") == "llama-7b" and "mfu" in r), None)
     for name, r in refs.items():
         mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else f"{'':6s}"
@@ -211,13 +256,15 @@ def table(out: Path, warmup: int, pp_micro: int = 16) -> None:
           f"whose two stages each run at the measured rate")
 
 
-if __name__ == "__main__":
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["prepare", "run", "table"])
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--name", default="case")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--samples", type=int, default=6000)
+    p.add_argument("--long-samples", type=int, default=0,
+                   help="prepare: also write <out>/long.jsonl, this many ~16k-word pretrain documents (long context)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="llama-7b presets, whole model unless --layers (run_gpu.sh passes 7b: all 32 blocks)")
     p.add_argument("--family", choices=list(FAMILY_SHAPES), default="llama-7b",
@@ -228,10 +275,14 @@ if __name__ == "__main__":
     p.add_argument("--unfused", action="store_true", help="q/k/v and gate/up as separate GEMMs (bench/unfused.py)")
     p.add_argument("--pp-micro", type=int, default=16, help="micro-batches per step for the table's pp=2 estimate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    a = p.parse_args()
+    return p
+
+
+if __name__ == "__main__":
+    a = parser().parse_args()
     out = Path(a.out)
     if a.mode == "prepare":
-        prepare(out, a.samples, a.shape, a.layers, a.family)
+        prepare(out, a.samples, a.shape, a.layers, a.family, a.long_samples)
     elif a.mode == "run":
         run(out, a.name, a.seq, a.set, a.zero, a.unfused, a.family)
     else:
