@@ -163,4 +163,4 @@ class Evaluator:
                 loss.pop_metrics()  # drop what training left
             return evaluate_module(forward, self.batches, loss)
         finally:
-            engine.training.loop(was_training)
+            engine.train(was_training)  # DeepSpeedEngine.train(mode): back to where training left it
