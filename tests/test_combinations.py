@@ -43,7 +43,7 @@ from models import family_names, get_family  # noqa: E402
 STEPS = 3
 GLOBAL_BATCH = 8  # micro-batch 2 x gradient accumulation x data-parallel ranks, the same in every cell
 FP32_TOL = 1e-5
-BF16_TOL = 2e-2  # measured worst here: see test_matrix's report of the largest difference per precision
+BF16_TOL = 5e-3  # bf16 vs the bf16 run at pp=1 x dp=1; measured worst 1.4e-3 (test_matrix prints it)
 CELL_LIMIT_S = 300  # per cell in a launch: then every thread's stack is printed and the rank ends
 LAUNCH_LIMIT_S = 900
 
@@ -137,7 +137,7 @@ def cell_config(cell: dict, model_dir: Path, save: Path, dims=None) -> dict:
     dims = dims or cell_dims
     raw = {"model_path": str(model_dir), "data_path": DATA, "save_path": str(save), "max_seq_len": 64,
            "n_epochs": 50, "max_steps": STEPS, "packing": cell["packing"], "use_grad_ckpt": cell["use_grad_ckpt"],
-           "seed": 7, "dist_timeout_s": CELL_LIMIT_S,
+           "seed": 7, "dist_timeout_s": CELL_LIMIT_S, "save_at_end": False,  # losses are what is compared
            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": "auto"},
            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": GLOBAL_BATCH // (2 * dims[1]),
            "gradient_clipping": 1.0,

@@ -27,7 +27,7 @@ def param_groups(params, weight_decay: float, no_wd_kws: list[str] | None = None
             raise ValueError("no_wd_kws needs parameter names (pass named_parameters())")
         keep = [not any(re.search(k, n) for k in no_wd_kws) for n, _ in named]
     else:
-        keep = [p.ndim >= 2 for _, p in named]
+        keep = [len(getattr(p, "ds_shape", p.shape)) >= 2 for _, p in named]  # ZeRO-3: p is a 1-D placeholder
     return [{"params": [p for (_, p), k in zip(named, keep) if k], "weight_decay": weight_decay},
             {"params": [p for (_, p), k in zip(named, keep) if not k], "weight_decay": 0.0}]
 
