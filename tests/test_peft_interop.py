@@ -74,6 +74,10 @@ def test_peft_adapter_in_demo_and_merge_equals_peftmodel(base, tmp_path, name):
             torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
         ours = load_lm(adapter, "ours", ["cpu"], "float32").model(IDS)  # the adapter alone: its base_model_name_or_path
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+        if name == "qv":  # --backend hf: peft's own PeftModel on transformers' model
+            hf_lm = load_lm(hf, "hf", ["cpu"], "float32", adapter=adapter)
+            assert isinstance(hf_lm.model, PeftModel)
+            torch.testing.assert_close(hf_lm.model(input_ids=IDS, use_cache=False).logits, theirs, atol=ATOL, rtol=0)
 
     # pp_to_hg --merge-lora --adapter: equal to peft's merge_and_unload, tensor by tensor
     src = pp if name != "qv" else hf
@@ -219,3 +223,30 @@ def test_unknown_adapter_dir_is_one_line(base, tmp_path):
     with pytest.raises(LayoutError) as e:
         open_adapter(tmp_path / "empty", Model.from_dir(base[0]))
     assert "neither a PEFT adapter dir" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["dora", "all_linear_rslora"])
+def test_adapter_gradients_equal_peftmodel(base, tmp_path, name):
+    """Training runs the same function: the gradients of every adapter tensor (DoRA's magnitudes
+    included) equal PeftModel's within 1e-5 relative (fp32, no dropout; the gradients are O(10))."""
+    from engine.inference.generate import load_lm
+    from models.lora import peft_name
+
+    hf, _ = base
+    adapter, peft = peft_adapter(hf, tmp_path / "adapter", **OPTIONS[name])
+    weight = torch.randn(2, 12, 320, generator=torch.Generator().manual_seed(3))
+    peft.train()
+    (peft(input_ids=IDS, use_cache=False).logits * weight).sum().backward()
+    theirs = {n.replace(".default", ""): p.grad for n, p in peft.named_parameters() if p.requires_grad}
+    lm = load_lm(hf, "ours", ["cpu"], "float32", adapter=adapter)
+    model = lm.model.train()
+    (model(IDS) * weight).sum().backward()
+    keys, n = lm.family.hf_keys(lm.args), 0
+    for idx, layer in model.owned_layers():
+        for pname, p in layer.named_parameters():
+            if p.requires_grad:
+                key = peft_name(keys[idx], pname)  # peft's module parameter: DoRA's magnitude is a `.weight` there
+                key = key if key.endswith(".weight") else key + ".weight"
+                torch.testing.assert_close(p.grad, theirs[key], atol=ATOL, rtol=ATOL, msg=lambda m: f"{pname}: {m}")
+                n += 1
+    assert n == len(theirs) and n > 0

@@ -96,7 +96,8 @@ def check_resume(tag_dir: Path, saved: dict | None, cfg) -> None:
     """A LoRA run resumes only a LoRA tag of the same adapters, and a full run only a full tag;
     the tag's tensors are what its meta.json says."""
     ours = record(cfg)
-    strip = (lambda r: {k: v for k, v in r.items() if k != "base"} if r else None)
+    strip = (lambda r: {k: v for k, v in r.items() if k not in ("base", "init_lora_weights")} if r else None)  # noqa: E731
+    # (how fresh adapters were initialised does not matter to a resume)
     if strip(saved) != strip(ours):
         what = lambda r: f"LoRA {strip(r)}" if r else "full fine-tuning"  # noqa: E731
         raise LayoutError(f"{tag_dir}: saved by {what(saved)}, but the config asks for {what(ours)}; use a new "
@@ -483,9 +484,10 @@ class MergedSource:
         self.base.verify()
 
 
-def merged_if_lora(path: Path, model: Model | None, tag: str | None) -> MergedSource | None:
-    """weights.open_weights on a LoRA run's dir: its base plus its adapters, merged (None: not a LoRA tag)."""
-    if of_tag(resolve_tag(path, tag)) is None:
+def merged_if_lora(tag_dir: Path, path: Path, model: Model | None, tag: str | None) -> MergedSource | None:
+    """weights.open_weights on a LoRA run's dir (`tag_dir`: the tag read): its base plus its adapters,
+    merged (None: not a LoRA tag)."""
+    if of_tag(tag_dir) is None:
         return None
     return MergedSource(Adapters(path, tag), model)
 

@@ -184,7 +184,7 @@ def open_weights(path: str | Path, model: Model | None = None, tag: str | None =
     if not where.is_hf and not where.gdgpt:
         from engine.checkpoints.lora import merged_if_lora
 
-        merged = merged_if_lora(Path(path), model, tag)
+        merged = merged_if_lora(where.layers(tag), Path(path), model, tag)
         if merged is not None:
             return merged
     return LayerSource(model or Model.from_dir(path), where, tag)
