@@ -28,8 +28,8 @@ def base(tmp_path_factory):
 
 
 def peft_adapter(hf: Path, out: Path, seed: int = 0, **options):
-    """A PEFT adapter saved by peft itself, its B (and DoRA magnitudes) random (a zero B would hide a
-    wrong A, slice or scale); returns (dir, the PeftModel)."""
+    """A PEFT adapter saved by peft itself, its B (and DoRA magnitudes, modules_to_save) random (a zero
+    B would hide a wrong A, slice or scale); returns (dir, the PeftModel)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -39,6 +39,8 @@ def peft_adapter(hf: Path, out: Path, seed: int = 0, **options):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
     model.save_pretrained(out)
@@ -47,7 +49,7 @@ def peft_adapter(hf: Path, out: Path, seed: int = 0, **options):
 
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 OPTIONS = {
-    "qv": dict(target_modules=["q_proj", "v_proj"]),
+    "qv": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
     "all_linear_rslora": dict(target_modules="all-linear", use_rslora=True),
     "regex": dict(target_modules=r".*\.layers\.[13]\..*(k_proj|down_proj)"),
     "layers_gaussian": dict(target_modules=["q_proj", "gate_proj", "o_proj"], layers_to_transform=[0, 2],

@@ -346,17 +346,17 @@ class PeftAdapter(AdapterSource):
         self.file, tensors = _peft_tensors(self.where)
         keys = model.family.hf_keys(model.args)
         self.states: dict[int, dict[str, torch.Tensor]] = {}
-        placed = {}
+        placed: dict[str, list] = {}  # a tied embedding's one key serves the layers that hold it
         for idx, want in enumerate(expected(model.family, model.args, self.spec)):
             for name, shape in want.items():
-                placed[L.peft_name(keys[idx], name)] = (idx, name, shape)
+                placed.setdefault(L.peft_name(keys[idx], name), []).append((idx, name, shape))
         for key, t in tensors.items():
             if key not in placed:
                 self._stray(key, keys)
-            idx, name, shape = placed[key]
-            if tuple(t.shape) != shape:
-                self._shape(key, name, tuple(t.shape), shape)
-            self.states.setdefault(idx, {})[name] = t
+            for idx, name, shape in placed[key]:
+                if tuple(t.shape) != shape:
+                    self._shape(key, name, tuple(t.shape), shape)
+                self.states.setdefault(idx, {})[name] = t
         missing = sorted(set(placed) - set(tensors))
         if missing:
             raise LayoutError(f"{self.file}: no '{missing[0]}', which target_modules {self._targets()} selects on this "
