@@ -190,7 +190,9 @@ def report_once(line: str) -> bool:
     run = _run_dir()
     for name in ("claim", "takeover"):
         if _link_pid(run / name):
-            printed = _print(line)
+            # on a line of its own: rank 0's progress bar may hold the current one (no newline yet)
+            fresh = "" if os.environ.get("RANK", "0") == "0" else "\r\x1b[K" if sys.stderr.isatty() else "\n"
+            printed = _print(fresh + line)
             (run / "printed").touch()  # also when stderr is gone: nobody else can print either
             return printed
         if _await_printed(run, run / name):

@@ -57,7 +57,7 @@ def parked(tiny_pp, tmp_path_factory):
     after = digest(save)
 
     os.kill(first.pid, signal.SIGTERM)  # `kill <pid>` of the deepspeed command: its ranks are not signalled
-    first.wait(timeout=30)
+    wait_for(lambda: first.poll() is not None, Running(holder), "the deepspeed command to end")  # (watchdog)
     # the ranks' watcher (polls every second) notices and SIGTERMs its own rank; rank 0 reports it
     wait_signals(save, 3, {"SIGTERM"}, Running(holder))
     (save / ".held-3").unlink()  # let the parked step go on to its stop/save decision
