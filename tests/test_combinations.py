@@ -342,6 +342,30 @@ def test_matrix(model_dirs, tmp_path):
     assert not failures, "\n\n".join(failures)
 
 
+def _train(raw: dict) -> dict:
+    from engine.config import from_dict
+    from engine.training.loop import train
+
+    return train(from_dict(raw)).losses
+
+
+def test_tied_embedding_trained_under_lora_resumes_on_both_stages(model_dirs, tmp_path):
+    """LoRA + modules_to_save naming a tied embedding at pp=2: only the first stage's layer file holds
+    the trained matrix; on resume the last stage's twin takes it from there (else the head would run
+    on the base embedding): stopping after step 2 and resuming gives the uninterrupted losses, bitwise."""
+    from tests.dist import run_ranks
+
+    cell, model = PINNED[1], model_dirs("llama", True)
+    assert cell["mode"] == "lora+save" and cell["tied"] and cell["topology"] == "pp2"
+    full = {**cell_config(cell, model, tmp_path / "full"), "max_steps": 4}
+    split = {**cell_config(cell, model, tmp_path / "split"), "max_steps": 2, "save_at_end": True}
+    whole = run_ranks(_train, 2, full)[0]
+    first = run_ranks(_train, 2, split)[0]
+    second = run_ranks(_train, 2, {**split, "max_steps": 4})[0]
+    assert sorted(first) == [1, 2] and sorted(second) == [3, 4]  # resumed, not restarted
+    assert {**first, **second} == whole
+
+
 # ----------------------------------------------------------------------------- item 5: dry run == launch's refusals
 LAUNCH_PATH = ("engine", "models")  # every module a launch runs: its ConfigErrors are config-ground refusals
 # Raise sites the dry run does not reach, each with why a launch may still raise it: not on config grounds.
