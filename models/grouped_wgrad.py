@@ -35,9 +35,11 @@ try:
 except ImportError:  # CPU torch wheels come without Triton: the torch fallback runs
     triton = None
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the first is the default; bench/moe_bench.py
-# --wgrad-configs times each on the device (128 x 128 x 64 tiles, 4 stages: 128 KiB of shared memory on Hopper)
-CONFIGS = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the first is the default; bench/moe_bench.py times each
+# on the device. H100, Mixtral-8x7B's experts (bench/results/2026-12-07_h100x1.txt): 128 x 128 x 32, 4 warps,
+# 4 stages ran gate_up's wgrad at 262 TF/s with 2048 tokens (128 x 128 x 64, 8 warps: 199) and 433 at 8192 (362);
+# at 2048 tokens (~512 rows per expert) the fp32 read + write of main_grad bounds it, not the MMA.
+CONFIGS = [(128, 128, 32, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 32, 4, 4), (128, 64, 32, 4, 4)]
 
 if triton is not None:
     @triton.jit
