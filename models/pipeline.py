@@ -82,9 +82,9 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
                    wgrad_fusion: bool = False, on_block=None):
     """A PipelineModule with `parts` user layers per stage (DeepSpeed imported lazily).
     wgrad_fusion: the blocks' linears accumulate weight gradients into `main_grad` (wgrad_fused_blocks).
-    on_block(block, global index): called on each of this stage's transformer blocks as soon as it is
-    built, before the next one is and before DeepSpeed moves the stage to its device (QLoRA loads and
-    quantizes a block there: engine/training/qlora.py BlockLoader)."""
+    on_block(build, global index) -> block: builds each of this stage's transformer blocks (`build()`
+    makes it as DeepSpeed would), one at a time and before DeepSpeed moves the stage to its device
+    (QLoRA builds, loads and quantizes a block there: engine/training/qlora.py BlockLoader)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     opts = options_for_head_dim(opts, family.dims(args).head_dim)  # flex needs head dim >= 16
@@ -100,7 +100,7 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
             s = LayerSpec(d.cls, args, opts)
             if on_block is not None and issubclass(d.cls, BlockBase):
                 build = s.build
-                s.build = lambda log=False: _then(build(log), on_block, idx)
+                s.build = lambda log=False: on_block(lambda: build(log), idx)
             return s
         return TiedLayerSpec(d.tie, d.cls, args, opts, forward_fn=d.forward_fn, tied_weight_attr=family.TIED_WEIGHTS)
 
@@ -115,11 +115,6 @@ def build_pipeline(family: ModuleType, args, opts: LayerOptions, topology, parts
         wgrad_fused_blocks(module.forward_funcs)
     chunked_heads(family, args, [*module.forward_funcs, *module.tied_modules.values()], opts)
     return module
-
-
-def _then(layer, fn, idx: int):
-    fn(layer, idx)
-    return layer
 
 
 def chunked_heads(family: ModuleType, args, layers, opts: LayerOptions) -> int:

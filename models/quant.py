@@ -21,9 +21,8 @@ The quantized weight is a plain tensor attribute of its linear (`linear.weight`)
 or buffer: nothing that walks parameters sees it. DeepSpeed would otherwise broadcast it byte-wise
 over data-parallel ranks, cast it to the run's dtype (dequantizing it) and move it; the optimizer,
 the checkpoint writer (adapter-only tags) and state_dict leave it out. It is therefore made on the
-device the engine trains on, straight from each linear's weight, which is dropped right after:
-the stage never holds its full-precision block weights and their NF4 copies together, and on a
-GPU the full-precision block weights never reach device memory.
+device the engine trains on, and the full-precision Parameter is dropped as its copy is made
+(engine/training/qlora.py builds, loads and quantizes one block at a time).
 """
 from __future__ import annotations
 

@@ -3,11 +3,14 @@
 Pipeline path: DeepSpeed's PipelineModule builds a stage's layers in fp32 on the host and then
 moves the whole stage to its GPU, so loading and quantizing after the build would put the stage's
 full-precision block weights on the GPU first (a 70B stage: 280 GB). Instead each transformer
-block is loaded (or initialised, from_scratch) and quantized as soon as it is built
-(build_pipeline's on_block), before the next block exists: the host holds one full-precision
-block at a time, the GPU only NF4 block weights. The stage's other layers (embedding, final
-norm, head) are then loaded or initialised as load_stage / init_weights do it, so a run's base
-equals a full-precision run's bitwise outside the quantized linears.
+block is built on the training device, loaded (or initialised, from_scratch) and quantized before
+the next one is built (build_pipeline's on_block): besides the NF4 weights the device holds one
+full-precision block at a time, the host none (the layer files or HF shards are read a layer at a
+time). The stage's other layers (embedding, final norm, head) are then loaded or initialised as
+load_stage / init_weights do it, so a run's base equals a full-precision run's bitwise outside
+the quantized linears. from_scratch (benchmarks): a block's N(0, 0.02) weights come from the
+device's own generator, seeded per layer as init_layer seeds (its CPU generator would take minutes
+for a 70B model), so they are not init_weights' values.
 
 ZeRO-1/2 path (one SequentialModel): the model is built and loaded whole on the host as in any
 ZeRO run, then the blocks are quantized before DeepSpeed moves it to the GPU.
@@ -62,12 +65,18 @@ class BlockLoader:
         elif self.source is not None:
             layer.load_state_dict(self.source.layer(idx))
 
-    def __call__(self, block: BlockBase, idx: int) -> None:
+    def __call__(self, build, idx: int) -> BlockBase:
         from models.quant import frozen_linears, quantize_block
 
-        self._fill(block, idx)
+        with torch.device(self.device):
+            block = build()
+        if self.weights == "scratch":
+            _init_on_device(block, self.cfg.seed, idx, self.device)
+        elif self.source is not None:
+            block.load_state_dict(self.source.layer(idx))
         names = frozen_linears(self.model.family, self.model.args, self.spec, self.keys[idx])
         self.quantized += quantize_block(block, names, self.device, self.dtype)
+        return block
 
     def rest(self, module) -> None:
         """The stage's other layers, as load_stage / init_weights fill them; tied twins synchronised."""
@@ -76,6 +85,18 @@ class BlockLoader:
                 self._fill(layer, module._local_start + i)
         if self.weights is not None:
             module._synchronize_tied_weights()
+
+
+def _init_on_device(layer: nn.Module, seed: int, idx: int, device: torch.device, std: float = 0.02) -> None:
+    """init_layer's scheme (N(0, std) matrices, zero biases, unit norms, seeded by the layer's global
+    index) drawn by the device's generator."""
+    gen = torch.Generator(device).manual_seed(seed * 100_003 + idx)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std, generator=gen)
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
 
 
 def quantize_loaded(cfg: TrainConfig, model: Model, spec, layers) -> int:
