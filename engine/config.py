@@ -146,6 +146,14 @@ class TrainConfig:
     wgrad_fusion: bool = doc("bf16 pipeline runs with fp32 gradient accumulation (fp8 off): the blocks' linears add "
                              "their weight gradients into the fp32 buffers inside the wgrad GEMM (+4.1% tok/s on an "
                              "H200); false: DeepSpeed's separate bf16 gradient + add", default=True)
+    offload_activations: bool = doc("long context: with use_grad_ckpt: full, each block's input (what full recompute "
+                                    "keeps, 1 GiB per block at 128k tokens on a 7B) is copied to pinned CPU memory on a "
+                                    "side stream in the forward and back for the block's backward (models/offload.py)",
+                                    default=False)
+    head_chunk_tokens: int = doc("long context: the head's projection + cross-entropy walked in chunks of this many "
+                                 "tokens, each recomputed in backward, so the [tokens, vocab] logits never exist in "
+                                 "full (any family, tied heads, aux_max_z_loss; models/chunked_loss.py); 0 = off",
+                                 default=0)
     from_scratch: bool = doc("random init (pretraining): model_path needs only config + tokenizer", default=False)
     packing: bool = doc("pack several samples per row (no attention across them)", default=False)
     skip_bad_samples: bool = doc("skip and count malformed samples instead of stopping", default=False)
@@ -197,6 +205,12 @@ class TrainConfig:
         return self.model_topo.process_topology.dims[self.model_topo.process_topology.axes.index("data")]
 
     @property
+    def seq_dim(self) -> int:
+        """Sequence-parallel ranks per row (the `seq` axis; 1 without one)."""
+        topo = self.model_topo.process_topology
+        return topo.dims[topo.axes.index("seq")] if "seq" in topo.axes and topo.dims else 1
+
+    @property
     def max_z_weight(self) -> float:
         return float((self.aux_max_z_loss or {}).get("weight", 0.0))
 
@@ -207,12 +221,6 @@ class TrainConfig:
     @property
     def grad_accum(self) -> int:
         return int(self.ds["gradient_accumulation_steps"])
-    @property
-    def seq_dim(self) -> int:
-        """Sequence-parallel ranks per row (the `seq` axis; 1 without one)."""
-        topo = self.model_topo.process_topology
-        return topo.dims[topo.axes.index("seq")] if "seq" in topo.axes and topo.dims else 1
-
 
     @property
     def dtype(self) -> str:
@@ -696,6 +704,7 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
     if cfg.kernels == "liger" and cfg.fp8_head:
         raise ConfigError(f"{where}: fp8_head and kernels: liger both claim the head projection (liger fuses it "
                           f"with the cross-entropy in bf16); pick one")
+    _check_long_context(cfg)
     if cfg.fp8 not in ("off", "auto") and cfg.dtype != "bf16":
         raise ConfigError(f"{where}: fp8: {cfg.fp8} needs bf16: {{enabled: true}} (its parameters and "
                           f"gradients stay bf16), got {cfg.dtype}")
@@ -705,6 +714,33 @@ def validate(cfg: TrainConfig, world_size: int, n_layers: int, pipeline: bool = 
         raise ConfigError(f"{where}: resume must be auto, true or false, got {cfg.resume!r}")
     _check_gdgpt_keys(cfg)
     _check_values(cfg)
+
+
+def _check_seq(cfg: TrainConfig) -> None:
+    """The seq axis against the keys that do not compose with it (the model's own checks, heads and
+    positions, are engine.plan.check_seq's)."""
+    n, where = cfg.seq_dim, cfg.source
+    if n == 1:
+        return
+    if cfg.max_seq_len % n:
+        raise ConfigError(f"{where}: max_seq_len {cfg.max_seq_len} is not divisible by the seq axis "
+                          f"(model_topo.process_topology.dims: seq {n}): each seq rank holds max_seq_len / seq tokens")
+
+
+def _check_long_context(cfg: TrainConfig) -> None:
+    """offload_activations and head_chunk_tokens against the keys they need or exclude."""
+    where = cfg.source
+    if cfg.offload_activations and cfg.use_grad_ckpt not in (True, "full"):
+        raise ConfigError(f"{where}: offload_activations: true offloads the block inputs that full recompute keeps; "
+                          f"set use_grad_ckpt: true (full), got {_show(cfg.use_grad_ckpt)}")
+    if cfg.head_chunk_tokens < 0:
+        raise ConfigError(f"{where}: 'head_chunk_tokens' must be >= 0 (0 = off), got {cfg.head_chunk_tokens}")
+    if cfg.head_chunk_tokens and cfg.kernels == "liger":
+        raise ConfigError(f"{where}: head_chunk_tokens and kernels: liger both claim the head (liger's fused linear "
+                          f"cross-entropy already walks the vocabulary in chunks); pick one")
+    if cfg.head_chunk_tokens and cfg.fp8_head:
+        raise ConfigError(f"{where}: head_chunk_tokens projects with the head's bf16 weight, fp8_head would be "
+                          f"ignored; pick one")
 
 
 def _check_gdgpt_keys(cfg: TrainConfig) -> None:
@@ -719,17 +755,6 @@ def _check_gdgpt_keys(cfg: TrainConfig) -> None:
             raise ConfigError(f"{where}: aux_max_z_loss.weight must be a finite number >= 0, got {_show(w)}")
     kws = (cfg.ds.get("optimizer") or {}).get("no_wd_kws")
     if kws is None:
-def _check_seq(cfg: TrainConfig) -> None:
-    """The seq axis against the keys that do not compose with it (the model's own checks, heads and
-    positions, are engine.plan.check_seq's)."""
-    n, where = cfg.seq_dim, cfg.source
-    if n == 1:
-        return
-    if cfg.max_seq_len % n:
-        raise ConfigError(f"{where}: max_seq_len {cfg.max_seq_len} is not divisible by the seq axis "
-                          f"(model_topo.process_topology.dims: seq {n}): each seq rank holds max_seq_len / seq tokens")
-
-
         return
     if not isinstance(kws, list) or not all(isinstance(k, str) for k in kws):
         raise ConfigError(f"{where}: optimizer.no_wd_kws must be a list of strings (regular expressions), got {_show(kws)}")

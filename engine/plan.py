@@ -131,6 +131,10 @@ class Setup:
     flash: bool = True  # attention kernel keeps O(s) state (flash/flex); False: dense probs (CPU SDPA math, ALiBi)
     gpu: bool = True
     lora: object = None  # models.lora.LoraSpec: only the adapters (+ modules_to_save) train, the base is frozen
+    packed: bool = False  # packing: on GPU, ALiBi runs in FlexAttention (a score_mod, O(s) state) instead of dense SDPA
+    offload: bool = False  # offload_activations: full recompute's block inputs live in CPU memory (models/offload.py)
+    sp: int = 1  # seq axis: ranks sharing each row (dp counts them too: ZeRO shards over data x seq)
+    head_chunk: int = 0  # head_chunk_tokens: the head's logits exist one chunk at a time (models/chunked_loss.py)
     base_quant: str = "none"  # LoRA's frozen block linears: none (in `dtype`) or nf4 (models/quant.py)
 
     @classmethod
@@ -138,12 +142,14 @@ class Setup:
         zero = cfg.ds.get("zero_optimization", {}) or {}
         ckpt = {True: "full", False: "none"}.get(cfg.use_grad_ckpt, cfg.use_grad_ckpt)
         return cls(seq=cfg.max_seq_len, micro=cfg.micro_batch, n_micro=cfg.grad_accum,
-                   pp=cfg.pipe_dim if pipeline else 1, dp=cfg.data_dim if pipeline else cfg.pipe_dim * cfg.data_dim,
+                   pp=cfg.pipe_dim if pipeline else 1, sp=cfg.seq_dim,
+                   dp=(cfg.data_dim if pipeline else cfg.pipe_dim * cfg.data_dim) * cfg.seq_dim,
                    dtype=cfg.dtype, zero=cfg.zero_stage,
                    offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
                    offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
                    ckpt=ckpt, optimizer=(cfg.ds.get("optimizer") or {}).get("type", "AdamW"),
                    compiled=cfg.compile_blocks and gpu, flash=gpu, gpu=gpu, lora=LoraSpec.of(cfg.lora),
+                   packed=cfg.packing, offload=cfg.offload_activations, head_chunk=cfg.head_chunk_tokens,
                    base_quant=getattr(cfg.lora, "base_quant", "none") if LoraSpec.of(cfg.lora) else "none")
 
     @property
@@ -152,7 +158,8 @@ class Setup:
 
     @property
     def tokens(self) -> int:
-        return self.micro * self.seq
+        """Tokens a rank holds per micro-batch (the seq axis: its slice of each row)."""
+        return self.micro * self.seq // self.sp
 
     def in_flight(self, stage: int) -> int:
         return max(1, min(self.pp - stage, self.n_micro))
@@ -202,17 +209,21 @@ def block_act_bytes(d: Dims, s: Setup, mode: str) -> float:
     mlp = (4 * f if d.gated else 3 * f) * mlp_in + (h * mlp_in if d.experts else 0)
     norms = 2 * h * (4 if e == 2 else 0)
     attn = e * (4 * dq + 3 * dkv) + 4 * d.heads  # + log-sum-exp
-    if not s.flash or d.positional == "alibi":
+    if not s.flash or (d.positional == "alibi" and not s.packed):  # packed ALiBi: flex score_mod, no probs kept
         attn += (e + 1) * d.heads * s.seq  # probabilities + mask
     return e * (4 * h + mlp) + attn + norms + 4 * 2 * d.experts
 
 
 def head_act_bytes(d: Dims, s: Setup) -> float:
     """Per token on the last stage: logits (model dtype) + their gradient, and without a fused
-    (compiled) cross-entropy the fp32 upcast and log-softmax."""
+    (compiled) cross-entropy the fp32 upcast and log-softmax. head_chunk: the logits of one chunk
+    at a time (averaged over the micro-batch's tokens, since the caller multiplies by them)."""
     e = s.act_bytes
     ce = 0 if s.compiled else (8 if e == 2 else 4)
-    return e * 2 * d.hidden + d.vocab * (2 * e + ce)
+    logits = d.vocab * (2 * e + ce)
+    if s.head_chunk:
+        logits *= min(s.head_chunk, s.tokens) / s.tokens
+    return e * 2 * d.hidden + logits
 
 
 _PARAMS_CACHE: dict = {}
@@ -248,8 +259,10 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
     groups = _group_params(family, args)
     costs = []
     last = len(groups) - 1
-    trainable = _group_trainable(family, args, setup.lora) if setup.lora else [None] * len(groups)
-    frozen = _group_frozen(family, args, setup) if setup.lora else [(0, 0, 0.0)] * len(groups)
+    trainable = _cached(("trainable", family.__name__, repr(args), repr(setup.lora)),
+                        lambda: _group_trainable(family, args, setup.lora)) if setup.lora else [None] * len(groups)
+    frozen = _cached(("frozen", family.__name__, repr(args), repr(setup.lora), setup.base_quant, setup.act_bytes),
+                     lambda: _group_frozen(family, args, setup)) if setup.lora else [(0, 0, 0.0)] * len(groups)
     efficiency = family_efficiency(family)
     for idx, (params, tie, tie_params) in enumerate(groups):
         if idx == 0:
@@ -292,6 +305,14 @@ def _group_frozen(family, args, setup: Setup) -> list[tuple[int, int, float]]:
             i += 1
         out.append((saved, n, nbytes))
     return out
+
+
+def _cached(key, compute):
+    """compute() once per key (the meta-device model walks are the slow part of layer_costs, which the
+    dry run's long-context table calls 16 times)."""
+    if key not in _PARAMS_CACHE:
+        _PARAMS_CACHE[key] = compute()
+    return _PARAMS_CACHE[key]
 
 
 def _group_trainable(family, args, spec) -> list[int]:
@@ -381,15 +402,20 @@ def stage_estimate(costs: list[LayerCost], lo: int, hi: int, stage: int, setup: 
     toks = setup.tokens
     n = setup.in_flight(stage)
     act = sum((c.ckpt_act if c.kind == "block" else 0.0) for c in layers) * toks * n
+    host = 0.0
+    blocks = [c for c in layers if c.kind == "block"]
+    if setup.offload and setup.ckpt == "full" and blocks:  # the kept block inputs wait in CPU memory; one is back
+        host, act = act, max(c.ckpt_act for c in blocks) * toks
     act += sum(c.act for c in layers if c.kind == "embed") * toks * n
     act += max((c.act for c in layers if c.kind == "head"), default=0.0) * toks  # freed before the next micro-batch
-    blocks = [c for c in layers if c.kind == "block"]
     if setup.ckpt != "none" and blocks:  # one block's full activations while it is recomputed
         act += max(c.act for c in blocks) * toks
-    time = sum(c.flops * (_ckpt_factor(setup) if c.kind == "block" else 3.0) for c in layers)
+    head = 4.0 if setup.head_chunk else 3.0  # chunked: each chunk's projection runs again in backward
+    time = sum(c.flops * (_ckpt_factor(setup) if c.kind == "block" else head if c.kind == "head" else 3.0)
+               for c in layers)
     fixed = GPU_FIXED_GIB * GiB if setup.gpu else 0.0
     return StageEstimate(stage, len(layers), len(blocks), params, base_w + train * per["weights"], train * per["grads"],
-                         train * per["optimizer"], act, time, {"fixed": fixed, "trainable": train})
+                         train * per["optimizer"], act, time, {"fixed": fixed, "trainable": train, "host": host})
 
 
 def estimate(costs: list[LayerCost], parts: list[int], setup: Setup) -> list[StageEstimate]:
@@ -488,7 +514,8 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
     if not pipeline:
         return _zero_report(cfg, name, total, setup, stages[0], costs, world_size, gpu_mem_gib, opt), stages
     lines = [f"dry run: {name}, {total / 1e9:.2f}B parameters, {len(costs)} pipeline layers; world {world_size} = "
-             f"pp {setup.pp} x dp {setup.dp}",
+             f"pp {setup.pp} x dp {setup.dp // setup.sp}" + (f" x seq {setup.sp} (each rank {setup.seq // setup.sp} "
+                                                             f"tokens of every row)" if setup.sp > 1 else ""),
              f"  {setup.dtype}, ZeRO-{setup.zero}, optimizer {opt}, grad ckpt {setup.ckpt}, compiled "
              f"{'yes' if setup.compiled else 'no'}, seq {setup.seq}, micro {setup.micro} x {setup.n_micro} "
              f"micro-batches, parts {parts}" + (" (auto)" if not isinstance(cfg.model_topo.parts, list) else ""),
@@ -519,7 +546,57 @@ def report(cfg, family, args, world_size: int, gpu_mem_gib: float = 80.0, pipeli
         fp8, why = fp8_auto(cfg, family.dims(args))
         lines.append(f"  fp8: auto -> {'tensorwise' if fp8 else 'off (bf16)'}: {why}"
                      + (" (on a GPU with FP8 tensor cores and torchao; else bf16)" if fp8 else ""))
+    if setup.offload:
+        lines.append(f"  offload_activations: ~{gib(max(s.extra['host'] for s in stages))} GiB of pinned CPU memory per GPU "
+                     "(the largest stage's block inputs in flight)")
+    if setup.seq >= LONG_CONTEXT_FROM or setup.offload or setup.head_chunk:
+        lines += long_context_table(family, args, setup, parts, gpu_mem_gib)
     return "\n".join(lines), stages
+
+
+# ---------------------------------------------------------------------- long context
+LONG_CONTEXT_FROM = 32768  # the dry run adds the long-context table from this max_seq_len (or with a lever on)
+LONG_SEQS = (32768, 65536, 131072, 262144)
+TABLE_CHUNK = 4096  # the table's head chunk while head_chunk_tokens is off
+
+
+def _mlp_act_bytes(d: Dims, s: Setup) -> float:
+    """Per token, the MLP intermediates inside block_act_bytes' no-recompute set (what a tiled MLP,
+    walking the tokens in tiles through the MLP, would keep only one tile of)."""
+    k = max(d.top_k, 1)
+    if s.compiled:
+        return s.act_bytes * (2 * d.ffn if d.gated else d.ffn) * k
+    return s.act_bytes * (4 * d.ffn if d.gated else 3 * d.ffn) * k
+
+
+def long_context_table(family, args, setup: Setup, parts: list[int], gpu_mem_gib: float) -> list[str]:
+    """Per-stage peaks at LONG_SEQS tokens per row without and with each memory lever (same parts,
+    micro-batch and everything else as configured): offload_activations (implies full recompute)
+    and head_chunk_tokens; plus what a tiled MLP would save, the lever not built."""
+    import dataclasses
+
+    chunk = setup.head_chunk or TABLE_CHUNK
+    levers = (("none", dict(offload=False, head_chunk=0)),
+              ("offload", dict(offload=True, ckpt="full", head_chunk=0)),
+              ("chunk", dict(offload=False, head_chunk=chunk)),
+              ("offload+chunk", dict(offload=True, ckpt="full", head_chunk=chunk)))
+    lines = [f"  long context: estimated peak GiB per stage at micro {setup.micro}, parts {parts} ('!' = over "
+             f"--gpu-mem-gib {gpu_mem_gib:g}); offload = offload_activations (with full recompute), chunk = "
+             f"head_chunk_tokens {chunk}; host = pinned CPU GiB per GPU",
+             f"  {'seq':>7} {'levers':<14} " + " ".join(f"{'stage ' + str(i):>8}" for i in range(len(parts)))
+             + f" {'host':>6}"]
+    for seq in LONG_SEQS:
+        for name, kw in levers:
+            s = dataclasses.replace(setup, seq=seq, **kw)
+            stages = estimate(layer_costs(family, args, s), parts, s)
+            cells = " ".join(f"{gib(e.peak) + ('!' if e.peak > gpu_mem_gib * GiB else ''):>8}" for e in stages)
+            lines.append(f"  {seq:>7} {name:<14} {cells} {gib(max(e.extra['host'] for e in stages)):>6}")
+    s = dataclasses.replace(setup, seq=LONG_SEQS[2], ckpt="full")
+    mlp = _mlp_act_bytes(family.dims(args), s) * s.tokens
+    full = block_act_bytes(family.dims(args), s, "none") * s.tokens
+    lines.append(f"  tiled MLP (not built): at {LONG_SEQS[2]} tokens the recomputed block's MLP intermediates are "
+                 f"{gib(mlp)} of its {gib(full)} GiB: the most a tiled MLP would take off a stage's peak")
+    return lines
 
 
 def _quant_note(costs: list[LayerCost], setup: Setup) -> str:
@@ -562,6 +639,54 @@ def _zero_report(cfg, name, total, setup: Setup, rank: StageEstimate, costs, wor
     return "\n".join(lines)
 
 
+FLEX_TILE = 128  # FlexAttention's BlockMask tile: the whole row a seq rank attends over is cut into these
+
+
+def check_seq(cfg, family, args, gpu: bool) -> None:
+    """The seq axis against the model (one ConfigError line): query heads divisible by seq, KV heads
+    replicable to a count seq divides, max_seq_len a multiple of seq (x 128 where packed rows run
+    FlexAttention: a GPU), and no dynamic NTK rope (its per-document length would be read from one
+    rank's slice). The dry run checks as for a GPU; a launch for the machine it runs on."""
+    from engine.config import ConfigError
+    from models.sequence_parallel import check_divisible, kv_heads_ok
+
+    n, where = cfg.seq_dim, cfg.source
+    if n == 1:
+        return
+    d = family.dims(args)
+    key = "model_topo.process_topology.dims"
+    why = check_divisible("the model's attention heads", d.heads, n)
+    if why is None and not kv_heads_ok(d.kv_heads, d.heads, n):
+        why = f"the model's {d.kv_heads} key-value heads cannot be repeated to a count seq {n} divides"
+    if why is None and cfg.packing and gpu:
+        why = check_divisible("max_seq_len (packing: FlexAttention tiles)", cfg.max_seq_len, n, FLEX_TILE)
+    if why is None and (getattr(args, "rope", None) or {}).get("rope_type") == "dynamic":
+        why = "rope_type dynamic (per-document NTK scaling) is not supported with seq > 1"
+    if why:
+        raise ConfigError(f"{where}: {key}: {why}")
+
+
+def check_dense_attention(cfg, family, args, gpu: bool) -> None:
+    """Rows over models.masks.DENSE_MASK_MAX_SEQ on an attention path that builds an [S, S] tensor
+    (SDPA / flash-attn with a window mask, packed rows on CPU, ALiBi outside FlexAttention) are one
+    ConfigError line. The dry run judges as for a GPU with this machine's flash-attn; a launch for
+    the machine it runs on."""
+    from engine.config import ConfigError
+    from models.attention import FLEX_MIN_HEAD_DIM, attn_impl
+    from models.masks import DENSE_MASK_MAX_SEQ, dense_attention
+
+    if cfg.max_seq_len <= DENSE_MASK_MAX_SEQ:
+        return
+    d = family.dims(args)
+    impl = attn_impl(cfg.packing, cfg.use_flash_attn, gpu)
+    if impl == "flex" and d.head_dim < FLEX_MIN_HEAD_DIM:  # models.attention.options_for_head_dim
+        impl = "sdpa"
+    why = dense_attention(impl, cfg.packing, d.window, d.positional == "alibi")
+    if why:
+        raise ConfigError(f"{cfg.source}: max_seq_len {cfg.max_seq_len} is over {DENSE_MASK_MAX_SEQ} and {why}; "
+                          f"use packing: true on a GPU (FlexAttention) or a shorter max_seq_len")
+
+
 def dry_run(cfg, world_size: int, gpu_mem_gib: float = 80.0, pipeline: bool = True) -> str:
     """Validate cfg against the world size and the model's config.json, and return the report."""
     from engine.config import validate
@@ -569,5 +694,7 @@ def dry_run(cfg, world_size: int, gpu_mem_gib: float = 80.0, pipeline: bool = Tr
 
     model = Model.for_training(cfg)
     validate(cfg, world_size, model.n_layers, pipeline=pipeline)
+    check_seq(cfg, model.family, model.args, gpu=True)
+    check_dense_attention(cfg, model.family, model.args, gpu=True)
     text, _ = report(cfg, model.family, model.args, world_size, gpu_mem_gib, pipeline)
     return text

@@ -25,10 +25,11 @@ from .block_base import BlockBase, LayerDef, LayerOptions, decoder_layers
 from .masks import document_ids
 from .norm_mlp import RMSNorm
 from .old_layouts import accept_old_layout
+from .sequence_parallel import gather_positions, group_value, local_slice, sum_over
 from .grouped_wgrad import grouped_linear
 from .keymap import Fused
 from .llama import Attention, attention_keys  # same GQA + rotary attention; the sliding window comes with the mask
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, head_output
 
 MODEL_TYPES = ("mixtral",)
 HF_ARCHITECTURE = "MixtralForCausalLM"
@@ -65,6 +66,7 @@ class Embed(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.num_experts = args.num_experts
+        self.seq = opts.attn.seq  # the seq axis: router statistics and z-loss are over the whole row
 
     def forward(self, inputs):
         input_ids, position_ids = inputs
@@ -72,7 +74,12 @@ class Embed(nn.Module):
         # statistics must be part of the graph even on a stage holding only the embedding
         stats = torch.zeros(2, self.num_experts, device=input_ids.device, requires_grad=True)
         z = torch.zeros(1, device=input_ids.device, requires_grad=True)
-        return self.embed_tokens(input_ids), position_ids, stats, z, real_tokens(input_ids, position_ids)
+        if self.seq is None:
+            real = real_tokens(input_ids, position_ids)
+        else:  # a row's padding is its last segment: found on the whole row, then my slice of it
+            real = local_slice(real_tokens(gather_positions(input_ids, self.seq),
+                                           gather_positions(position_ids, self.seq)), self.seq)
+        return self.embed_tokens(input_ids), position_ids, stats, z, real
 
 
 def real_tokens(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -259,20 +266,31 @@ class Block(BlockBase):
         x, layer_stats, layer_z = self.run_block(x, position_ids, cache)
         # stats: mean over (layer, token) rows; z: mean over layers of each layer's real-token mean
         return (x, position_ids, stats + layer_stats / self.num_layers,
-                z + real_mean(layer_z, real) / self.num_layers, real)
+                z + real_mean(layer_z, real, self.attn_opts.seq) / self.num_layers, real)
 
 
-def real_mean(per_token: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Mean of a per-token value over the real tokens (0 for a row of padding only)."""
+def real_mean(per_token: torch.Tensor, real: torch.Tensor, seq=None) -> torch.Tensor:
+    """Mean of a per-token value over the real tokens (0 for a row of padding only).
+    seq axis: my tokens' share of the whole rows' mean, times the seq size (the N ranks' values
+    average to the whole rows' mean: models.sequence_parallel.group_value)."""
     weight = real.flatten().to(per_token.dtype)
-    return (per_token * weight).sum() / weight.sum().clamp(min=1)
+    if seq is None:
+        return (per_token * weight).sum() / weight.sum().clamp(min=1)
+    count = sum_over(weight.sum(), seq)  # real tokens of the whole rows
+    return seq.size * (per_token * weight).sum() / count.clamp(min=1)
 
 
-def load_balancing_loss(stats: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(stats: torch.Tensor, seq=None) -> torch.Tensor:
     """transformers' `load_balancing_loss_func`: experts * sum_e (routed slots of e) * (router
-    probability of e), both averaged over every (layer, token) row of the micro-batch."""
+    probability of e), both averaged over every (layer, token) row of the micro-batch.
+    seq axis: the routed fractions are the whole rows' (the seq group's mean); my term is
+    experts * sum_e routed_e * my prob_e, whose mean over the group is the whole rows' loss: its
+    value is that mean, its gradient mine (group_value)."""
     routed, prob = stats
-    return stats.shape[-1] * (routed * prob).sum()
+    if seq is None:
+        return stats.shape[-1] * (routed * prob).sum()
+    routed = sum_over(routed, seq) / seq.size
+    return group_value(stats.shape[-1] * (routed * prob).sum(), seq)
 
 
 class FinalNorm(nn.Module):
@@ -292,16 +310,21 @@ class Head(FinalNorm):
     def __init__(self, args: Args, opts: LayerOptions):
         super().__init__(args, opts)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.seq = opts.attn.seq
 
     def forward(self, inputs):
         x, _, stats, z, _ = super().forward(inputs)
-        return self.lm_head(x), load_balancing_loss(stats), z
+        chunked = head_output(self, x, self.lm_head.weight)  # head_chunk_tokens: the loss projects per chunk
+        return (chunked if chunked is not None else self.lm_head(x), load_balancing_loss(stats, self.seq),
+                group_value(z, self.seq))
 
 
 def tied_logits(embed: Embed, inputs):
     """Head of a tied model: the embedding matrix projects the (already normed) hidden states."""
     x, _, stats, z, _ = inputs
-    return x @ embed.embed_tokens.weight.t(), load_balancing_loss(stats), z
+    chunked = head_output(embed, x, embed.embed_tokens.weight)
+    return (chunked if chunked is not None else x @ embed.embed_tokens.weight.t(), load_balancing_loss(stats, embed.seq),
+            group_value(z, embed.seq))
 
 
 def layers(args: Args) -> list[list[LayerDef]]:
@@ -359,7 +382,7 @@ def hf_keys(args: Args) -> list[dict]:
 
 
 def dims(args: Args) -> Dims:
-    return dataclasses.replace(llama.dims(args), experts=args.num_experts, top_k=args.top_k)
+    return dataclasses.replace(llama.dims(args), experts=args.num_experts, top_k=args.top_k, window=args.sliding_window)
 
 
 def tiny_hf_config(**overrides) -> dict:

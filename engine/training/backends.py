@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 
 from models.lora import LoraSpec, add_lora, check_spec
+from models.sequence_parallel import make_group
 from models.pipeline import SequentialModel, build_pipeline, init_layer, init_weights, training_loss
 
 from engine import distributed as D
@@ -32,7 +33,7 @@ from engine.config import ConfigError, TrainConfig, validate
 from engine.checkpoints.lora import init_adapters, load_adapters
 from engine.checkpoints.weights import load_stage, open_weights
 from engine.training.optim import GlobalGradClip, build_optimizer, uses_ds_cpu_optimizer
-from engine.plan import resolve_auto_parts
+from engine.plan import check_dense_attention, check_seq, resolve_auto_parts
 from engine.model import Model
 from engine.training.deepspeed_setup import deepspeed_config, layer_options, wrapped_optimizer
 from engine.training import grad_accum
@@ -50,9 +51,17 @@ class PipelineBackend:
         # the run's config from here on (checkpoint layout, config.yml): `parts: auto` resolved
         self.cfg = cfg = replace(cfg, model_topo=replace(cfg.model_topo, parts=self.parts))
         self.model = model
-        topo = cfg.model_topo.process_topology
-        self.topology = ProcessTopology(axes=topo.axes, dims=topo.dims)
-        self.dp_rank, self.dp_size = self.topology.get_coord(D.rank()).data, cfg.data_dim
+        check_seq(cfg, model.family, model.args, gpu=D.on_gpu())
+        check_dense_attention(cfg, model.family, model.args, gpu=D.on_gpu())
+        topo, n = cfg.model_topo.process_topology, cfg.seq_dim
+        # the seq axis folded into DeepSpeed's data axis (innermost): its gradient all-reduce, ZeRO
+        # sharding and batch size count data x seq ranks, and stage s's rank (d, r) talks point to point
+        # with stage s+1's rank (d, r)
+        self.topology = ProcessTopology(axes=topo.axes, dims=topo.dims) if n == 1 else \
+            ProcessTopology(axes=["pipe", "data"], dims=[cfg.pipe_dim, cfg.data_dim * n])
+        coord = self.topology.get_coord(D.rank()).data
+        self.dp_rank, self.dp_size = coord // n, cfg.data_dim
+        self.seq_rank, self.seq_size, self.seq = coord % n, n, None
         self.wgrad_fusion = grad_accum.wgrad_fusion(cfg)
         self.lora = lora_spec(cfg, model)
 
@@ -66,9 +75,10 @@ class PipelineBackend:
         import deepspeed
 
         cfg, model = self.cfg, self.model
+        self.seq = make_group(D.world_size(), self.seq_size)  # every rank creates every group
         blocks = BlockLoader(cfg, model, self.lora, weights) if self.lora and cfg.lora.base_quant != "none" else None
-        module = build_pipeline(model.family, model.args, layer_options(cfg), self.topology, self.parts, cfg.seed,
-                                wgrad_fusion=self.wgrad_fusion, on_block=blocks)
+        module = build_pipeline(model.family, model.args, layer_options(cfg, seq=self.seq), self.topology, self.parts,
+                                cfg.seed, wgrad_fusion=self.wgrad_fusion, on_block=blocks)
         if blocks is not None:  # QLoRA: each block was loaded and quantized as it was built
             blocks.rest(module)
         elif weights == "scratch":
@@ -104,6 +114,8 @@ class PipelineBackend:
             return {}
         engine = self.engine
         box = [{k: v / self.cfg.grad_accum for k, v in self._pop_metrics().items()} if engine.is_last_stage() else None]
+        if engine.is_last_stage():
+            box[0] = seq_mean(box[0], self.seq)
         if engine.num_stages > 1:
             src = engine.grid.stage_to_global(engine.num_stages - 1)
             dist.broadcast_object_list(box, src=src, group=engine.grid.get_pipe_parallel_group())
@@ -115,8 +127,12 @@ class ZeroBackend:
 
     def __init__(self, cfg: TrainConfig, model: Model):
         validate(cfg, D.world_size(), model.n_layers, pipeline=False)
+        check_seq(cfg, model.family, model.args, gpu=D.on_gpu())
+        check_dense_attention(cfg, model.family, model.args, gpu=D.on_gpu())
         self.cfg, self.model = cfg, model
-        self.dp_rank, self.dp_size = D.rank(), D.world_size()
+        n = cfg.seq_dim  # seq ranks innermost: rank d * n + r holds slice r of data rank d's rows
+        self.dp_rank, self.dp_size = D.rank() // n, D.world_size() // n
+        self.seq_rank, self.seq_size, self.seq = D.rank() % n, n, None
         self.zero = cfg.ds["zero_optimization"]
         self.stage = self.zero["stage"]
         self.lora = lora_spec(cfg, model)
@@ -125,7 +141,8 @@ class ZeroBackend:
         offload = [f"{k.split('_')[1]}->{v['device']}" for k, v in self.zero.items()
                    if k.startswith("offload_") and (v or {}).get("device", "none") != "none"]
         cpu_opt = ", DeepSpeed CPU optimizer" if uses_ds_cpu_optimizer(self.cfg.ds) else ""
-        return f"ZeRO-{self.stage} over {self.dp_size} ranks" + (f", offload {', '.join(offload)}" if offload else "") \
+        return f"ZeRO-{self.stage} over {self.dp_size * self.seq_size} ranks" \
+            + (f" (data {self.dp_size} x seq {self.seq_size})" if self.seq_size > 1 else "") + (f", offload {', '.join(offload)}" if offload else "") \
             + cpu_opt + describe_lora(self.lora, self.cfg.lora.base_quant)
 
     def build(self, weights: str | None, adapters=None):
@@ -135,9 +152,11 @@ class ZeroBackend:
 
         cfg, model = self.cfg, self.model
         ds = deepspeed_config(cfg, pipeline=False)
+        self.seq = make_group(D.world_size(), self.seq_size)
+        opts = layer_options(cfg, pipeline=False, seq=self.seq)
         with deepspeed.zero.Init(enabled=self.stage == 3, config_dict_or_path=ds):
-            module = SequentialModel(model.family, model.args, layer_options(cfg, pipeline=False))
-        module.loss_fn = training_loss(model.family, model.args, layer_options(cfg, pipeline=False))
+            module = SequentialModel(model.family, model.args, opts)
+        module.loss_fn = training_loss(model.family, model.args, opts)
         self._pop_metrics = getattr(module.loss_fn, "pop_metrics", None)
         if self.stage == 3:
             self._register_tied_weights(module)
@@ -164,9 +183,9 @@ class ZeroBackend:
             engine.step()  # the update happens only at the accumulation boundary
             total = loss.detach().float() if total is None else total + loss.detach().float()
         mean = total / self.cfg.grad_accum  # what PipelineEngine._aggregate_total_loss reports
-        if self.dp_size > 1:
+        if D.world_size() > 1:  # over data x seq ranks (a seq rank's loss is its slice's share x seq)
             dist.all_reduce(mean)
-            mean /= self.dp_size
+            mean /= D.world_size()
         return float(mean)
 
     def grad_norm(self) -> float | None:
@@ -175,7 +194,7 @@ class ZeroBackend:
     def loss_metrics(self) -> dict:
         if self._pop_metrics is None:
             return {}
-        return {k: v / self.cfg.grad_accum for k, v in self._pop_metrics().items()}
+        return seq_mean({k: v / self.cfg.grad_accum for k, v in self._pop_metrics().items()}, self.seq)
 
     def _with_lora(self, adapters) -> int:
         """with_lora on the whole model. ZeRO-3: the adapters are made (the same on every rank, seeded
@@ -291,6 +310,18 @@ def describe_lora(spec: LoraSpec | None, base_quant: str = "none") -> str:
         (f" + {','.join(spec.modules_to_save)}" if spec.modules_to_save else "") + "; base frozen" + \
         (f", its block linears in {base_quant.upper()}" if base_quant != "none" else "")
 
+
+
+def seq_mean(metrics: dict, seq) -> dict:
+    """Loss metrics of a seq group's ranks averaged: each holds its slice's share of the row's values
+    (the LM term's scale counts the seq ranks), so their mean is the whole rows' value."""
+    if seq is None or not metrics:
+        return metrics
+    import torch.distributed as dist
+
+    values = D.comm_tensor([float(v) for v in metrics.values()]).double()
+    dist.all_reduce(values, group=seq.group)
+    return dict(zip(metrics, (values / seq.size).tolist()))
 
 
 def on_device(micro_batches: list, device) -> list:

@@ -10,12 +10,14 @@ from engine import distributed as D
 from engine.config import SCHEDULER_TOTAL, ConfigError, TrainConfig
 
 
-def layer_options(cfg: TrainConfig, pipeline: bool = True) -> LayerOptions:
+def layer_options(cfg: TrainConfig, pipeline: bool = True, seq=None) -> LayerOptions:
+    """seq: the rank's models.sequence_parallel.SeqGroup (the seq axis; None without one)."""
     impl = attn_impl(cfg.packing, cfg.use_flash_attn, D.on_gpu())
     fp8 = check_machine(cfg, pipeline, say=True)
-    return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl), grad_ckpt=cfg.use_grad_ckpt,
+    return LayerOptions(attn=AttnOptions(packed=cfg.packing, impl=impl, seq=seq), grad_ckpt=cfg.use_grad_ckpt,
                         compile=cfg.compile_blocks, max_z_loss=cfg.max_z_weight, fp8=fp8,
-                        fp8_head=cfg.fp8_head and fp8 != "off", kernels=cfg.kernels)
+                        fp8_head=cfg.fp8_head and fp8 != "off", kernels=cfg.kernels,
+                        offload=cfg.offload_activations, head_chunk=cfg.head_chunk_tokens)
 
 
 
