@@ -154,6 +154,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except USER_ERRORS + _data_errors() as e:
             report_once(f"error: {e}")
+            if getattr(e, "every_rank", False):  # raised by all ranks together (agreed): leave together, so
+                from engine.distributed import barrier  # none is killed by the launcher before its clean-up
+
+                barrier()  # (rank 0's run lock is released on the way out)
             sys.exit(2)
         except RuntimeError as e:
             line = collective_timeout(e)
