@@ -64,7 +64,8 @@ def main() -> int:
 
 
 def _rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-6))
 
 
 if __name__ == "__main__":
