@@ -423,7 +423,7 @@ def test_lora_metadata_is_checked_by_every_reader(tiny_pp, lora_run, tmp_path, c
     def copy(name, rehash=True, **lora):
         run_dir = tmp_path / name
         shutil.copytree(lora_run[0], run_dir, ignore=shutil.ignore_patterns(".lock"))
-        path = run_dir / "global_step12" / "meta.json"
+        path = run_dir / (run_dir / "latest").read_text() / "meta.json"  # (test_pp2_... resumes the run to 14)
         meta = json.loads(path.read_text())
         meta["lora"].update(lora)
         if rehash:

@@ -461,15 +461,13 @@ def load_adapters(layers, source: Path | AdapterSource) -> None:
 
 class MergedSource:
     """A LoRA run's dir read as a model (model_path, hf_to_pp-like readers): each layer of its base
-    with the run's adapters merged in, in the base's dtype; the interface of weights.LayerSource."""
+    (`base`, the base dir's weights.LayerSource) with the run's adapters merged in, in the base's
+    dtype; the interface of weights.LayerSource (weights.open_weights makes it)."""
 
-    def __init__(self, adapters: Adapters, model: Model | None):
-        from engine.checkpoints.weights import open_weights
-
-        self.adapters = adapters
-        self.base = open_weights(adapters.base_dir(), model or adapters.model)
-        self.model, self.where, self.keys = self.base.model, self.base.where, self.base.keys
-        self.shapes, self.twins, self.layer_dir, self.hf = self.base.shapes, self.base.twins, None, None
+    def __init__(self, adapters: Adapters, base):
+        self.adapters, self.base = adapters, base
+        self.model, self.where, self.keys = base.model, base.where, base.keys
+        self.shapes, self.twins, self.layer_dir, self.hf = base.shapes, base.twins, None, None
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -484,12 +482,9 @@ class MergedSource:
         self.base.verify()
 
 
-def merged_if_lora(tag_dir: Path, path: Path, model: Model | None, tag: str | None) -> MergedSource | None:
-    """weights.open_weights on a LoRA run's dir (`tag_dir`: the tag read): its base plus its adapters,
-    merged (None: not a LoRA tag)."""
-    if of_tag(tag_dir) is None:
-        return None
-    return MergedSource(Adapters(path, tag), model)
+def lora_run(tag_dir: Path, path: Path, tag: str | None) -> Adapters | None:
+    """The adapters of a LoRA run's dir (`tag_dir`: the tag read), checked; None: not a LoRA tag."""
+    return Adapters(path, tag) if of_tag(tag_dir) is not None else None
 
 
 # ----------------------------------------------------------------------------- exports

@@ -182,11 +182,11 @@ def open_weights(path: str | Path, model: Model | None = None, tag: str | None =
     with its adapters merged in (engine/checkpoints/lora.py MergedSource)."""
     where = locate(path)
     if not where.is_hf and not where.gdgpt:
-        from engine.checkpoints.lora import merged_if_lora
+        from engine.checkpoints.lora import MergedSource, lora_run
 
-        merged = merged_if_lora(where.layers(tag), Path(path), model, tag)
-        if merged is not None:
-            return merged
+        adapters = lora_run(where.layers(tag), Path(path), tag)
+        if adapters is not None:
+            return MergedSource(adapters, open_weights(adapters.base_dir(), model or adapters.model))
     return LayerSource(model or Model.from_dir(path), where, tag)
 
 
