@@ -111,6 +111,12 @@ def test_quantized_block_equals_dequantized_weights_frees_originals_and_compiles
     yc.float().square().sum().backward()
     torch.testing.assert_close(yc, outs[0][0], atol=2e-2, rtol=0)  # bf16: the graph may fuse/round apart
     torch.testing.assert_close(xc.grad, outs[0][1], atol=5e-2, rtol=2e-2)
+    # the stage's other quantized blocks reuse that graph (their NF4 weights are inputs, not guarded constants)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for i in ("2", "3", "4"):
+        torch.compile(model._modules[i].block, backend="aot_eager", dynamic=False)(x, pos, mask)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one (x without grad) for all three
 
 
 def test_dry_run_weights_equal_the_module_storage():
