@@ -69,6 +69,14 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# FlexAttention's backward runs dK/dV as one program per (KV block, batch, KV head), each looping over
+# its group's query heads: with few KV heads (chatglm3: 2 for 32) too few programs fill the GPU. Measured
+# on an H100 (bench/gqa_flex_bench.py, micro 4 x 2048, fwd + bwd): group 16 (chatglm3) 2.04 ms with
+# enable_gqa vs 1.81 ms with K/V expanded first; group 4 (mixtral) 1.72 vs 1.83. Groups of at least
+# this size are expanded (8 lies between the two measured points).
+FLEX_EXPAND_GROUP = 8
+
+
 def attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = None,
            scale: float | None = None, cache: "KVCache | StaticKVCache | None" = None) -> torch.Tensor:
     """Causal attention. q: [B, H, S, D]; k, v: [B, Hkv, S, D] (grouped-query when Hkv < H).
@@ -94,6 +102,9 @@ def local_attend(q, k, v, mask, opts: AttnOptions, bias: torch.Tensor | None = N
         k, v, bias = cache.update(k, v, bias)
     gqa = k.shape[1] != h
     if opts.impl == "flex" and mask is not None and cache is None:
+        if gqa and h // k.shape[1] >= FLEX_EXPAND_GROUP:
+            k, v = k.repeat_interleave(h // k.shape[1], dim=1), v.repeat_interleave(h // k.shape[1], dim=1)
+            gqa = False
         score_mod = None
         if bias is not None:  # ALiBi as a score modifier: flex still skips cross-document tiles
             full = bias.to(q.dtype).expand(b, h, 1, s)

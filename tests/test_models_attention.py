@@ -52,3 +52,26 @@ def test_backend_choice(monkeypatch):
     assert attn_impl(packed=True, use_flash_attn=True, on_gpu=False) == "sdpa"
     monkeypatch.setitem(__import__("sys").modules, "flash_attn", None)  # not installed: import fails
     assert attn_impl(packed=False, use_flash_attn=True, on_gpu=True) == "sdpa"
+
+
+def test_flex_expands_large_kv_groups(monkeypatch):
+    """Groups of FLEX_EXPAND_GROUP query heads or more per KV head run FlexAttention on K/V expanded
+    first (faster backward, bench/gqa_flex_bench.py); the result equals enable_gqa's and SDPA's."""
+    import models.attention as attention
+
+    g = torch.Generator().manual_seed(1)
+    b, h, s, d = 1, 16, 40, 16
+    q = torch.randn(b, h, s, d, generator=g)
+    k, v = (torch.randn(b, 1, s, d, generator=g) for _ in range(2))
+    opts = AttnOptions(packed=True, impl="flex")
+    mask = attention_mask(packed_positions(b, [23, 17]), opts)
+    seen = []
+    flex = attention._flex()
+    monkeypatch.setattr(attention, "_flex", lambda: lambda q, k, v, **kw: seen.append((k.shape[1], kw["enable_gqa"])) or flex(q, k, v, **kw))
+    expanded = attend(q, k, v, mask, opts)
+    monkeypatch.setattr(attention, "FLEX_EXPAND_GROUP", h + 1)
+    grouped = attend(q, k, v, mask, opts)
+    assert seen == [(h, False), (1, True)]
+    torch.testing.assert_close(expanded, grouped, atol=1e-5, rtol=0)
+    sdpa = AttnOptions(packed=True, impl="sdpa")
+    torch.testing.assert_close(expanded, attend(q, k, v, attention_mask(packed_positions(b, [23, 17]), sdpa), sdpa), atol=1e-5, rtol=0)
