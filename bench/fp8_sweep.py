@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import timed  # noqa: E402
 from bench.ref_stage import positions  # noqa: E402
 from models import llama  # noqa: E402
 from models.attention import AttnOptions  # noqa: E402
@@ -74,17 +73,6 @@ def build(args, mode: str, dev: str, compiled: bool):
     return block
 
 
-def timed(fn, iters: int, warmup: int, sync) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def measure(args, micro: int, seq: int, mode: str, dev: str, compiled: bool, iters: int, warmup: int, sync) -> float:

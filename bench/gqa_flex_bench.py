@@ -19,9 +19,7 @@ large groups is the product-side fix.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import timed  # noqa: E402
 from bench.ref_stage import positions  # noqa: E402  (log-normal document lengths, as the product's packed rows)
 from models.attention import AttnOptions, attend  # noqa: E402
 from models.masks import attention_mask  # noqa: E402
@@ -40,17 +39,6 @@ SHAPES = {  # name: (query heads, kv heads)
 }
 
 
-def timed(fn, iters, warmup, sync) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main(argv=None) -> None:

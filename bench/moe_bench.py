@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import timed  # noqa: E402
 from models import grouped_wgrad, mixtral  # noqa: E402
 from models.fused_linear import fuse_wgrad, wgrad_accumulate  # noqa: E402
 from models.norm_mlp import GatedMLP  # noqa: E402
@@ -109,18 +108,6 @@ def step_fn(layer, compiled: bool):
     return step
 
 
-def timed(fn, iters: int, warmup: int, sync) -> float:
-    """Median milliseconds of fn()."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def check_agreement(moe, tokens: int, hidden: int, experts: int, dev: str, dtype) -> bool:
