@@ -12,10 +12,15 @@ elements n/2 bytes of 4-bit codes, one int8 scale per BLOCK elements, one scale-
 weight's dtype per SCALER_BLOCK scales, plus the scales' mean and the 16-entry code table. So
 ~0.52 bytes per parameter instead of 2 (bf16).
 
-The forward dequantizes one linear at a time: F.linear on an NF4Tensor runs torchao's LinearNF4,
-which rebuilds that weight in the input's dtype for its matmul (and again for the input gradient
-in backward; the weight itself gets none), so at most one linear's full-precision weight exists
-at a time beside the 4-bit stage.
+The forward dequantizes one linear at a time: a quantized linear becomes an NF4Linear, whose
+forward is the `ppllm::nf4_linear` op: it rebuilds the weight in the input's dtype for its matmul
+(as torchao's LinearNF4 does, bitwise) and again in backward for the input gradient (the weight
+itself gets none), so at most one linear's full-precision weight exists at a time beside the
+4-bit stage. Why an opaque op and not torchao's LinearNF4 (an autograd.Function): under
+compile_blocks, AOT autograd inlines LinearNF4 into the block's joint graph and the min-cut
+partitioner then keeps each dequantized [out, in] weight for backward rather than recompute it
+(measured on a llama-7B shape: the 4-bit base peaked above the 16-bit one). The op's own
+autograd saves only the 4-bit parts, so no graph can keep a full-precision weight.
 
 The quantized weight is a plain tensor attribute of its linear (`linear.weight`), not a Parameter
 or buffer: nothing that walks parameters sees it. DeepSpeed would otherwise broadcast it byte-wise
@@ -31,6 +36,7 @@ from types import ModuleType
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .block_base import BlockBase
 
@@ -85,6 +91,99 @@ def storage_nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+# ------------------------------------------------------------------------- the 4-bit linear
+DEQUANT_CHUNK = 1 << 24  # weight elements dequantized per step (a multiple of BLOCK)
+# transient bytes per element of a step, at most: its int32 code indices (4), their table entries (2), the
+# nibbles and stacked codes they come from (2)
+DEQUANT_CHUNK_BYTES = 8
+
+
+def dequantize(data, scalers, factor, mean, table, shape: list[int], dtype: torch.dtype, block: int,
+               scaler_block: int) -> torch.Tensor:
+    """The [out, in] weight in `dtype` from an NF4Tensor's parts: torchao's get_original_weight,
+    element for element the same arithmetic (the code's table entry times its block's scale, one
+    rounding in the weight's dtype; the scales as torchao's dequantize_scalers makes them), so the
+    same bits. Done DEQUANT_CHUNK elements at a time: besides the result (2 bytes per element) it
+    holds at most DEQUANT_CHUNK * DEQUANT_CHUNK_BYTES bytes of transients, where torchao's holds
+    ~14 bytes per element of the whole weight (int64 codes, halves, their products, the stack)."""
+    scale = (scalers.view(-1, scaler_block) / factor.unsqueeze(-1)).flatten().to(dtype) + mean
+    n = data.numel() * 2
+    w = torch.empty(n, dtype=dtype, device=data.device)
+    for lo in range(0, n, DEQUANT_CHUNK):
+        hi = min(lo + DEQUANT_CHUNK, n)
+        half = data[lo // 2:hi // 2]  # byte i: element 2i in its high nibble, 2i + 1 in its low one
+        codes = torch.stack((half >> 4, half & 0b1111), dim=-1).view(-1).int()
+        torch.mul(table[codes].view(-1, block), scale[lo // block:hi // block, None], out=w[lo:hi].view(-1, block))
+    return w.view(shape)
+
+
+@torch.library.custom_op("ppllm::nf4_linear", mutates_args=())
+def _nf4_linear(x: torch.Tensor, data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor,
+                mean: torch.Tensor, table: torch.Tensor, shape: list[int], dtype: torch.dtype, block: int,
+                scaler_block: int) -> torch.Tensor:
+    """x @ W^T, W dequantized here and dropped on return (torchao's LinearNF4 forward, bitwise)."""
+    return F.linear(x, dequantize(data, scalers, factor, mean, table, shape, dtype, block, scaler_block).to(x.dtype))
+
+
+@_nf4_linear.register_fake
+def _(x, data, scalers, factor, mean, table, shape, dtype, block, scaler_block):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.custom_op("ppllm::nf4_linear_grad_input", mutates_args=())
+def _nf4_grad_input(grad: torch.Tensor, data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor,
+                    mean: torch.Tensor, table: torch.Tensor, shape: list[int], dtype: torch.dtype, block: int,
+                    scaler_block: int) -> torch.Tensor:
+    """grad @ W, W dequantized again (torchao's LinearNF4 backward, bitwise)."""
+    return grad @ dequantize(data, scalers, factor, mean, table, shape, dtype, block, scaler_block).to(grad.dtype)
+
+
+@_nf4_grad_input.register_fake
+def _(grad, data, scalers, factor, mean, table, shape, dtype, block, scaler_block):
+    return grad.new_empty((*grad.shape[:-1], shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    # only the 4-bit parts are saved (not x: the frozen weight gets no gradient)
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.meta = inputs[6:]
+
+
+def _backward(ctx, grad):
+    gx = _nf4_grad_input(grad, *ctx.saved_tensors, *ctx.meta) if ctx.needs_input_grad[0] else None
+    return (gx,) + (None,) * 9
+
+
+_nf4_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nf4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for an NF4Tensor weight, as torchao computes it (bias added after),
+    through the opaque ppllm::nf4_linear op (module docstring: why not torchao's LinearNF4)."""
+    assert weight.ndim == 2 and weight.is_contiguous(), "nf4_linear: a contiguous [out, in] NF4 weight"
+    out = _nf4_linear(x, weight.quantized_data, weight.quantized_scalers, weight.quantization_factor,
+                      weight.scaler_mean, weight.nf4, list(weight.shape), weight.dtype, weight.block_size,
+                      weight.scaler_block_size)
+    return out if bias is None else out + bias
+
+
+class NF4Linear(nn.Linear):
+    """A block linear whose frozen weight quantize_linear made an NF4Tensor: its forward is nf4_linear.
+    It replaces the linear's own class (nn.Linear, or the wgrad-fused one, whose frozen weight takes
+    the plain path anyway); LoRA's mixin stays in front of it (_nf4_class)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(x, self.weight, self.bias)
+
+
+def _nf4_class(cls: type) -> type:
+    """The class a quantized linear of class `cls` takes: NF4Linear, under LoRA's mixin when it has
+    one (models/lora.py adds it before or after quantization, and makes the same class either way)."""
+    from .lora import LoraLinear, _lora_class
+
+    return _lora_class(NF4Linear) if issubclass(cls, LoraLinear) else NF4Linear
+
+
 def quantizable(family: ModuleType, args) -> dict[str, nn.Linear]:
     """{module name in a block: linear (meta)} of the linears nf4 may store in 4 bits."""
     from .lora import block_linears
@@ -110,7 +209,8 @@ def quantize_linear(linear: nn.Linear, device: torch.device, dtype: torch.dtype)
         return False
     q = _torchao_nf4()[1](w.detach().to(device=device, dtype=dtype).contiguous(), *layout)
     del linear._parameters["weight"]
-    linear.weight = q  # a plain attribute (module docstring); F.linear dispatches to torchao's LinearNF4
+    linear.weight = q  # a plain attribute (module docstring)
+    linear.__class__ = _nf4_class(type(linear))  # forward through nf4_linear (same parameters and state dict)
     return True
 
 

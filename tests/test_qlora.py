@@ -119,6 +119,51 @@ def test_quantized_block_equals_dequantized_weights_frees_originals_and_compiles
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one (x without grad) for all three
 
 
+def test_no_dequantized_weight_is_saved_for_backward():
+    """Whatever autograd keeps between a quantized block's forward and backward (saved_tensors_hooks
+    see every saved tensor, a compiled graph's too) holds no full-precision [out, in] weight of a
+    frozen linear: eager, and compiled as compile_blocks compiles it (fixed shapes; the min-cut
+    partitioner over inductor's decompositions, which alone decides what the graph saves; inductor's
+    code generation is left out for time). Before the opaque ppllm::nf4_linear op, compiling
+    inlined torchao's LinearNF4 and the partitioner kept all 4 dequantized weights of the block
+    (inductor on the CPU did the same), so the 4-bit base saved no memory. The NF4Tensor itself or
+    its 4-bit parts may be kept: they are the stage's own weights."""
+    from models.masks import attention_mask
+
+    fam, args, spec, model = _tiny()
+    _quantize(fam, args, spec, model)
+    block = model._modules["1"]
+    shapes = {tuple(m.weight.shape) for m in block.modules() if isinstance(m, nn.Linear) and is_nf4(m.weight)}
+    assert len(shapes) == 4  # tiny llama: qkv, o, gate_up, down
+    pos = torch.arange(16)[None].repeat(2, 1)
+    mask = attention_mask(pos, block.attn_opts, block.window)
+    x = torch.randn(2, 16, fam.dims(args).hidden, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(block.block, backend="aot_eager_decomp_partition", dynamic=False)
+    for name, fn in (("eager", block.block), ("compiled", compiled)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(x.clone().requires_grad_(), pos, mask)
+        y.float().square().sum().backward()
+        dense = [tuple(t.shape) for t in saved if not is_nf4(t) and t.is_floating_point() and tuple(t.shape) in shapes]
+        assert saved, name
+        assert not dense, (name, dense)
+
+
+def test_chunked_dequantize_is_torchaos_bitwise(monkeypatch):
+    """models.quant.dequantize (the op's, a chunk at a time) gives torchao's dequantized weight bit for
+    bit, chunk boundaries included (chunks of 5 blocks here), for bf16, fp16 and fp32 weights."""
+    import models.quant as Q
+
+    monkeypatch.setattr(Q, "DEQUANT_CHUNK", 5 * Q.BLOCK)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q = Q._torchao_nf4()[1](torch.randn(96, 128, generator=g).to(dtype), *Q.nf4_layout(96 * 128))
+        w = Q.dequantize(q.quantized_data, q.quantized_scalers, q.quantization_factor, q.scaler_mean, q.nf4,
+                         list(q.shape), q.dtype, q.block_size, q.scaler_block_size)
+        assert w.dtype == dtype and torch.equal(w, q.to(dtype)), dtype
+
+
 def test_dry_run_weights_equal_the_module_storage():
     """One stage holding the whole tiny model: the plan's weight bytes are the module's own bytes
     (bf16 parameters incl. adapters + NF4 storage), and nf4 takes less than the bf16 base."""
