@@ -185,6 +185,7 @@ class LayerCost:
     saved: int = 0  # LoRA: of `params` and `trainable`, the base parameters trained whole (modules_to_save)
     quant: int = 0  # lora.base_quant: nf4: of `params`, those stored in 4 bits (frozen block linears)
     quant_bytes: float = 0.0  # ... and the bytes they take as torchao stores them
+    quant_max: int = 0  # ... and the largest one's elements (its dequantized copy is a transient: dequant_bytes)
 
 
 def block_act_bytes(d: Dims, s: Setup, mode: str) -> float:
@@ -264,7 +265,7 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
     trainable = _cached(("trainable", family.__name__, repr(args), repr(setup.lora)),
                         lambda: _group_trainable(family, args, setup.lora)) if setup.lora else [None] * len(groups)
     frozen = _cached(("frozen", family.__name__, repr(args), repr(setup.lora), setup.base_quant, setup.act_bytes),
-                     lambda: _group_frozen(family, args, setup)) if setup.lora else [(0, 0, 0.0)] * len(groups)
+                     lambda: _group_frozen(family, args, setup)) if setup.lora else [(0, 0, 0.0, 0)] * len(groups)
     efficiency = family_efficiency(family)
     for idx, (params, tie, tie_params) in enumerate(groups):
         if idx == 0:
@@ -279,12 +280,13 @@ def layer_costs(family, args, setup: Setup) -> list[LayerCost]:
             costs.append(LayerCost("block", params, flops, block_act_bytes(d, setup, "none"),
                                    block_act_bytes(d, setup, setup.ckpt)))
         costs[-1].trainable = trainable[idx]
-        costs[-1].saved, costs[-1].quant, costs[-1].quant_bytes = frozen[idx]
+        costs[-1].saved, costs[-1].quant, costs[-1].quant_bytes, costs[-1].quant_max = frozen[idx]
     return costs
 
 
-def _group_frozen(family, args, setup: Setup) -> list[tuple[int, int, float]]:
-    """LoRA: (base parameters trained whole, parameters stored in 4 bits, their bytes) per user layer;
+def _group_frozen(family, args, setup: Setup) -> list[tuple[int, int, float, int]]:
+    """LoRA: (base parameters trained whole, parameters stored in 4 bits, their bytes, the largest 4-bit
+    weight's elements) per user layer;
     4-bit with lora.base_quant: nf4: each block's frozen quantizable linears (models/quant.py) at
     torchao's storage (nf4_nbytes)."""
     from models.lora import is_trainable
@@ -297,15 +299,16 @@ def _group_frozen(family, args, setup: Setup) -> list[tuple[int, int, float]]:
     linears = {f"{name}.weight": m.weight.numel() for name, m in quantizable(family, args).items()}
     keys, i, out = family.hf_keys(args), 0, []
     for group in layer_groups(family, args):
-        saved, n, nbytes = 0, 0, 0.0
+        saved, n, nbytes, largest = 0, 0, 0.0, 0
         for d in group:
             saved += sum(math.prod(v) for k, v in shapes[i].items() if is_trainable(k, keys[i], setup.lora))
             if issubclass(d.cls, BlockBase):
                 for k, numel in linears.items() if setup.base_quant == "nf4" else ():
                     if not is_trainable(k, keys[i], setup.lora):
                         n, nbytes = n + numel, nbytes + nf4_nbytes(numel, setup.act_bytes)
+                        largest = max(largest, numel)
             i += 1
-        out.append((saved, n, nbytes))
+        out.append((saved, n, nbytes, largest))
     return out
 
 
@@ -377,7 +380,7 @@ class StageEstimate:
     @property
     def peak(self) -> float:
         return (self.weights + self.grads + self.optimizer + self.activations + self.extra.get("fixed", 0.0)
-                + self.extra.get("gathered", 0.0))
+                + self.extra.get("gathered", 0.0) + self.extra.get("dequant", 0.0))
 
 
 def _ckpt_factor(setup: Setup) -> float:
@@ -416,8 +419,20 @@ def stage_estimate(costs: list[LayerCost], lo: int, hi: int, stage: int, setup: 
     time = sum(c.flops * (_ckpt_factor(setup) if c.kind == "block" else head if c.kind == "head" else 3.0)
                for c in layers)
     fixed = GPU_FIXED_GIB * GiB if setup.gpu else 0.0
+    dequant = dequant_bytes(max((c.quant_max for c in layers), default=0), setup.act_bytes)
     return StageEstimate(stage, len(layers), len(blocks), params, base_w + train * per["weights"], train * per["grads"],
-                         train * per["optimizer"], act, time, {"fixed": fixed, "trainable": train, "host": host})
+                         train * per["optimizer"], act, time, {"fixed": fixed, "trainable": train, "host": host,
+                                                              "dequant": dequant})
+
+
+def dequant_bytes(numel: int, elem_bytes: int) -> float:
+    """lora.base_quant: nf4: the transient of the stage's largest 4-bit weight (`numel` elements) while
+    its linear runs, forward or backward (models/quant.py nf4_linear): its dequantized copy plus
+    one dequantization step's buffers, numel * elem_bytes + min(numel, DEQUANT_CHUNK) * DEQUANT_CHUNK_BYTES
+    (7B's gate_up: 90M elements, 0.29 GiB in bf16). Nothing dequantized is kept for backward."""
+    from models.quant import DEQUANT_CHUNK, DEQUANT_CHUNK_BYTES
+
+    return float(numel * elem_bytes + min(numel, DEQUANT_CHUNK) * DEQUANT_CHUNK_BYTES) if numel else 0.0
 
 
 def estimate(costs: list[LayerCost], parts: list[int], setup: Setup) -> list[StageEstimate]:

@@ -181,6 +181,11 @@ def test_dry_run_weights_equal_the_module_storage():
     assert stages["nf4"].weights == real
     assert stages["nf4"].weights < stages["none"].weights
     assert stages["nf4"].optimizer == stages["none"].optimizer and stages["nf4"].grads == stages["none"].grads
+    # the peak holds the largest 4-bit weight's transient dequantized copy (+ one step's buffers), nothing per block
+    from engine.plan import dequant_bytes
+    largest = max(m.weight.numel() for m in _block_weights(model).values())
+    assert stages["nf4"].extra["dequant"] == dequant_bytes(largest, 2) == largest * 2 + largest * 8
+    assert stages["none"].extra["dequant"] == 0
 
 
 def nf4_config(tiny_pp, save, **over):
