@@ -429,7 +429,7 @@ def dequant_bytes(numel: int, elem_bytes: int) -> float:
     """lora.base_quant: nf4: the transient of the stage's largest 4-bit weight (`numel` elements) while
     its linear runs, forward or backward (models/quant.py nf4_linear): its dequantized copy plus
     one dequantization step's buffers, numel * elem_bytes + min(numel, DEQUANT_CHUNK) * DEQUANT_CHUNK_BYTES
-    (7B's gate_up: 90M elements, 0.29 GiB in bf16). Nothing dequantized is kept for backward."""
+    (7B's gate_up: 90M elements, 0.26 GiB in bf16). Nothing dequantized is kept for backward."""
     from models.quant import DEQUANT_CHUNK, DEQUANT_CHUNK_BYTES
 
     return float(numel * elem_bytes + min(numel, DEQUANT_CHUNK) * DEQUANT_CHUNK_BYTES) if numel else 0.0

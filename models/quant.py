@@ -93,9 +93,9 @@ def storage_nbytes(t: torch.Tensor) -> int:
 
 # ------------------------------------------------------------------------- the 4-bit linear
 DEQUANT_CHUNK = 1 << 24  # weight elements dequantized per step (a multiple of BLOCK)
-# transient bytes per element of a step, at most: its int32 code indices (4), their table entries (2), the
-# nibbles and stacked codes they come from (2)
-DEQUANT_CHUNK_BYTES = 8
+# transient bytes per element of a step, at most: the int32 index of its byte (4 per 2 elements) and its
+# table entry (the weight's dtype, <= 4)
+DEQUANT_CHUNK_BYTES = 6
 
 
 def dequantize(data, scalers, factor, mean, table, shape: list[int], dtype: torch.dtype, block: int,
@@ -103,17 +103,18 @@ def dequantize(data, scalers, factor, mean, table, shape: list[int], dtype: torc
     """The [out, in] weight in `dtype` from an NF4Tensor's parts: torchao's get_original_weight,
     element for element the same arithmetic (the code's table entry times its block's scale, one
     rounding in the weight's dtype; the scales as torchao's dequantize_scalers makes them), so the
-    same bits. Done DEQUANT_CHUNK elements at a time: besides the result (2 bytes per element) it
-    holds at most DEQUANT_CHUNK * DEQUANT_CHUNK_BYTES bytes of transients, where torchao's holds
-    ~14 bytes per element of the whole weight (int64 codes, halves, their products, the stack)."""
+    same bits. Each byte holds two codes (element 2i in its high nibble, 2i + 1 in its low one), so
+    one lookup in a 256-entry table of pairs decodes it. Done DEQUANT_CHUNK elements at a time:
+    besides the result it holds at most DEQUANT_CHUNK * DEQUANT_CHUNK_BYTES bytes of transients,
+    where torchao's holds ~14 bytes per element of the whole weight (int64 codes, halves, products)."""
     scale = (scalers.view(-1, scaler_block) / factor.unsqueeze(-1)).flatten().to(dtype) + mean
+    pairs = torch.stack((table.repeat_interleave(16), table.repeat(16)), dim=-1)  # byte b: (table[b >> 4], table[b & 15])
     n = data.numel() * 2
     w = torch.empty(n, dtype=dtype, device=data.device)
     for lo in range(0, n, DEQUANT_CHUNK):
         hi = min(lo + DEQUANT_CHUNK, n)
-        half = data[lo // 2:hi // 2]  # byte i: element 2i in its high nibble, 2i + 1 in its low one
-        codes = torch.stack((half >> 4, half & 0b1111), dim=-1).view(-1).int()
-        torch.mul(table[codes].view(-1, block), scale[lo // block:hi // block, None], out=w[lo:hi].view(-1, block))
+        codes = pairs[data[lo // 2:hi // 2].int()]  # [(hi - lo) / 2, 2]: the chunk's elements in order
+        torch.mul(codes.view(-1, block), scale[lo // block:hi // block, None], out=w[lo:hi].view(-1, block))
     return w.view(shape)
 
 

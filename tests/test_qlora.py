@@ -1,8 +1,9 @@
 """QLoRA (`lora.base_quant: nf4`, models/quant.py): the frozen block linears in torchao's NF4Tensor.
 
 In-process: a quantized block computes what the same block with the dequantized weights computes,
-takes the plain (not wgrad-fused) path, traces as one graph and compiles; the full-precision
-weights are freed; the dry run's weights equal the module's real storage. Runs (2 CPU ranks, pp=2,
+takes the plain (not wgrad-fused) path, traces as one graph and compiles, and keeps no dequantized
+weight for backward (eager or compiled); the full-precision weights are freed; the dry run's weights
+equal the module's real storage and its peak holds one transient dequantized weight. Runs (2 CPU ranks, pp=2,
 bf16): the nf4 base's losses stay near the bf16 base's, only adapters train and are saved, no
 full-precision block weight survives anywhere; under the real launcher a stop at step 6 and a
 resume give the uninterrupted run's losses bitwise; the adapter export loads in PeftModel on the
@@ -184,7 +185,8 @@ def test_dry_run_weights_equal_the_module_storage():
     # the peak holds the largest 4-bit weight's transient dequantized copy (+ one step's buffers), nothing per block
     from engine.plan import dequant_bytes
     largest = max(m.weight.numel() for m in _block_weights(model).values())
-    assert stages["nf4"].extra["dequant"] == dequant_bytes(largest, 2) == largest * 2 + largest * 8
+    from models.quant import DEQUANT_CHUNK_BYTES
+    assert stages["nf4"].extra["dequant"] == dequant_bytes(largest, 2) == largest * (2 + DEQUANT_CHUNK_BYTES)
     assert stages["none"].extra["dequant"] == 0
 
 
