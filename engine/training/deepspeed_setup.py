@@ -58,7 +58,7 @@ def resolved_fp8(cfg: TrainConfig, say: bool = False, pipeline: bool = True, dim
         return None
 
     fp8, why = fp8_auto(cfg, dims if dims is not None else (lambda: _model_dims(cfg)), pipeline, machine)
-    if say and "fp8" not in _SAID and D.rank() == 0:
+    if say and cfg.dtype == "bf16" and "fp8" not in _SAID and D.rank() == 0:  # fp32/fp16 runs never weigh fp8
         _SAID.add("fp8")
         print(f"note: fp8: auto -> {'tensorwise' if fp8 else 'off (bf16)'}: {why}", file=sys.stderr, flush=True)
     return "tensorwise" if fp8 else "off"
